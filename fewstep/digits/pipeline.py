@@ -1,0 +1,95 @@
+"""A diffusers pipeline for the digits world, so ``DiffusionPipeline.from_pretrained(dir)`` loads teacher and students.
+
+The sampling loop is the ordinary diffusers one: whatever scheduler the folder ships (FlowMatchEulerDiscreteScheduler
+for the teacher, LCMScheduler / SCMScheduler / FewStepScheduler for students) drives the steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.utils import BaseOutput
+from torch import Tensor
+
+from .data import NUM_CLASSES, RESOLUTION
+
+
+@dataclass
+class DigitsPipelineOutput(BaseOutput):
+    """images: (B, 1, 8, 8) in [0, 1] (``output_type="pt"``), (B, 8, 8, 1) numpy, or a list of PIL images."""
+
+    images: Tensor | np.ndarray | list
+
+
+class DigitsPipeline(DiffusionPipeline):
+    """Class-conditional 8x8 digits: a DiT (``transformer``) and a scheduler."""
+
+    model_cpu_offload_seq = "transformer"
+
+    def __init__(self, transformer, scheduler):
+        super().__init__()
+        self.register_modules(transformer=transformer, scheduler=scheduler)
+
+    @property
+    def null_class(self) -> int:
+        """The label index of the unconditional branch (the extra row of DiT's label table)."""
+        return int(self.transformer.config.num_embeds_ada_norm)
+
+    def model_output(self, x: Tensor, timestep: Tensor, class_labels: Tensor, guidance_scale: float) -> Tensor:
+        """One network evaluation with classifier-free guidance on the raw output (affine in x0 at fixed x_t)."""
+        batch = x.shape[0]
+        timestep = timestep.to(x.dtype).expand(batch)
+        if guidance_scale == 1.0:
+            return self.transformer(x, timestep=timestep, class_labels=class_labels).sample
+        null = torch.full_like(class_labels, self.null_class)
+        out = self.transformer(
+            torch.cat([x, x]), timestep=torch.cat([timestep, timestep]), class_labels=torch.cat([class_labels, null])
+        ).sample
+        cond, uncond = out.chunk(2)
+        return uncond + guidance_scale * (cond - uncond)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        class_labels: Sequence[int] | Tensor | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 1.0,
+        generator: torch.Generator | None = None,
+        latents: Tensor | None = None,
+        output_type: str = "pt",
+        return_dict: bool = True,
+        num_images: int | None = None,
+    ) -> DigitsPipelineOutput | tuple:
+        if num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+        if class_labels is None:
+            class_labels = torch.arange(num_images or NUM_CLASSES) % NUM_CLASSES
+        labels = torch.as_tensor(class_labels, dtype=torch.long, device=self.device).reshape(-1)
+        if ((labels < 0) | (labels >= NUM_CLASSES)).any():
+            raise ValueError(f"class labels must lie in 0..{NUM_CLASSES - 1}")
+        dtype = self.transformer.dtype
+        shape = (len(labels), self.transformer.config.in_channels, RESOLUTION, RESOLUTION)
+        if latents is None:
+            latents = torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device, dtype)
+        x = latents.to(self.device, dtype) * getattr(self.scheduler, "init_noise_sigma", 1.0)
+
+        self.scheduler.set_timesteps(num_inference_steps, device=self.device)
+        for t in self.progress_bar(self.scheduler.timesteps):
+            scale_input = getattr(self.scheduler, "scale_model_input", None)  # flow schedulers have none
+            model_in = scale_input(x, t) if scale_input is not None else x
+            out = self.model_output(model_in, t, labels, guidance_scale)
+            x = self.scheduler.step(out, t, x, generator=generator, return_dict=False)[0]
+
+        images = (x.float().clamp(-1, 1) + 1) / 2
+        if output_type == "np" or output_type == "pil":
+            images = images.permute(0, 2, 3, 1).cpu().numpy()
+            if output_type == "pil":
+                images = self.numpy_to_pil(images)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images,)
+        return DigitsPipelineOutput(images=images)

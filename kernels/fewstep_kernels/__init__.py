@@ -1,0 +1,1 @@
+"""fewstep_kernels: fused GPU kernels for fewstep (filled by the attention-JVP issue)."""
