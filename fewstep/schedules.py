@@ -343,20 +343,27 @@ def change_of_variables(t: Tensor, dst: NoiseSchedule, src: NoiseSchedule) -> Re
 # Reading a pipeline's scheduler config
 
 
-def schedule_from_diffusers_config(config: dict[str, Any]) -> tuple[NoiseSchedule, str]:
-    """The noise schedule and prediction type a diffusers scheduler config describes.
+def schedule_from_diffusers_config(config: Any) -> tuple[NoiseSchedule, str]:
+    """The noise schedule and prediction type of a diffusers scheduler (or its config, with or without _class_name).
 
-    Flow-matching schedulers (FlowMatchEulerDiscreteScheduler, FlowMatchLCMScheduler, ...) give ``Flow``;
-    SCMScheduler gives ``TrigFlow``; FewStepScheduler carries its schedule; any scheduler with DDPM betas (DDPM,
-    DDIM, PNDM, Euler, DPM-Solver, LCM, TCD, ...) gives ``VP`` with its ``prediction_type``.
+    Flow-matching schedulers (FlowMatchEulerDiscreteScheduler, FlowMatchLCMScheduler, DPM-Solver / UniPC with
+    ``use_flow_sigmas``) give ``Flow``; SCMScheduler gives ``TrigFlow``; FewStepScheduler carries its schedule; any
+    scheduler with DDPM betas (DDPM, DDIM, PNDM, Euler, DPM-Solver, LCM, TCD, ...) gives ``VP``.
     """
+    if hasattr(config, "config"):  # a scheduler object: its in-memory config has no _class_name
+        config = {"_class_name": type(config).__name__, **dict(config.config)}
+    config = dict(config)
     name = str(config.get("_class_name", ""))
-    if "schedule" in config and isinstance(config["schedule"], dict):  # FewStepScheduler
+    num_train_timesteps = int(config.get("num_train_timesteps", 1000))
+    if isinstance(config.get("schedule"), dict):  # FewStepScheduler
         return schedule_from_config(config["schedule"]), str(config.get("prediction_type", "flow"))
-    if name.startswith("FlowMatch"):
+    if name.startswith("FlowMatch") or ("shift" in config and "beta_schedule" not in config):
         shift = float(config.get("shift", 1.0) or 1.0)
-        return Flow(shift=shift, num_train_timesteps=int(config.get("num_train_timesteps", 1000))), "flow"
-    if name == "SCMScheduler":
+        return Flow(shift=shift, num_train_timesteps=num_train_timesteps), "flow"
+    if config.get("use_flow_sigmas"):  # DPM-Solver / UniPC run on flow sigmas (Sana, Wan)
+        shift = float(config.get("flow_shift", 1.0) or 1.0)
+        return Flow(shift=shift, num_train_timesteps=num_train_timesteps), "flow"
+    if name == "SCMScheduler" or config.get("prediction_type") == "trigflow":
         return TrigFlow(sigma_data=float(config.get("sigma_data", 0.5))), "trigflow"
     if "beta_schedule" in config:
         if config.get("trained_betas") is not None:
@@ -367,13 +374,13 @@ def schedule_from_diffusers_config(config: dict[str, Any]) -> tuple[NoiseSchedul
             beta_schedule=str(config["beta_schedule"]),
             beta_start=float(config.get("beta_start", 0.0001)),
             beta_end=float(config.get("beta_end", 0.02)),
-            num_train_timesteps=int(config.get("num_train_timesteps", 1000)),
+            num_train_timesteps=num_train_timesteps,
         )
         prediction = str(config.get("prediction_type", "epsilon"))
         if prediction not in PREDICTIONS:
             raise ValueError(f"{name}: unsupported prediction_type {prediction!r}")
         return schedule, prediction
     raise ValueError(
-        f"unsupported scheduler {name or '(unnamed)'}: fewstep reads VP (DDPM betas), flow-matching "
-        "and TrigFlow schedulers"
+        f"unsupported scheduler {name or '(unnamed)'}: fewstep reads VP (DDPM betas), flow-matching and TrigFlow "
+        "schedulers"
     )

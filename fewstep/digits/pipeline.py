@@ -93,3 +93,15 @@ class DigitsPipeline(DiffusionPipeline):
         if not return_dict:
             return (images,)
         return DigitsPipelineOutput(images=images)
+
+
+def _register_with_diffusers() -> None:
+    """Let ``DiffusionPipeline.from_pretrained(dir)`` resolve ``"_class_name": "DigitsPipeline"`` once fewstep's
+    digits pipeline has been imported (diffusers looks pipeline classes up in its own namespace)."""
+    import diffusers
+
+    if getattr(diffusers, "DigitsPipeline", None) is not DigitsPipeline:
+        diffusers.DigitsPipeline = DigitsPipeline
+
+
+_register_with_diffusers()

@@ -1,0 +1,246 @@
+"""The Denoiser adapter: any supported diffusers UNet or transformer as ``(x_t, t, cond) -> x0`` at float time t.
+
+This is the only place where discrete or x1000 timesteps appear and where backbone quirks live (how t enters, learned
+sigma channels, Flux's 2x2 latent packing, PixArt's added conditions), so that d/dt reaches the time embedding and
+recipes see one interface for every model.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .errors import FewstepError
+from .schedules import (
+    NoiseSchedule,
+    append_dims,
+    change_of_variables,
+    from_x0,
+    schedule_from_diffusers_config,
+    to_x0,
+)
+
+Cond = Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """How one diffusers model class is called.
+
+    timestep_scale: factor from diffusers' timestep to what the model takes (Flux multiplies by 1000 inside).
+    learned_sigma: the output stacks [prediction, variance] on channels when out_channels = 2 in_channels (DiT).
+    packed: latents enter as 2x2 patches (B, H/2 W/2, 4C) with image position ids (Flux).
+    defaults: keyword arguments the model needs even when the caller has none (PixArt's added_cond_kwargs).
+    """
+
+    timestep_scale: float = 1.0
+    learned_sigma: bool = False
+    packed: bool = False
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+
+
+BACKBONES: dict[str, Backbone] = {
+    "UNet2DModel": Backbone(),
+    "UNet2DConditionModel": Backbone(),
+    "DiTTransformer2DModel": Backbone(learned_sigma=True),
+    "PixArtTransformer2DModel": Backbone(
+        learned_sigma=True, defaults={"added_cond_kwargs": {"resolution": None, "aspect_ratio": None}}
+    ),
+    "SD3Transformer2DModel": Backbone(),
+    "SanaTransformer2DModel": Backbone(),
+    "FluxTransformer2DModel": Backbone(timestep_scale=1e-3, packed=True),
+    "WanTransformer3DModel": Backbone(),
+}
+
+
+def backbone_for(model: nn.Module) -> Backbone:
+    """The call convention of ``model``'s class (or of the nearest supported base class)."""
+    for cls in type(model).__mro__:
+        if cls.__name__ in BACKBONES:
+            return BACKBONES[cls.__name__]
+    raise FewstepError(
+        f"unsupported model class {type(model).__name__}; fewstep supports {', '.join(sorted(BACKBONES))}"
+    )
+
+
+def pack_2x2(x: Tensor) -> tuple[Tensor, Tensor]:
+    """(B, C, H, W) -> (B, H/2 W/2, 4C) patches and their (H/2 W/2, 3) position ids, as FluxPipeline packs latents."""
+    b, c, h, w = x.shape
+    if h % 2 or w % 2:
+        raise FewstepError(f"Flux latents need even height and width, got {h}x{w}")
+    packed = x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+    ids = torch.zeros(h // 2, w // 2, 3, device=x.device, dtype=x.dtype)
+    ids[..., 1] = torch.arange(h // 2, device=x.device, dtype=x.dtype)[:, None]
+    ids[..., 2] = torch.arange(w // 2, device=x.device, dtype=x.dtype)[None, :]
+    return packed, ids.reshape(-1, 3)
+
+
+def unpack_2x2(packed: Tensor, shape: torch.Size) -> Tensor:
+    b, c, h, w = shape
+    return packed.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+
+
+def concat_cond(a: Cond, b: Cond, batch: int) -> dict[str, Any]:
+    """Stack two condition mappings along the batch for one CFG forward; entries without a batch dim are shared."""
+    out: dict[str, Any] = {}
+    for key in a.keys() | b.keys():
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, Mapping) and isinstance(vb, Mapping):
+            out[key] = concat_cond(va, vb, batch)
+        elif isinstance(va, Tensor) and isinstance(vb, Tensor) and va.ndim > 0 and va.shape[0] == batch:
+            out[key] = torch.cat([va, vb])
+        else:
+            out[key] = va if va is not None else vb
+    return out
+
+
+class Denoiser(nn.Module):
+    """A diffusers model as x0 = D(x_t, t, cond) with t a float tensor (B,) in ``schedule``'s units.
+
+    ``native`` is the schedule the model was trained on (read from its pipeline's scheduler config). ``schedule`` is
+    the one the caller's time lives in; when they differ, inputs are mapped by the exact change of variables
+    (``schedules.change_of_variables``), so a flow or VP teacher answers in TrigFlow time without retraining.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        native: NoiseSchedule,
+        prediction: str,
+        schedule: NoiseSchedule | None = None,
+        backbone: Backbone | None = None,
+    ):
+        super().__init__()
+        self.model = model
+        self.native = native
+        self.schedule = schedule or native
+        self.prediction = prediction
+        self.backbone = backbone or backbone_for(model)
+
+    @classmethod
+    def from_pipeline(cls, pipe: Any) -> Denoiser:
+        model = getattr(pipe, "transformer", None) or getattr(pipe, "unet", None)
+        if model is None:
+            raise FewstepError(f"{type(pipe).__name__} has neither a transformer nor a unet to distill")
+        try:
+            native, prediction = schedule_from_diffusers_config(pipe.scheduler)
+        except ValueError as err:
+            raise FewstepError(str(err)) from None
+        return cls(model, native, prediction)
+
+    def with_schedule(self, schedule: NoiseSchedule) -> Denoiser:
+        """The same network answering in another schedule's time (shares weights)."""
+        other = copy.copy(self)
+        other.schedule = schedule
+        return other
+
+    def model_output(self, x: Tensor, t_native: Tensor, cond: Cond) -> Tensor:
+        """The raw network output at native time ``t_native`` (B,), in the model's own prediction type."""
+        bb = self.backbone
+        timestep = self.native.to_model_timestep(t_native) * bb.timestep_scale
+        kwargs: dict[str, Any] = {**bb.defaults, **cond}
+        inp = x
+        if bb.packed:
+            inp, img_ids = pack_2x2(x)
+            kwargs.setdefault("img_ids", img_ids)
+            if "encoder_hidden_states" in kwargs and "txt_ids" not in kwargs:
+                ehs = kwargs["encoder_hidden_states"]
+                kwargs["txt_ids"] = torch.zeros(ehs.shape[1], 3, device=x.device, dtype=x.dtype)
+        out = self.model(inp, timestep=timestep.to(x.dtype), return_dict=False, **kwargs)[0]
+        if bb.packed:
+            out = unpack_2x2(out, x.shape)
+        if bb.learned_sigma and out.shape[1] == 2 * x.shape[1]:
+            out = out[:, : x.shape[1]]
+        return out
+
+    def forward(self, x_t: Tensor, t: Tensor, cond: Cond | None = None) -> Tensor:
+        """x0 estimate (shape of x_t) at time t (scalar or (B,)) in ``self.schedule``'s units."""
+        t = torch.as_tensor(t, device=x_t.device, dtype=x_t.dtype).expand(x_t.shape[0])
+        if self.schedule == self.native:
+            x_in, t_in = x_t, t
+        else:
+            rep = change_of_variables(t, self.schedule, self.native)
+            x_in, t_in = append_dims(rep.scale, x_t.ndim) * x_t, rep.t_src
+        out = self.model_output(x_in, t_in, cond or {})
+        return to_x0(out, x_in, self.native.coeffs(append_dims(t_in, x_t.ndim)), self.prediction)
+
+    def predict(self, x_t: Tensor, t: Tensor, cond: Cond | None = None, prediction: str = "sample") -> Tensor:
+        """The estimate in any prediction type of ``self.schedule`` (e.g. TrigFlow's F with "trigflow")."""
+        x0 = self(x_t, t, cond)
+        t = torch.as_tensor(t, device=x_t.device, dtype=x_t.dtype).expand(x_t.shape[0])
+        return from_x0(x0, x_t, self.schedule.coeffs(append_dims(t, x_t.ndim)), prediction)
+
+    def guided(self, x_t: Tensor, t: Tensor, cond: Cond, uncond: Cond, guidance: float) -> Tensor:
+        """Classifier-free guidance on x0: x0_u + w (x0_c - x0_u), both branches in one batched forward.
+
+        w = 1 is the conditional model alone (one evaluation); w = 0 the unconditional one.
+        """
+        if guidance == 1.0:
+            return self(x_t, t, cond)
+        if guidance == 0.0:
+            return self(x_t, t, uncond)
+        batch = x_t.shape[0]
+        t = torch.as_tensor(t, device=x_t.device, dtype=x_t.dtype).expand(batch)
+        x0_c, x0_u = self(torch.cat([x_t, x_t]), torch.cat([t, t]), concat_cond(cond, uncond, batch)).chunk(2)
+        return x0_u + guidance * (x0_c - x0_u)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def embedded_path(name: str = "teacher") -> Any:
+    """Folder of a shipped digits asset ("teacher" or "evaluator")."""
+    from importlib.resources import files
+
+    return files("fewstep") / "assets" / "digits" / name
+
+
+def resolve_source(source: str) -> str:
+    """``digits`` -> the embedded teacher folder; a local folder is checked to be a diffusers pipeline."""
+    import os
+
+    if source == "digits":
+        return str(embedded_path("teacher"))
+    if os.path.isdir(source):
+        if not os.path.isfile(os.path.join(source, "model_index.json")):
+            raise FewstepError(f"{source} is not a diffusers pipeline folder (no model_index.json)")
+        return source
+    if os.path.exists(source):
+        raise FewstepError(f"{source} is a file, not a diffusers pipeline folder")
+    looks_like_hub_id = source.count("/") == 1 and not source.startswith((".", "/", "~"))
+    if not looks_like_hub_id:
+        raise FewstepError(f"{source} does not exist (expected a diffusers folder, a hub id or 'digits')")
+    return source
+
+
+def load_pipeline(source: str, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Any:
+    """A diffusers pipeline from ``digits``, a local folder or a hub id (when online), with progress bars off."""
+    from diffusers import DiffusionPipeline
+
+    from .digits import pipeline as _digits  # noqa: F401  (registers DigitsPipeline with diffusers)
+
+    path = resolve_source(source)
+    kwargs: dict[str, Any] = {} if dtype is None else {"torch_dtype": dtype}
+    try:
+        pipe = DiffusionPipeline.from_pretrained(path, **kwargs)
+    except FewstepError:
+        raise
+    except Exception as err:  # diffusers raises many types; the user needs the reason on one line
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise FewstepError(f"could not load pipeline {source}: {reason}") from None
+    if device is not None:
+        pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def load_denoiser(source: str, device: str | torch.device | None = None) -> tuple[Denoiser, Any]:
+    """(Denoiser over the pipeline's backbone, the pipeline) for ``source``."""
+    pipe = load_pipeline(source, device=device)
+    return Denoiser.from_pipeline(pipe), pipe
