@@ -216,6 +216,8 @@ class VP(NoiseSchedule):
     def log_alpha_bar(self, t: Tensor) -> tuple[Tensor, Tensor]:
         """log alpha_bar(t) and its derivative, by cubic Hermite interpolation between integer timesteps."""
         t = torch.as_tensor(t)
+        if not t.is_floating_point():  # diffusers' integer timesteps: never truncate the float table
+            t = t.to(self._log_abar.dtype)
         table, slope = self._log_abar.to(t.device), self._slope.to(t.device)
         i = t.detach().floor().clamp(0, self.num_train_timesteps - 2).long()
         u = t - i.to(t.dtype)
