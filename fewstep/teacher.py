@@ -222,11 +222,13 @@ def resolve_source(source: str) -> str:
 def load_pipeline(source: str, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Any:
     """A diffusers pipeline from ``digits``, a local folder or a hub id (when online), with progress bars off."""
     from diffusers import DiffusionPipeline
+    from diffusers.utils import logging as diffusers_logging
 
     from .digits import pipeline as _digits  # noqa: F401  (registers DigitsPipeline with diffusers)
 
     path = resolve_source(source)
     kwargs: dict[str, Any] = {} if dtype is None else {"torch_dtype": dtype}
+    diffusers_logging.disable_progress_bar()  # "Loading pipeline components" on every load is noise
     try:
         pipe = DiffusionPipeline.from_pretrained(path, **kwargs)
     except FewstepError:

@@ -1,0 +1,210 @@
+"""The ``fewstep`` command line. Parsing imports nothing heavy: torch and diffusers load inside each subcommand, so
+``fewstep --help`` answers at once. Bad input gives one line on stderr and exit code 2, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NoReturn
+
+from .errors import FewstepError
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error on one line."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"step counts must be integers >= 1, got {text!r}")
+    return values
+
+
+def _float_list(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="fewstep", description="Distill diffusion and flow-matching models into 1-4 step samplers.")
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"fewstep {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("distill", help="distill a teacher into a few-step student with a recipe")
+    p.add_argument("--recipe", required=True, help="recipe name (see `fewstep recipes`)")
+    p.add_argument("--teacher", default="digits", help="diffusers folder, hub id, or 'digits' (default)")
+    p.add_argument("--output", type=Path, help="run folder (default: runs/<recipe>-<teacher>)")
+    p.add_argument("--config", type=Path, help="TOML file of config overrides")
+    p.add_argument("--preset", help="preset name under recipes/<recipe>/")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one config value")
+    p.add_argument("--resume", nargs="?", const="", metavar="DIR", help="continue from the last checkpoint")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+
+    p = sub.add_parser("sample", help="sample a model at any step count and save a grid")
+    p.add_argument("model", help="diffusers folder (teacher or student), hub id, or 'digits'")
+    p.add_argument("--steps", type=_positive_int, default=4)
+    p.add_argument("--num", type=_positive_int, default=100)
+    p.add_argument("--guidance", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prompt", help="text prompt (text-to-image pipelines)")
+    p.add_argument("--output", type=Path, help="folder (default: runs/sample-<model>-<steps>steps)")
+    p.add_argument("--device", default="cpu")
+
+    p = sub.add_parser("bench", help="FID, accuracy, latency, memory and NFE report with plots")
+    p.add_argument("model", nargs="+", help="diffusers folders, hub ids, or 'digits'")
+    p.add_argument("--steps", type=_int_list, default=[1, 2, 4, 50], help="comma-separated (default 1,2,4,50)")
+    p.add_argument("--guidance", type=_float_list, default=[1.0], help="comma-separated CFG scales (default 1)")
+    p.add_argument("--num", type=_positive_int, default=1000, help="generated samples per seed (default 1000)")
+    p.add_argument("--seeds", type=_positive_int, default=3, help="noise seeds averaged (default 3)")
+    p.add_argument("--report", type=Path, help="report folder (default: runs/bench-<model>); rows merge in")
+    p.add_argument("--batch-size", type=_positive_int, default=500, help="generation batch for metrics")
+    p.add_argument("--latency-batch", type=_positive_int, default=100, help="batch timed for latency")
+    p.add_argument("--repeats", type=_positive_int, default=5, help="timed repeats after one warm-up")
+    p.add_argument("--device", default="cpu")
+
+    sub.add_parser("recipes", help="list the registered recipes")
+
+    p = sub.add_parser("teacher", help="the embedded digits teacher and evaluator")
+    tsub = p.add_subparsers(dest="teacher_command", required=True, parser_class=_Parser)
+    t = tsub.add_parser("train", help="train the digits teacher and/or evaluator (reproduces the shipped ones)")
+    t.add_argument("--what", choices=("all", "teacher", "evaluator"), default="all")
+    t.add_argument("--output", type=Path, default=Path("runs/digits"), help="writes <output>/teacher, /evaluator")
+    t.add_argument("--steps", type=_positive_int, help="teacher training steps (default 6000)")
+    t.add_argument("--seed", type=int, default=0)
+    t = tsub.add_parser("inspect", help="describe a model folder as fewstep sees it")
+    t.add_argument("model", nargs="?", default="digits")
+    return parser
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from .recipes import resolve
+
+    recipe = resolve(args.recipe)  # one-line error for unknown recipes, before anything heavy loads
+    from .teacher import resolve_source
+
+    resolve_source(args.teacher)
+    raise FewstepError(f"recipe {args.recipe!r} ({recipe}) has no training entry point yet")
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from .sample import run_sample
+
+    out = args.output or Path("runs") / f"sample-{_label(args.model)}-{args.steps}steps"
+    path = run_sample(args.model, out, args.steps, args.num, args.guidance, args.seed, args.prompt, args.device)
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import BenchConfig, run_bench
+
+    cfg = BenchConfig(
+        steps=tuple(args.steps),
+        guidance=tuple(args.guidance),
+        num=args.num,
+        seeds=args.seeds,
+        batch_size=args.batch_size,
+        latency_batch=args.latency_batch,
+        repeats=args.repeats,
+        device=args.device,
+    )
+    report_dir = args.report or Path("runs") / f"bench-{_label(args.model[0])}"
+    report = run_bench(args.model, report_dir, cfg)
+    floor = report["reference"]["real_fid_floor"]
+    print(f"real-vs-real FID floor {floor:.2f}")
+    for r in report["rows"]:
+        acc = "" if r["accuracy"] is None else f"  acc {100 * r['accuracy']:.1f}%"
+        print(
+            f"{r['model']:>24} steps {r['steps']:>3} w {r['guidance']:g}  FID {r['fid']:.2f}+-{r['fid_std']:.2f} "
+            f"(train {r['fid_train']:.2f}){acc}  {r['latency_ms']:.1f} ms/batch  NFE {r['nfe']}"
+        )
+    print(f"wrote {report_dir}/report.md")
+    return 0
+
+
+def cmd_recipes(args: argparse.Namespace) -> int:
+    from .recipes import available, resolve
+
+    registry = available()
+    if not registry:
+        print("no recipes are registered yet")
+        return 0
+    for name in sorted(registry):
+        cls = resolve(name)
+        print(f"{name:<12} {getattr(cls, 'paper', '') or cls.__doc__.splitlines()[0]}")
+    return 0
+
+
+def cmd_teacher(args: argparse.Namespace) -> int:
+    if args.teacher_command == "inspect":
+        from .inspect import describe
+
+        print(describe(args.model))
+        return 0
+    from .digits.train import EvaluatorTrainConfig, TeacherTrainConfig, train_evaluator, train_teacher
+    from .io import atomic_dir
+
+    if args.what in ("all", "evaluator"):
+        with atomic_dir(args.output / "evaluator") as tmp:
+            train_evaluator(tmp, EvaluatorTrainConfig(seed=args.seed))
+        print(f"wrote {args.output / 'evaluator'}")
+    if args.what in ("all", "teacher"):
+        steps = {"steps": args.steps} if args.steps else {}
+        with atomic_dir(args.output / "teacher") as tmp:
+            train_teacher(tmp, TeacherTrainConfig(seed=args.seed, **steps))
+        print(f"wrote {args.output / 'teacher'}")
+    return 0
+
+
+def _label(source: str) -> str:
+    return "digits" if source == "digits" else Path(source.rstrip("/")).name or "model"
+
+
+COMMANDS = {
+    "distill": cmd_distill,
+    "sample": cmd_sample,
+    "bench": cmd_bench,
+    "recipes": cmd_recipes,
+    "teacher": cmd_teacher,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except FewstepError as err:
+        print(f"fewstep: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("fewstep: interrupted; nothing partial was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

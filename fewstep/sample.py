@@ -1,0 +1,76 @@
+"""``fewstep sample``: draw samples from any model folder at any step count and save them with a grid."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import FewstepError
+from .images import save_grid
+from .io import atomic_dir, check_writable_parent
+from .teacher import load_pipeline, resolve_source
+
+
+def _digits(pipe: Any, num: int, steps: int, guidance: float, seed: int) -> tuple[torch.Tensor, dict[str, Any]]:
+    from .digits.data import NUM_CLASSES, balanced_labels
+
+    labels = balanced_labels(num)
+    gen = torch.Generator().manual_seed(seed)
+    images = pipe(class_labels=labels, num_inference_steps=steps, guidance_scale=guidance, generator=gen).images
+    order = torch.argsort(labels, stable=True)  # one class per grid row
+    return images[order].cpu(), {"labels": labels[order].tolist(), "nrow": math.ceil(num / NUM_CLASSES)}
+
+
+def _text_to_image(
+    pipe: Any, prompt: str, num: int, steps: int, guidance: float, seed: int
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    gen = torch.Generator().manual_seed(seed)
+    out = pipe(
+        prompt=prompt,
+        num_images_per_prompt=num,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        generator=gen,
+        output_type="np",
+    )
+    images = torch.from_numpy(np.asarray(out.images)).permute(0, 3, 1, 2).float()
+    return images, {"prompt": prompt, "nrow": math.ceil(math.sqrt(num))}
+
+
+def run_sample(
+    source: str,
+    output: Path,
+    steps: int,
+    num: int,
+    guidance: float,
+    seed: int,
+    prompt: str | None = None,
+    device: str = "cpu",
+) -> Path:
+    """Write samples.npz (uint8 images), grid.png and meta.json to ``output`` atomically."""
+    from .digits.pipeline import DigitsPipeline
+
+    if steps < 1 or num < 1:
+        raise FewstepError(f"--steps and --num must be >= 1, got {steps} and {num}")
+    resolve_source(source)
+    check_writable_parent(output)
+    pipe = load_pipeline(source, device=device)
+    if isinstance(pipe, DigitsPipeline):
+        images, meta = _digits(pipe, num, steps, guidance, seed)
+        upscale = 4
+    elif prompt is not None:
+        images, meta = _text_to_image(pipe, prompt, num, steps, guidance, seed)
+        upscale = 1
+    else:
+        raise FewstepError(f"{type(pipe).__name__} needs --prompt")
+    with atomic_dir(output) as tmp:
+        save_grid(images, tmp / "grid.png", nrow=meta.pop("nrow"), upscale=upscale)
+        np.savez_compressed(tmp / "samples.npz", images=(images.clamp(0, 1) * 255).round().to(torch.uint8).numpy())
+        meta.update(model=source, steps=steps, num=num, guidance=guidance, seed=seed)
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return output

@@ -1,0 +1,134 @@
+"""The command-line contract: bad input gives one line, exit code 2, no traceback and nothing half-written."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fewstep.cli import main
+
+
+def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    try:
+        code = main(argv)
+    except SystemExit as exit_:  # argparse
+        code = int(exit_.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code: int, err: str, *needles: str) -> None:
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def leftovers(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir()) if parent.exists() else []
+
+
+def test_help_does_not_import_torch() -> None:
+    code = "import sys; from fewstep.cli import main\ntry: main(['--help'])\nexcept SystemExit: pass\n"
+    code += "assert 'torch' not in sys.modules, 'torch imported'; assert 'diffusers' not in sys.modules"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "distill" in proc.stdout and "bench" in proc.stdout
+
+
+def test_console_script_reports_errors_without_traceback(tmp_path: Path) -> None:
+    exe = Path(sys.executable).with_name("fewstep")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "fewstep.cli"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [*cmd, "bench", str(tmp_path / "nope")], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert_one_line_error(proc.returncode, proc.stderr, "does not exist")
+
+
+def test_missing_teacher_path(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    report = tmp_path / "report"
+    code, _, err = run(["bench", str(tmp_path / "missing"), "--report", str(report)], capsys)
+    assert_one_line_error(code, err, "does not exist")
+    assert leftovers(tmp_path) == []
+    code, _, err = run(["teacher", "inspect", str(tmp_path / "missing")], capsys)
+    assert_one_line_error(code, err, "does not exist")
+
+
+def test_folder_that_is_not_a_pipeline(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "weights").mkdir()
+    code, _, err = run(["sample", str(tmp_path / "weights"), "--output", str(tmp_path / "out")], capsys)
+    assert_one_line_error(code, err, "not a diffusers pipeline folder")
+    assert leftovers(tmp_path) == ["weights"]
+
+
+def test_unsupported_model_class(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from diffusers import FlowMatchEulerDiscreteScheduler, UNet1DModel
+
+    from fewstep.digits.pipeline import DigitsPipeline
+
+    folder = tmp_path / "odd"
+    unet = UNet1DModel(
+        block_out_channels=(8, 8, 8),
+        down_block_types=("DownBlock1DNoSkip",) * 3,
+        up_block_types=("UpBlock1DNoSkip",) * 3,
+        mid_block_type="UNetMidBlock1D",
+        in_channels=1,
+        out_channels=1,
+        extra_in_channels=0,
+        time_embedding_type="positional",
+        norm_num_groups=8,
+        use_timestep_embedding=False,
+        flip_sin_to_cos=True,
+        downsample_each_block=False,
+    )
+    DigitsPipeline(transformer=unet, scheduler=FlowMatchEulerDiscreteScheduler()).save_pretrained(folder)
+    code, _, err = run(["teacher", "inspect", str(folder)], capsys)
+    assert_one_line_error(code, err, "unsupported model class UNet1DModel")
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["bench", "digits", "--steps", "0"],
+        ["bench", "digits", "--steps", "1,-2"],
+        ["sample", "digits", "--steps", "0"],
+        ["sample", "digits", "--steps", "x"],
+    ],
+)
+def test_step_counts_below_one(command: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run([*command, "--help"][:-1], capsys)
+    assert_one_line_error(code, err, "--steps")
+
+
+def test_unknown_recipe(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(["distill", "--recipe", "no-such-recipe"], capsys)
+    assert_one_line_error(code, err, "unknown recipe 'no-such-recipe'")
+
+
+def test_recipes_lists_registry(capsys: pytest.CaptureFixture[str]) -> None:
+    from fewstep.recipes import available
+
+    code, out, _ = run(["recipes"], capsys)
+    assert code == 0
+    assert len(out.strip().splitlines()) == max(len(available()), 1)
+
+
+def test_unwritable_output(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    code, _, err = run(
+        ["bench", "digits", "--steps", "1", "--num", "10", "--seeds", "1", "--report", str(blocker / "report")], capsys
+    )
+    assert_one_line_error(code, err, "cannot write to")
+    code, _, err = run(["sample", "digits", "--output", str(blocker / "samples")], capsys)
+    assert_one_line_error(code, err, "cannot write to")
+    code, _, err = run(["teacher", "train", "--what", "evaluator", "--output", str(blocker / "x")], capsys)
+    assert_one_line_error(code, err, "cannot write to")
+    assert leftovers(tmp_path) == ["a-file"]
