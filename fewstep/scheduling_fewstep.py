@@ -27,14 +27,13 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor
 
+from fewstep.sampling import renoise
 from fewstep.schedules import (
     PREDICTIONS,
     Coeffs,
     Flow,
     NoiseSchedule,
     append_dims,
-    ddim_step,
-    forward_transition,
     schedule_from_config,
     schedule_from_diffusers_config,
     to_x0,
@@ -231,18 +230,11 @@ class FewStepScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]  # di
         c_next: Coeffs,
         generator: torch.Generator | list[torch.Generator] | None,
     ) -> Tensor:
-        """x at the next time from (x0, x_t): DDIM to s, then the forward process s -> next (module docstring)."""
+        """x at the next time from (x0, x_t) by ``sampling.renoise`` (module docstring)."""
         gamma = float(self.config["gamma"])
-        if gamma == 0.0:  # deterministic: draw no noise, so the generator is left untouched
-            return ddim_step(x0, x_t, c_t, c_next)
-        # Only alpha_s and sigma_s enter, and both steps are invariant to scaling x_s, so s is written in the frame
-        # alpha_s = 1, sigma_s = (1 - gamma) sigma_next / alpha_next; it exists for gamma = 1 (sigma_s = 0, x_s = x0).
-        r_s = (1.0 - gamma) * c_next.sigma / c_next.alpha
-        one = torch.ones_like(r_s)
-        c_s = Coeffs(alpha=one, sigma=r_s, d_alpha=torch.zeros_like(r_s), d_sigma=one)
-        x_s = ddim_step(x0, x_t, c_t, c_s)
-        z = randn_tensor(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
-        return forward_transition(x_s, c_s, c_next, z)
+        # gamma = 0 draws no noise, so the generator is left untouched
+        z = None if gamma == 0.0 else randn_tensor(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
+        return renoise(x0, x_t, c_t, c_next, gamma, z)
 
     def add_noise(self, original_samples: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
         """x_t for model-unit timesteps (B,), as pipelines call it for img2img: alpha(t) x0 + sigma(t) eps."""

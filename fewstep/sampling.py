@@ -1,0 +1,108 @@
+"""Sampling on a Denoiser: the teacher's probability-flow ODE (Euler) and few-step plans (predict x0, re-noise).
+
+One ``SamplingPlan`` drives training rollouts, ``fewstep sample`` / bench (through ``FewStepScheduler``, which
+applies the same ``renoise`` rule) and export.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from itertools import pairwise
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .schedules import Coeffs, NoiseSchedule, append_dims, ddim_step, forward_transition, velocity
+
+Cond = dict[str, Any]
+
+
+def renoise(x0: Tensor, x_t: Tensor, c_t: Coeffs, c_next: Coeffs, gamma: float, noise: Tensor | None) -> Tensor:
+    """x at the next (lower-noise) time from an x0 estimate at t, with stochasticity gamma in [0, 1].
+
+    x_next = alpha_next x0 + sigma_next ((1 - gamma) eps_hat + sqrt(1 - (1 - gamma)^2) z), eps_hat implied by x_t.
+    gamma = 0 is DDIM (Song et al., 2021, Eq. 12, eta = 0); gamma = 1 is consistency-model multistep sampling (Song et
+    al., 2023, Alg. 1); in between it is TCD's DDIM-to-s then forward-to-next (Zheng et al., 2024, Sec. 4.3) with s
+    defined by its noise-to-signal ratio sigma_s / alpha_s = (1 - gamma) sigma_next / alpha_next, so that gamma means
+    the same on every schedule. ``noise`` may be None only for gamma = 0.
+    """
+    if gamma == 0.0:
+        return ddim_step(x0, x_t, c_t, c_next)
+    if noise is None:
+        raise ValueError("renoise with gamma > 0 needs noise")
+    # Both steps are invariant to rescaling x_s, so write s in the frame alpha_s = 1 (exists even for gamma = 1).
+    r_s = (1.0 - gamma) * c_next.sigma / c_next.alpha
+    one = torch.ones_like(r_s)
+    c_s = Coeffs(alpha=one, sigma=r_s, d_alpha=torch.zeros_like(r_s), d_sigma=one)
+    return forward_transition(ddim_step(x0, x_t, c_t, c_s), c_s, c_next, noise)
+
+
+@dataclass(frozen=True)
+class SamplingPlan:
+    """Where a few-step student is evaluated: descending ``times`` in ``schedule``'s units and the re-noise gamma."""
+
+    schedule: NoiseSchedule
+    times: tuple[float, ...]
+    gamma: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.times or any(a <= b for a, b in pairwise(self.times)):
+            raise ValueError(f"plan times must be non-empty and strictly decreasing, got {self.times}")
+        if not 0.0 <= self.gamma <= 1.0:
+            raise ValueError(f"gamma must lie in [0, 1], got {self.gamma}")
+
+    @property
+    def steps(self) -> int:
+        return len(self.times)
+
+
+Denoise = Callable[[Tensor, Tensor], Tensor]  # (x_t, t (B,)) -> x0
+
+
+def initial_noise(schedule: NoiseSchedule, t_max: float, noise: Tensor) -> Tensor:
+    """x at the first time: sigma(t_max) eps (alpha(t_max) x0 is taken as negligible, as diffusers pipelines do)."""
+    return schedule.coeffs(torch.tensor(t_max, dtype=noise.dtype)).sigma * noise
+
+
+def sample_plan(
+    denoise: Denoise, plan: SamplingPlan, noise: Tensor, generator: torch.Generator | None = None
+) -> Tensor:
+    """Run ``plan`` from pure noise (B, ...) and return the final x0 estimate."""
+    schedule = plan.schedule
+    x = initial_noise(schedule, plan.times[0], noise)
+    times = [*plan.times, None]
+    for t, t_next in zip(times[:-1], times[1:], strict=True):
+        t_b = torch.full((x.shape[0],), t, dtype=x.dtype, device=x.device)
+        x0 = denoise(x, t_b)
+        if t_next is None:
+            return x0
+        c_t = schedule.coeffs(append_dims(t_b, x.ndim))
+        c_next = schedule.coeffs(append_dims(torch.full_like(t_b, t_next), x.ndim))
+        z = None if plan.gamma == 0 else torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+        x = renoise(x0, x, c_t, c_next, plan.gamma, z)
+    raise AssertionError("unreachable")
+
+
+def euler_times(schedule: NoiseSchedule, steps: int) -> list[float]:
+    """steps + 1 times evenly spaced from t_max to t_min (shifted for flow, as FluxPipeline's sigmas)."""
+    u = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
+    if hasattr(schedule, "shift_time"):
+        u = schedule.shift_time(u)
+    return (schedule.t_min + (schedule.t_max - schedule.t_min) * u).tolist()
+
+
+def euler_sample(
+    denoise: Denoise, schedule: NoiseSchedule, noise: Tensor, times: Sequence[float], return_trajectory: bool = False
+) -> Tensor | list[Tensor]:
+    """The probability-flow ODE dx/dt = alpha' x0 + sigma' eps_hat integrated by Euler over ``times`` (descending);
+    Returns x at the end, or every x along the way (len(times) tensors)."""
+    x = initial_noise(schedule, times[0], noise)
+    path = [x]
+    for t, t_next in pairwise(times):
+        t_b = torch.full((x.shape[0],), t, dtype=x.dtype, device=x.device)
+        c_t = schedule.coeffs(append_dims(t_b, x.ndim))
+        x = x + (t_next - t) * velocity(denoise(x, t_b), x, c_t)  # for flow, the step onto t = 0 is x0 exactly
+        path.append(x)
+    return path if return_trajectory else x
