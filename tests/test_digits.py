@@ -1,0 +1,70 @@
+"""The embedded digits world: split, shipped teacher and evaluator, metrics identities."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fewstep.digits.data import NUM_CLASSES, balanced_labels, load_split
+from fewstep.metrics import DigitsMetrics, FeatureFID, to_unit
+
+
+def test_split_is_fixed_and_disjoint() -> None:
+    train, held_out = load_split("train"), load_split("held_out")
+    assert (len(train), len(held_out)) == (1437, 360)
+    assert train.images.shape[1:] == (1, 8, 8) and train.images.min() >= -1 and train.images.max() <= 1
+    assert torch.bincount(held_out.labels, minlength=NUM_CLASSES).min() >= 35  # stratified
+    flat_train = {tuple(x.flatten().tolist()) for x in train.images}
+    overlap = sum(tuple(x.flatten().tolist()) in flat_train for x in held_out.images)
+    assert overlap <= 5  # the raw data holds a few duplicate images, no more
+    with pytest.raises(ValueError):
+        load_split("test")
+
+
+def test_balanced_labels() -> None:
+    counts = torch.bincount(balanced_labels(1000), minlength=NUM_CLASSES)
+    assert counts.eq(100).all()
+
+
+def test_stock_diffusion_pipeline_loads_shipped_teacher() -> None:
+    from diffusers import DiffusionPipeline
+
+    import fewstep.digits.pipeline  # noqa: F401  (registers DigitsPipeline)
+    from fewstep.teacher import Denoiser, embedded_path
+
+    pipe = DiffusionPipeline.from_pretrained(str(embedded_path("teacher")))
+    assert type(pipe).__name__ == "DigitsPipeline"
+    denoiser = Denoiser.from_pipeline(pipe)
+    assert denoiser.native.kind == "flow" and denoiser.prediction == "flow"
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(class_labels=[0, 1], num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images
+    again = pipe(class_labels=[0, 1], num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images
+    assert out.shape == (2, 1, 8, 8) and torch.equal(out, again)
+    with pytest.raises(ValueError):
+        pipe(class_labels=[10], num_inference_steps=1)
+
+
+@pytest.fixture(scope="module")
+def metrics() -> DigitsMetrics:
+    return DigitsMetrics.load()
+
+
+def test_fid_identities(metrics: DigitsMetrics) -> None:
+    held_out = to_unit(load_split("held_out").images)
+    fid = FeatureFID(metrics._features, held_out)
+    assert abs(fid(held_out)) < 1e-2  # a set against itself
+    noise = torch.rand_like(held_out)
+    assert fid(noise) > 100 * max(abs(fid(held_out)), 1e-3)
+
+
+def test_evaluator_reads_real_digits(metrics: DigitsMetrics) -> None:
+    held_out = load_split("held_out")
+    assert metrics.accuracy(to_unit(held_out.images), held_out.labels) > 0.95
+    shuffled = held_out.labels[torch.randperm(len(held_out.labels), generator=torch.Generator().manual_seed(0))]
+    assert metrics.accuracy(to_unit(held_out.images), shuffled) < 0.3
+
+
+def test_floor_uses_requested_count(metrics: DigitsMetrics) -> None:
+    mean, std, count = metrics.floor(200, subsets=2)
+    assert count == 200 and mean > 0 and std >= 0
+    assert metrics.floor(5000, subsets=1)[2] == 1437  # capped at the train split
