@@ -99,7 +99,8 @@ def count_nfe(model: torch.nn.Module, batch: int) -> Iterator[list[float]]:
 
     def hook(_module: Any, args: tuple, kwargs: dict) -> None:
         x = args[0] if args else kwargs.get("hidden_states", kwargs.get("sample"))
-        total[0] += x.shape[0] / batch
+        if x is not None:
+            total[0] += x.shape[0] / batch
 
     handle = model.register_forward_pre_hook(hook, with_kwargs=True)
     try:

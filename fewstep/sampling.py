@@ -72,12 +72,12 @@ def sample_plan(
     """Run ``plan`` from pure noise (B, ...) and return the final x0 estimate."""
     schedule = plan.schedule
     x = initial_noise(schedule, plan.times[0], noise)
-    times = [*plan.times, None]
-    for t, t_next in zip(times[:-1], times[1:], strict=True):
+    for i, t in enumerate(plan.times):
         t_b = torch.full((x.shape[0],), t, dtype=x.dtype, device=x.device)
         x0 = denoise(x, t_b)
-        if t_next is None:
+        if i + 1 == plan.steps:
             return x0
+        t_next = plan.times[i + 1]
         c_t = schedule.coeffs(append_dims(t_b, x.ndim))
         c_next = schedule.coeffs(append_dims(torch.full_like(t_b, t_next), x.ndim))
         z = None if plan.gamma == 0 else torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)

@@ -90,9 +90,9 @@ class DigitsPipeline(DiffusionPipeline):
             out = self.model_output(model_in, t, labels, guidance_scale)
             x = self.scheduler.step(out, t, x, generator=generator, return_dict=False)[0]
 
-        images = (x.float().clamp(-1, 1) + 1) / 2
+        images: Tensor | np.ndarray | list = (x.float().clamp(-1, 1) + 1) / 2
         if output_type == "np" or output_type == "pil":
-            images = images.permute(0, 2, 3, 1).cpu().numpy()
+            images = images.permute(0, 2, 3, 1).cpu().numpy()  # type: ignore[union-attr]
             if output_type == "pil":
                 images = self.numpy_to_pil(images)
         self.maybe_free_model_hooks()

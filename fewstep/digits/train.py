@@ -65,7 +65,7 @@ def disable_label_dropout(model: torch.nn.Module) -> None:
     would almost never see a fully unconditional input (../shared/DIGITS.md). We drop labels ourselves instead."""
     for module in model.modules():
         if hasattr(module, "dropout_prob") and hasattr(module, "embedding_table"):
-            module.dropout_prob = 0.0
+            module.dropout_prob = 0.0  # type: ignore[assignment]
 
 
 def teacher_scheduler() -> FlowMatchEulerDiscreteScheduler:
