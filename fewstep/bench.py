@@ -31,7 +31,7 @@ from .digits.data import NUM_CLASSES, balanced_labels
 from .errors import FewstepError
 from .images import save_grid
 from .io import atomic_dir, check_writable_parent
-from .metrics import DigitsMetrics
+from .metrics import DigitsMetrics, FeatureFID
 from .report import write_report
 from .teacher import load_pipeline, resolve_source
 
@@ -65,16 +65,16 @@ class Row:
     steps: int
     nfe: int
     guidance: float | None
-    fid: float
+    fid: float | None
     fid_std: float
-    fid_train: float | None
-    accuracy: float | None
-    clip_score: float | None
     latency_ms: float
     latency_ms_p90: float
     latency_ms_per_image: float
     peak_mem_mb: float
     num_samples: int
+    fid_train: float | None = None
+    accuracy: float | None = None
+    clip_score: float | None = None
     fid_seeds: list[float] = field(default_factory=list)
     fid_train_seeds: list[float] = field(default_factory=list)
     grid: str | None = None
@@ -205,15 +205,56 @@ def environment(device: torch.device) -> dict[str, Any]:
     return env
 
 
-def bench_digits_model(source: str, cfg: BenchConfig, metrics: DigitsMetrics, out_dir: Path, bar: tqdm) -> list[Row]:
-    from .digits.pipeline import DigitsPipeline
+@dataclass
+class Speed:
+    nfe: int
+    peak_mem_mb: float
+    times_ms: list[float]
 
+
+def measure_speed(pipe: Any, call: dict[str, Any], batch: int, cfg: BenchConfig) -> Speed:
+    """NFE and peak memory of one call, then its latency over ``cfg.repeats`` runs after ``cfg.warmup``."""
     device = torch.device(cfg.device)
-    pipe = load_pipeline(source, device=device)
-    if not isinstance(pipe, DigitsPipeline):
-        raise FewstepError(f"{source} is a {type(pipe).__name__}; this bench measures digits-world pipelines")
+    run = functools.partial(pipe, **call)
+    with count_nfe(backbone_of(pipe), batch) as nfe, PeakMemory(device) as mem:
+        run()
+    return Speed(round(nfe[0]), mem.peak_mb, time_call(run, device, cfg.warmup, cfg.repeats))
+
+
+def make_row(
+    label: str,
+    source: str,
+    steps: int,
+    guidance: float,
+    speed: Speed,
+    batch: int,
+    num: int,
+    fids: list[float],
+    **extra: Any,
+) -> Row:
+    median = statistics.median(speed.times_ms)
+    return Row(
+        model=label,
+        steps=steps,
+        nfe=speed.nfe,
+        guidance=guidance,
+        fid=statistics.mean(fids) if fids else None,
+        fid_std=statistics.stdev(fids) if len(fids) > 1 else 0.0,
+        latency_ms=median,
+        latency_ms_p90=percentile(speed.times_ms, 0.9),
+        latency_ms_per_image=median / batch,
+        peak_mem_mb=speed.peak_mem_mb,
+        num_samples=num,
+        fid_seeds=fids,
+        source=source,
+        **extra,
+    )
+
+
+def bench_digits_model(
+    pipe: Any, source: str, cfg: BenchConfig, metrics: DigitsMetrics, out_dir: Path, bar: tqdm
+) -> list[Row]:
     label = model_label(source)
-    backbone = backbone_of(pipe)
     rows = []
     for guidance in cfg.guidance:
         for steps in cfg.steps:
@@ -225,40 +266,91 @@ def bench_digits_model(source: str, cfg: BenchConfig, metrics: DigitsMetrics, ou
                 fids_train.append(metrics.fid_train(images))
                 accs.append(metrics.accuracy(images, labels))
                 if seed == 0:
-                    grid_name = f"grid_{label}_{steps}steps_w{guidance:g}.png"
+                    grid = f"grid_{label}_{steps}steps_w{guidance:g}.png"
                     first = torch.cat([images[labels == c][:NUM_CLASSES] for c in range(NUM_CLASSES)])
-                    save_grid(first, out_dir / grid_name, nrow=NUM_CLASSES)
+                    save_grid(first, out_dir / grid, nrow=NUM_CLASSES)
                 bar.update(1)
-            run = functools.partial(
-                pipe,
-                class_labels=balanced_labels(cfg.latency_batch),
-                num_inference_steps=steps,
-                guidance_scale=guidance,
+            call = dict(
+                class_labels=balanced_labels(cfg.latency_batch), num_inference_steps=steps, guidance_scale=guidance
             )
-            with count_nfe(backbone, cfg.latency_batch) as nfe, PeakMemory(device) as mem:
-                run()
-            times = time_call(run, device, cfg.warmup, cfg.repeats)
-            median = statistics.median(times)
+            speed = measure_speed(pipe, call, cfg.latency_batch, cfg)
             rows.append(
-                Row(
-                    model=label,
-                    steps=steps,
-                    nfe=round(nfe[0]),
-                    guidance=guidance,
-                    fid=statistics.mean(fids),
-                    fid_std=statistics.stdev(fids) if len(fids) > 1 else 0.0,
+                make_row(
+                    label,
+                    source,
+                    steps,
+                    guidance,
+                    speed,
+                    cfg.latency_batch,
+                    cfg.num,
+                    fids,
                     fid_train=statistics.mean(fids_train),
-                    accuracy=statistics.mean(accs),
-                    clip_score=None,
-                    latency_ms=median,
-                    latency_ms_p90=percentile(times, 0.9),
-                    latency_ms_per_image=median / cfg.latency_batch,
-                    peak_mem_mb=mem.peak_mb,
-                    num_samples=cfg.num,
-                    fid_seeds=fids,
                     fid_train_seeds=fids_train,
-                    grid=grid_name,
-                    source=source,
+                    accuracy=statistics.mean(accs),
+                    grid=grid,
+                )
+            )
+    return rows
+
+
+@dataclass
+class TextWorld:
+    """What a text-to-image bench measures against: prompts, an optional CLIP scorer and reference FID."""
+
+    prompts: list[str]
+    clip: Any = None  # ClipScorer
+    fid: FeatureFID | None = None
+
+
+def generate_text(pipe: Any, prompts: list[str], steps: int, guidance: float, seed: int, batch: int) -> Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(0, len(prompts), batch):
+        result = pipe(
+            prompt=prompts[i : i + batch],
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            generator=gen,
+            output_type="pt",
+        )
+        out.append(result.images.float().cpu())
+    return torch.cat(out)
+
+
+def bench_text_model(
+    pipe: Any, source: str, cfg: BenchConfig, world: TextWorld, out_dir: Path, bar: tqdm
+) -> list[Row]:
+    label = model_label(source)
+    prompts = [world.prompts[i % len(world.prompts)] for i in range(cfg.num)]
+    rows = []
+    for guidance in cfg.guidance:
+        for steps in cfg.steps:
+            fids, clips = [], []
+            for seed in range(cfg.seeds):
+                bar.set_postfix_str(f"{label} steps={steps} w={guidance:g} seed={seed}")
+                images = generate_text(pipe, prompts, steps, guidance, seed, cfg.batch_size)
+                if world.fid is not None:
+                    fids.append(world.fid(images))
+                if world.clip is not None:
+                    clips.append(world.clip(images, prompts))
+                if seed == 0:
+                    grid = f"grid_{label}_{steps}steps_w{guidance:g}.png"
+                    save_grid(images[:16], out_dir / grid, nrow=4, upscale=1)
+                bar.update(1)
+            call = dict(prompt=prompts[: cfg.latency_batch], num_inference_steps=steps, guidance_scale=guidance)
+            speed = measure_speed(pipe, call, min(cfg.latency_batch, len(prompts)), cfg)
+            rows.append(
+                make_row(
+                    label,
+                    source,
+                    steps,
+                    guidance,
+                    speed,
+                    min(cfg.latency_batch, len(prompts)),
+                    cfg.num,
+                    fids,
+                    clip_score=statistics.mean(clips) if clips else None,
+                    grid=grid,
                 )
             )
     return rows
@@ -270,31 +362,66 @@ def merge_rows(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dic
     return [r for r in old if (r["model"], r["steps"], r["guidance"]) not in keys] + new
 
 
-def run_bench(sources: Sequence[str], report_dir: Path, cfg: BenchConfig) -> dict[str, Any]:
+@dataclass(frozen=True)
+class TextOptions:
+    """Inputs of a text-to-image bench: prompts file, ``ARCH:CHECKPOINT`` for CLIP, a reference image folder."""
+
+    prompts: str | None = None
+    clip: str | None = None
+    reference: str | None = None
+    fid_features: str = "inception"
+
+
+def text_world(pipe: Any, options: TextOptions) -> TextWorld:
+    from .clip import ClipScorer
+    from .metrics import reference_fid
+    from .prompts import read_prompts
+
+    if options.prompts is None:
+        raise FewstepError(f"{type(pipe).__name__} is a text-to-image pipeline: pass --prompts FILE")
+    world = TextWorld(prompts=read_prompts(options.prompts))
+    if options.clip:
+        world.clip = ClipScorer.load(options.clip)
+    if options.reference:
+        probe = pipe(prompt=world.prompts[:1], num_inference_steps=1, output_type="pt").images
+        world.fid = reference_fid(options.reference, options.fid_features, tuple(probe.shape[-2:]))
+    if world.clip is None and world.fid is None:
+        raise FewstepError("nothing to measure quality with: pass --clip ARCH:CHECKPOINT and/or --reference DIR")
+    return world
+
+
+def run_bench(
+    sources: Sequence[str], report_dir: Path, cfg: BenchConfig, text: TextOptions | None = None
+) -> dict[str, Any]:
     """Benchmark every source and write report.json, report.md, grids and plots to ``report_dir`` atomically."""
+    from .digits.pipeline import DigitsPipeline
+
     cfg.validate()
     for source in sources:  # every input checked before any work starts
         resolve_source(source)
     check_writable_parent(report_dir)
-    metrics = DigitsMetrics.load()
+    pipes = [load_pipeline(source, device=cfg.device) for source in sources]
+    digits = [isinstance(p, DigitsPipeline) for p in pipes]
+    if any(digits) and not all(digits):
+        raise FewstepError("bench either digits-world pipelines or text-to-image pipelines in one report, not both")
+    metrics = DigitsMetrics.load() if all(digits) else None
+    world = None if metrics is not None else text_world(pipes[0], text or TextOptions())
     total = len(sources) * len(cfg.guidance) * len(cfg.steps) * cfg.seeds
     with atomic_dir(report_dir, keep_existing=True) as tmp:
         old: dict[str, Any] = {}
         if (tmp / "report.json").is_file():
             old = json.loads((tmp / "report.json").read_text())
+        rows: list[Row] = []
         with tqdm(total=total, desc="bench", disable=not cfg.progress) as bar:
-            new_rows = [row.__dict__ for s in sources for row in bench_digits_model(s, cfg, metrics, tmp, bar)]
-        floor, floor_std, floor_count = metrics.floor(cfg.num, subsets=cfg.floor_subsets)
+            for pipe, source in zip(pipes, sources, strict=True):
+                if metrics is not None:
+                    rows += bench_digits_model(pipe, source, cfg, metrics, tmp, bar)
+                else:
+                    assert world is not None
+                    rows += bench_text_model(pipe, source, cfg, world, tmp, bar)
         report = {
-            "rows": merge_rows(old.get("rows", []), new_rows),
-            "reference": {
-                "real_fid_floor": floor,
-                "real_fid_floor_std": floor_std,
-                "real_fid_floor_subsets": cfg.floor_subsets,
-                "floor_num_samples": floor_count,
-                "held_out_vs_train_fid": metrics.fid_train(metrics_held_out_images()),
-                "evaluator": "digits CNN, 128-d penultimate features",
-            },
+            "rows": merge_rows(old.get("rows", []), [row.__dict__ for row in rows]),
+            "reference": digits_reference(metrics, cfg) if metrics is not None else text_reference(text, world),
             "config": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.__dict__.items()},
             "env": environment(torch.device(cfg.device)),
         }
@@ -302,8 +429,28 @@ def run_bench(sources: Sequence[str], report_dir: Path, cfg: BenchConfig) -> dic
     return report
 
 
-def metrics_held_out_images() -> Tensor:
+def digits_reference(metrics: DigitsMetrics, cfg: BenchConfig) -> dict[str, Any]:
     from .digits.data import load_split
     from .metrics import to_unit
 
-    return to_unit(load_split("held_out").images)
+    floor, floor_std, floor_count = metrics.floor(cfg.num, subsets=cfg.floor_subsets)
+    return {
+        "real_fid_floor": floor,
+        "real_fid_floor_std": floor_std,
+        "real_fid_floor_subsets": cfg.floor_subsets,
+        "floor_num_samples": floor_count,
+        "held_out_vs_train_fid": metrics.fid_train(to_unit(load_split("held_out").images)),
+        "evaluator": "digits CNN, 128-d penultimate features",
+    }
+
+
+def text_reference(text: TextOptions | None, world: TextWorld | None) -> dict[str, Any]:
+    assert text is not None and world is not None
+    return {
+        "real_fid_floor": None,  # one reference set gives no real-vs-real floor
+        "reference_dir": text.reference,
+        "fid_features": text.fid_features if text.reference else None,
+        "clip": text.clip,
+        "prompts": text.prompts,
+        "num_prompts": len(world.prompts),
+    }

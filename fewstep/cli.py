@@ -86,6 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latency-batch", type=_positive_int, default=100, help="batch timed for latency")
     p.add_argument("--repeats", type=_positive_int, default=5, help="timed repeats after one warm-up")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--prompts", help="text-to-image: prompt file (.txt, one per line, or .jsonl)")
+    p.add_argument("--clip", metavar="ARCH:CHECKPOINT", help="text-to-image: open_clip model and local weights")
+    p.add_argument("--reference", metavar="DIR", help="text-to-image: folder of real images for FID")
+    p.add_argument(
+        "--fid-features", default="inception", help="'inception' (needs torch-fidelity) or TorchScript file"
+    )
 
     sub.add_parser("recipes", help="list the registered recipes")
 
@@ -121,7 +127,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import BenchConfig, run_bench
+    from .bench import BenchConfig, TextOptions, run_bench
 
     cfg = BenchConfig(
         steps=tuple(args.steps),
@@ -134,14 +140,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
         device=args.device,
     )
     report_dir = args.report or Path("runs") / f"bench-{_label(args.model[0])}"
-    report = run_bench(args.model, report_dir, cfg)
+    text = TextOptions(args.prompts, args.clip, args.reference, args.fid_features)
+    report = run_bench(args.model, report_dir, cfg, text)
     floor = report["reference"]["real_fid_floor"]
-    print(f"real-vs-real FID floor {floor:.2f}")
+    if floor is not None:
+        print(f"real-vs-real FID floor {floor:.2f}")
     for r in report["rows"]:
-        acc = "" if r["accuracy"] is None else f"  acc {100 * r['accuracy']:.1f}%"
+        fid = "" if r["fid"] is None else f"  FID {r['fid']:.2f}+-{r['fid_std']:.2f}"
+        fid += "" if r.get("fid_train") is None else f" (train {r['fid_train']:.2f})"
+        acc = "" if r.get("accuracy") is None else f"  acc {100 * r['accuracy']:.1f}%"
+        clip = "" if r.get("clip_score") is None else f"  CLIP {r['clip_score']:.2f}"
         print(
-            f"{r['model']:>24} steps {r['steps']:>3} w {r['guidance']:g}  FID {r['fid']:.2f}+-{r['fid_std']:.2f} "
-            f"(train {r['fid_train']:.2f}){acc}  {r['latency_ms']:.1f} ms/batch  NFE {r['nfe']}"
+            f"{r['model']:>24} steps {r['steps']:>3} w {r['guidance']:g}{fid}{acc}{clip}  "
+            f"{r['latency_ms']:.1f} ms/batch  NFE {r['nfe']}"
         )
     print(f"wrote {report_dir}/report.md")
     return 0

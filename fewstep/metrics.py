@@ -8,12 +8,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from .digits.data import load_split
 from .digits.evaluator import DigitsEvaluator, FIDFeatures
+from .errors import FewstepError
 
 
 def load_evaluator(path: str | None = None) -> DigitsEvaluator:
@@ -23,9 +25,12 @@ def load_evaluator(path: str | None = None) -> DigitsEvaluator:
 
 
 class FeatureFID:
-    """torchmetrics' FrechetInceptionDistance on a fixed reference set, reused for many generated sets."""
+    """torchmetrics' FrechetInceptionDistance on a fixed reference set, reused for many generated sets.
 
-    def __init__(self, features: torch.nn.Module, reference: Tensor, batch_size: int = 500):
+    features: a module mapping [0, 1] images to (N, F), or an Inception layer size (2048; needs torch-fidelity).
+    """
+
+    def __init__(self, features: torch.nn.Module | int, reference: Tensor, batch_size: int = 500):
         from torchmetrics.image.fid import FrechetInceptionDistance
 
         self.batch_size = batch_size
@@ -86,3 +91,59 @@ class DigitsMetrics:
 def to_unit(images: Tensor) -> Tensor:
     """[-1, 1] -> [0, 1]."""
     return (images.float() + 1) / 2
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def load_image_folder(path: str | Path, size: tuple[int, int] | None = None) -> Tensor:
+    """Every image in a folder as (N, 3, H, W) floats in [0, 1], resized to ``size`` (H, W) when given."""
+    import numpy as np
+    from PIL import Image
+
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FewstepError(f"reference folder {folder} does not exist")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if len(files) < 2:
+        raise FewstepError(f"reference folder {folder} holds fewer than 2 images")
+    images = []
+    for file in files:
+        img = Image.open(file).convert("RGB")
+        if size is not None:
+            img = img.resize((size[1], size[0]), Image.Resampling.BICUBIC)
+        images.append(torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 255)
+    if len({tuple(i.shape) for i in images}) > 1:
+        raise FewstepError(f"images in {folder} differ in size; fewstep resizes them only to a known size")
+    return torch.stack(images)
+
+
+class ScriptedFeatures(torch.nn.Module):
+    """A TorchScript feature network from a file ([0, 1] images -> (N, F)), e.g. a local Inception export."""
+
+    def __init__(self, path: str | Path):
+        super().__init__()
+        try:
+            self.net = torch.jit.load(str(path), map_location="cpu").eval()
+        except (RuntimeError, ValueError) as err:
+            raise FewstepError(f"could not load FID feature network {path}: {str(err).splitlines()[0]}") from None
+        self.num_features = int(self.net(torch.rand(1, 3, 64, 64)).shape[-1])
+
+    @torch.no_grad()
+    def forward(self, images: Tensor) -> Tensor:
+        return self.net(images.float())
+
+
+def reference_fid(reference_dir: str | Path, features: str, size: tuple[int, int]) -> FeatureFID:
+    """FID against a folder of real images: Inception (needs torch-fidelity and its weights) or a local network."""
+    reference = load_image_folder(reference_dir, size=size)
+    if features != "inception":
+        return FeatureFID(ScriptedFeatures(features), reference)
+    try:
+        return FeatureFID(2048, reference)
+    except Exception as err:  # ModuleNotFoundError for torch-fidelity, or weights it cannot fetch offline
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise FewstepError(
+            f"Inception FID needs torch-fidelity and its weights ({reason}); "
+            "or pass --fid-features PATH to a local TorchScript feature network"
+        ) from None

@@ -7,8 +7,6 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-PLOTS = ("quality_vs_nfe.png", "quality_vs_latency.png")
-
 
 def _series(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     """Rows grouped by model and guidance, each sorted by NFE."""
@@ -19,29 +17,24 @@ def _series(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     return {k: sorted(v, key=lambda r: r["nfe"]) for k, v in groups.items()}
 
 
-def plot_quality(rows: list[dict[str, Any]], reference: dict[str, Any], out_dir: Path) -> list[str]:
-    import matplotlib
+def _second_metric(rows: list[dict[str, Any]]) -> tuple[str, float, str]:
+    """Class accuracy (digits) or CLIP score (text-to-image) for the right-hand panel."""
+    if any(r.get("accuracy") is not None for r in rows):
+        return "accuracy", 100.0, "class accuracy (%)"
+    return "clip_score", 1.0, "CLIP score"
 
-    matplotlib.use("Agg")
+
+def _plot_against(rows: list[dict[str, Any]], floor: float | None, x_key: str, x_label: str, path: Path) -> None:
     import matplotlib.pyplot as plt
 
-    series = _series(rows)
-    floor = reference.get("real_fid_floor")
-    written = []
-    for fname, x_key, x_label in (
-        ("quality_vs_nfe.png", "nfe", "NFE (network evaluations per sample, CFG counted)"),
-        ("quality_vs_latency.png", "latency_ms_per_image", "latency per image (ms)"),
-    ):
-        fig, (ax_fid, ax_acc) = plt.subplots(1, 2, figsize=(11, 4.2))
-        for name, pts in series.items():
-            xs = [p[x_key] for p in pts]
-            line = ax_fid.errorbar(
-                xs,
-                [p["fid"] for p in pts],
-                yerr=[p["fid_std"] for p in pts],
-                marker="o",
-                capsize=3,
-                label=f"{name} vs held-out",
+    key, scale, label = _second_metric(rows)
+    fig, (ax_fid, ax_q) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for name, pts in _series(rows).items():
+        xs = [p[x_key] for p in pts]
+        if all(p.get("fid") is not None for p in pts):
+            fid_label = f"{name} vs held-out" if floor is not None else name
+            bars = ax_fid.errorbar(
+                xs, [p["fid"] for p in pts], yerr=[p["fid_std"] for p in pts], marker="o", capsize=3, label=fid_label
             )
             if all(p.get("fid_train") is not None for p in pts):
                 ax_fid.plot(
@@ -49,60 +42,73 @@ def plot_quality(rows: list[dict[str, Any]], reference: dict[str, Any], out_dir:
                     [p["fid_train"] for p in pts],
                     ls=":",
                     marker=".",
-                    color=line[0].get_color(),
+                    color=bars[0].get_color(),
                     label=f"{name} vs train",
                 )
-            if all(p.get("accuracy") is not None for p in pts):
-                ax_acc.plot(xs, [100 * p["accuracy"] for p in pts], marker="o", label=name)
             for p in pts:
                 ax_fid.annotate(
                     f"{p['steps']}", (p[x_key], p["fid"]), textcoords="offset points", xytext=(4, 4), fontsize=7
                 )
-        if floor is not None:
-            ax_fid.axhline(floor, color="gray", ls="--", lw=1, label=f"real-vs-real floor {floor:.2f}")
-        for ax in (ax_fid, ax_acc):
-            ax.set_xscale("log")
-            ax.set_xlabel(x_label)
-            ax.grid(alpha=0.3, which="both")
+        if all(p.get(key) is not None for p in pts):
+            ax_q.plot(xs, [scale * p[key] for p in pts], marker="o", label=name)
+    if floor is not None:
+        ax_fid.axhline(floor, color="gray", ls="--", lw=1, label=f"real-vs-real floor {floor:.2f}")
+    for ax in (ax_fid, ax_q):
+        ax.set_xscale("log")
+        ax.set_xlabel(x_label)
+        ax.grid(alpha=0.3, which="both")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    if any(r.get("fid") is not None for r in rows):
         ax_fid.set_yscale("log")
-        ax_fid.set_ylabel("FID (lower is better; labels are step counts)")
-        ax_acc.set_ylabel("class accuracy (%)")
-        ax_fid.legend(fontsize=7)
-        ax_acc.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out_dir / fname, dpi=110)
-        plt.close(fig)
-        written.append(fname)
-    guided = [r for r in rows if r.get("accuracy") is not None]
-    if len({r.get("guidance") for r in guided}) > 1:
-        fig, ax = plt.subplots(figsize=(5.5, 4.2))
-        by_model_steps: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
-        for r in guided:
-            by_model_steps[(r["model"], r["steps"])].append(r)
-        for (model, steps), pts in sorted(by_model_steps.items()):
-            pts.sort(key=lambda r: r["guidance"])
-            ax.plot(
-                [p["fid"] for p in pts],
-                [100 * p["accuracy"] for p in pts],
-                marker="o",
-                label=f"{model}, {steps} steps",
-            )
-            for p in pts:
-                ax.annotate(
-                    f"w={p['guidance']:g}",
-                    (p["fid"], 100 * p["accuracy"]),
-                    fontsize=7,
-                    textcoords="offset points",
-                    xytext=(4, -8),
-                )
-        ax.set_xlabel("FID vs held-out")
-        ax.set_ylabel("class accuracy (%)")
-        ax.set_title("guidance: accuracy / FID trade-off")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out_dir / "guidance_tradeoff.png", dpi=110)
-        plt.close(fig)
+    ax_fid.set_ylabel("FID (lower is better; labels are step counts)")
+    ax_q.set_ylabel(label)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_guidance(rows: list[dict[str, Any]], path: Path) -> bool:
+    """Accuracy against FID, one line per model and step count, points labelled by w; False if one w only."""
+    import matplotlib.pyplot as plt
+
+    guided = [r for r in rows if r.get("accuracy") is not None and r.get("fid") is not None]
+    if len({r.get("guidance") for r in guided}) < 2:
+        return False
+    fig, ax = plt.subplots(figsize=(5.5, 4.2))
+    by_model_steps: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
+    for r in guided:
+        by_model_steps[(r["model"], r["steps"])].append(r)
+    for (model, steps), pts in sorted(by_model_steps.items()):
+        pts.sort(key=lambda r: r["guidance"])
+        ax.plot(
+            [p["fid"] for p in pts], [100 * p["accuracy"] for p in pts], marker="o", label=f"{model}, {steps} steps"
+        )
+        for p in pts:
+            xy = (p["fid"], 100 * p["accuracy"])
+            ax.annotate(f"w={p['guidance']:g}", xy, fontsize=7, textcoords="offset points", xytext=(4, -8))
+    ax.set_xlabel("FID vs held-out")
+    ax.set_ylabel("class accuracy (%)")
+    ax.set_title("guidance: accuracy / FID trade-off")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_quality(rows: list[dict[str, Any]], reference: dict[str, Any], out_dir: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    floor = reference.get("real_fid_floor")
+    _plot_against(
+        rows, floor, "nfe", "NFE (network evaluations per sample, CFG counted)", out_dir / "quality_vs_nfe.png"
+    )
+    _plot_against(rows, floor, "latency_ms_per_image", "latency per image (ms)", out_dir / "quality_vs_latency.png")
+    written = ["quality_vs_nfe.png", "quality_vs_latency.png"]
+    if _plot_guidance(rows, out_dir / "guidance_tradeoff.png"):
         written.append("guidance_tradeoff.png")
     return written
 
@@ -115,35 +121,51 @@ def _fmt(value: Any, digits: int = 2) -> str:
     return str(value)
 
 
+def _intro(ref: dict[str, Any]) -> str:
+    if ref.get("real_fid_floor") is not None:
+        return (
+            f"Real-vs-real FID floor: **{ref['real_fid_floor']:.2f}** +- {ref.get('real_fid_floor_std', 0):.2f} "
+            f"({ref.get('floor_num_samples')} train images vs the held-out split, mean of "
+            f"{ref.get('real_fid_floor_subsets')} subsets). Held-out vs the whole train split: "
+            f"{_fmt(ref.get('held_out_vs_train_fid'))}. FIDs are means over noise seeds (std after +-); "
+            "differences under ~0.5 are noise at these counts."
+        )
+    return (
+        f"Prompts: {ref.get('prompts')} ({ref.get('num_prompts')}); CLIP: {ref.get('clip') or '-'}; FID reference: "
+        f"{ref.get('reference_dir') or '-'} ({ref.get('fid_features') or '-'}). Means over noise seeds."
+    )
+
+
+def _table_row(r: dict[str, Any], floor: float | None) -> str:
+    fid = "-" if r.get("fid") is None else f"{r['fid']:.2f} +- {r['fid_std']:.2f}"
+    ratio = r["fid"] / floor if floor and r.get("fid") is not None else None
+    acc = None if r.get("accuracy") is None else 100 * r["accuracy"]
+    grid = f"[png]({r['grid']})" if r.get("grid") else "-"
+    cells = [
+        r["model"], r["steps"], r["nfe"], _fmt(r.get("guidance"), 1), fid, _fmt(ratio), _fmt(r.get("fid_train")),
+        _fmt(acc, 1), _fmt(r.get("clip_score")), f"{r['latency_ms']:.1f} ({r['latency_ms_p90']:.1f})",
+        _fmt(r.get("latency_ms_per_image"), 3), f"{r['peak_mem_mb']:.0f}", r["num_samples"], grid,
+    ]  # fmt: skip
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
 def markdown(report: dict[str, Any], plots: list[str]) -> str:
     ref = report["reference"]
     rows = sorted(report["rows"], key=lambda r: (r["model"], r.get("guidance") or 0, r["steps"]))
     lines = [
         "# fewstep bench report",
         "",
-        f"Real-vs-real FID floor: **{ref['real_fid_floor']:.2f}** +- {ref.get('real_fid_floor_std', 0):.2f} "
-        f"({ref.get('floor_num_samples')} train images vs the held-out split, mean of "
-        f"{ref.get('real_fid_floor_subsets')} subsets). Held-out vs the whole train split: "
-        f"{_fmt(ref.get('held_out_vs_train_fid'))}. FIDs below are means over noise seeds (std after +-); "
-        "differences under ~0.5 are noise at these counts.",
+        _intro(ref),
         "",
-        "| model | steps | NFE | w | FID held-out | FID / floor | FID train | accuracy | CLIP | latency ms (p90) "
+        "| model | steps | NFE | w | FID | FID / floor | FID train | accuracy | CLIP | latency ms (p90) "
         "| ms / image | peak MB | samples | grid |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        *[_table_row(r, ref.get("real_fid_floor")) for r in rows],
+        "",
+        *[f"![{p}]({p})" for p in plots],
+        "",
+        "Environment: " + ", ".join(f"{k} {v}" for k, v in report.get("env", {}).items()),
     ]
-    for r in rows:
-        ratio = r["fid"] / ref["real_fid_floor"] if ref.get("real_fid_floor") else None
-        acc = None if r.get("accuracy") is None else 100 * r["accuracy"]
-        grid = f"[png]({r['grid']})" if r.get("grid") else "-"
-        lines.append(
-            f"| {r['model']} | {r['steps']} | {r['nfe']} | {_fmt(r.get('guidance'), 1)} | {r['fid']:.2f} +- "
-            f"{r['fid_std']:.2f} | {_fmt(ratio)} | {_fmt(r.get('fid_train'))} | {_fmt(acc, 1)} | "
-            f"{_fmt(r.get('clip_score'))} | {r['latency_ms']:.1f} ({r['latency_ms_p90']:.1f}) | "
-            f"{_fmt(r.get('latency_ms_per_image'), 3)} | {r['peak_mem_mb']:.0f} | {r['num_samples']} | {grid} |"
-        )
-    lines += ["", *[f"![{p}]({p})" for p in plots], ""]
-    env = report.get("env", {})
-    lines.append("Environment: " + ", ".join(f"{k} {v}" for k, v in env.items()))
     return "\n".join(lines) + "\n"
 
 
