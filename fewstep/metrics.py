@@ -119,13 +119,16 @@ def load_image_folder(path: str | Path, size: tuple[int, int] | None = None) -> 
 
 
 class ScriptedFeatures(torch.nn.Module):
-    """A TorchScript feature network from a file ([0, 1] images -> (N, F)), e.g. a local Inception export."""
+    """A feature network from a TorchScript or torch.export (.pt2) file: [0, 1] images -> (N, F), e.g. an Inception."""
 
     def __init__(self, path: str | Path):
         super().__init__()
         try:
-            self.net = torch.jit.load(str(path), map_location="cpu").eval()
-        except (RuntimeError, ValueError) as err:
+            if str(path).endswith(".pt2"):  # torch.export archive
+                self.net = torch.export.load(str(path)).module()
+            else:  # TorchScript
+                self.net = torch.jit.load(str(path), map_location="cpu").eval()
+        except (RuntimeError, ValueError, FileNotFoundError) as err:
             raise FewstepError(f"could not load FID feature network {path}: {str(err).splitlines()[0]}") from None
         self.num_features = int(self.net(torch.rand(1, 3, 64, 64)).shape[-1])
 

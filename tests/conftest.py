@@ -217,3 +217,106 @@ TINY_MODELS = {m.name: m for m in tiny_models()} if True else {}
 def tiny(request: pytest.FixtureRequest) -> TinyModel:
     torch.manual_seed(0)
     return TINY_MODELS[request.param]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tiny text-to-image pipelines and a tiny CLIP, built in-process
+
+
+def _byte_chars() -> list[str]:
+    """GPT-2's printable stand-ins for the 256 byte values (the base alphabet of a byte-level BPE)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = list(printable), 0
+    for b in range(256):
+        if b not in printable:
+            chars.append(256 + extra)
+            extra += 1
+    return [chr(c) for c in chars]
+
+
+def tiny_clip_tokenizer() -> Any:
+    """A CLIPTokenizer over the byte alphabet plus a few merges (transformers 5 wants vocab= and merges=)."""
+    from transformers import CLIPTokenizer
+
+    chars = _byte_chars()
+    vocab = {c: i for i, c in enumerate(chars + [c + "</w>" for c in chars])}
+    merges = [("t", "h"), ("th", "e</w>")]
+    for token in ("th", "the</w>", "<|startoftext|>", "<|endoftext|>"):
+        vocab[token] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+
+
+def tiny_sd_pipeline() -> Any:
+    """StableDiffusionPipeline with a tiny UNet, VAE and CLIP text encoder: 16x16 images from 8x8x4 latents."""
+    import diffusers as d
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    tokenizer = tiny_clip_tokenizer()
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=37,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            max_position_embeddings=77,
+            projection_dim=32,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=1,
+        )
+    )
+    unet = d.UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
+        cross_attention_dim=32,
+        attention_head_dim=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    )
+    vae = d.AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=4,
+        sample_size=16,
+    )
+    scheduler = d.DDIMScheduler(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False, set_alpha_to_one=False,
+        steps_offset=1,
+    )  # fmt: skip
+    return d.StableDiffusionPipeline(
+        unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler, safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False,
+    )  # fmt: skip
+
+
+TINY_OPEN_CLIP = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_spec(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """``CONFIG.json:WEIGHTS`` for a tiny random open_clip model saved locally (what --clip takes)."""
+    import json
+
+    open_clip = pytest.importorskip("open_clip")
+    folder = tmp_path_factory.mktemp("clip")
+    config = folder / "fewstep-tiny-clip.json"
+    config.write_text(json.dumps(TINY_OPEN_CLIP))
+    open_clip.add_model_config(str(config))
+    torch.manual_seed(0)
+    model = open_clip.create_model("fewstep-tiny-clip")
+    torch.save(model.state_dict(), folder / "weights.pt")
+    return f"{config}:{folder / 'weights.pt'}"
