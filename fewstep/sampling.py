@@ -62,8 +62,8 @@ Denoise = Callable[[Tensor, Tensor], Tensor]  # (x_t, t (B,)) -> x0
 
 
 def initial_noise(schedule: NoiseSchedule, t_max: float, noise: Tensor) -> Tensor:
-    """x at the first time: sigma(t_max) eps (alpha(t_max) x0 is taken as negligible, as diffusers pipelines do)."""
-    return schedule.coeffs(torch.tensor(t_max, dtype=noise.dtype)).sigma * noise
+    """x at the first time: pure noise at the prior's scale (alpha(t_max) x0 is neglected, as pipelines do)."""
+    return schedule.prior_std(torch.tensor(t_max, dtype=noise.dtype)) * noise
 
 
 def sample_plan(

@@ -60,6 +60,12 @@ class NoiseSchedule(ABC):
         c = self.coeffs(t)
         return c.sigma / c.alpha
 
+    def prior_std(self, t: Tensor) -> Tensor:
+        """Standard deviation of x_t for unit-variance data, sqrt(alpha^2 + sigma^2): the scale of the pure-noise
+        start (1 for VP and flow at t = 1, about sigma_d for TrigFlow at pi/2, as diffusers' init_noise_sigma)."""
+        c = self.coeffs(t)
+        return (c.alpha**2 + c.sigma**2).sqrt()
+
     def add_noise(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
         c = self.coeffs(append_dims(t, x0.ndim))
         return c.alpha * x0 + c.sigma * eps

@@ -129,8 +129,8 @@ class FewStepScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]  # di
 
     @property
     def init_noise_sigma(self) -> float:
-        """sigma(t_max): the scale of the pure-noise sample pipelines start from."""
-        return float(self.schedule.coeffs(torch.tensor(self.t_max, dtype=torch.float64)).sigma)
+        """The scale of the pure-noise sample pipelines start from: ``NoiseSchedule.prior_std(t_max)``."""
+        return float(self.schedule.prior_std(torch.tensor(self.t_max, dtype=torch.float64)))
 
     @property
     def step_index(self) -> int | None:

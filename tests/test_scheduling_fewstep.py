@@ -13,6 +13,7 @@ from diffusers import (
     DDIMScheduler,
     DDPMPipeline,
     DDPMScheduler,
+    EDMEulerScheduler,
     FlowMatchEulerDiscreteScheduler,
     LCMScheduler,
     SCMScheduler,
@@ -243,9 +244,11 @@ def test_set_timesteps():
 def test_init_noise_sigma_and_add_noise_match_diffusers():
     ddpm = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
     ours = FewStepScheduler.from_config(ddpm.config)
-    assert math.isclose(ours.init_noise_sigma, float((1 - ddpm.alphas_cumprod[-1]).sqrt()), rel_tol=1e-6)
+    assert math.isclose(ours.init_noise_sigma, ddpm.init_noise_sigma, rel_tol=1e-6)  # unit variance at T
     assert FewStepScheduler(schedule={"kind": "trigflow", "sigma_data": 0.7}).init_noise_sigma == pytest.approx(0.7)
-    assert FewStepScheduler(schedule={"kind": "edm", "sigma_max": 80.0}).init_noise_sigma == 80.0
+    edm = EDMEulerScheduler(sigma_max=80.0)
+    ours_edm = FewStepScheduler(schedule={"kind": "edm", "sigma_max": 80.0})
+    assert ours_edm.init_noise_sigma == pytest.approx(edm.init_noise_sigma)
     assert FewStepScheduler().init_noise_sigma == 1.0 and len(ours) == 1000
     x0, eps = torch.randn(SHAPE), torch.randn(SHAPE)
     timesteps = torch.tensor([0, 999])
