@@ -320,3 +320,19 @@ def tiny_clip_spec(tmp_path_factory: pytest.TempPathFactory) -> str:
     model = open_clip.create_model("fewstep-tiny-clip")
     torch.save(model.state_dict(), folder / "weights.pt")
     return f"{config}:{folder / 'weights.pt'}"
+
+
+@pytest.fixture(scope="session")
+def random_digits(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A digits pipeline folder with a randomly perturbed (untrained) DiT: fast, and not constant in its inputs."""
+    from fewstep.digits.pipeline import DigitsPipeline
+    from fewstep.digits.train import make_teacher_model, teacher_scheduler
+
+    torch.manual_seed(0)
+    model = make_teacher_model()
+    with torch.no_grad():
+        for p in model.parameters():  # ada_norm_zero starts with a zero output
+            p.add_(0.02 * torch.randn_like(p))
+    folder = tmp_path_factory.mktemp("models") / "random-digits"
+    DigitsPipeline(transformer=model, scheduler=teacher_scheduler()).save_pretrained(folder)
+    return folder

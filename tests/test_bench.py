@@ -10,24 +10,11 @@ import torch
 
 from fewstep.bench import BenchConfig, count_nfe, merge_rows, percentile, run_bench
 from fewstep.digits.pipeline import DigitsPipeline
-from fewstep.digits.train import make_teacher_model, teacher_scheduler
 
 ROW_KEYS = {
     "model": str, "steps": int, "nfe": int, "guidance": float, "fid": float, "fid_std": float, "fid_train": float,
     "accuracy": float, "latency_ms": float, "latency_ms_p90": float, "peak_mem_mb": float, "num_samples": int,
 }  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def random_digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    model = make_teacher_model()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.02 * torch.randn_like(p))
-    folder = tmp_path_factory.mktemp("models") / "random-digits"
-    DigitsPipeline(transformer=model, scheduler=teacher_scheduler()).save_pretrained(folder)
-    return folder
 
 
 def small(**kw: object) -> BenchConfig:

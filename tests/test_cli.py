@@ -132,3 +132,20 @@ def test_unwritable_output(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     code, _, err = run(["teacher", "train", "--what", "evaluator", "--output", str(blocker / "x")], capsys)
     assert_one_line_error(code, err, "cannot write to")
     assert leftovers(tmp_path) == ["a-file"]
+
+
+def test_sample_writes_grid_and_arrays(
+    random_digits: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    import numpy as np
+
+    out = tmp_path / "samples"
+    code, stdout, _ = run(["sample", str(random_digits), "--steps", "2", "--num", "20", "--output", str(out)], capsys)
+    assert code == 0 and str(out) in stdout
+    assert {p.name for p in out.iterdir()} == {"grid.png", "samples.npz", "meta.json"}
+    images = np.load(out / "samples.npz")["images"]
+    assert images.shape == (20, 1, 8, 8) and images.dtype == np.uint8
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["steps"] == 2 and meta["labels"] == sorted(meta["labels"])
