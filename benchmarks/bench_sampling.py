@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from fewstep.bench import environment, percentile, time_call
 from fewstep.digits.data import balanced_labels
+from fewstep.measure import environment, percentile, time_call
 from fewstep.teacher import load_pipeline
 
 

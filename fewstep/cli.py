@@ -127,7 +127,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import BenchConfig, TextOptions, run_bench
+    from .bench import BenchConfig, run_bench
+    from .worlds import TextOptions
 
     cfg = BenchConfig(
         steps=tuple(args.steps),

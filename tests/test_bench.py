@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from fewstep.bench import BenchConfig, count_nfe, merge_rows, percentile, run_bench
+from fewstep.bench import BenchConfig, merge_rows, run_bench
 from fewstep.digits.pipeline import DigitsPipeline
+from fewstep.measure import count_nfe, percentile
 
 ROW_KEYS = {
     "model": str, "steps": int, "nfe": int, "guidance": float, "fid": float, "fid_std": float, "fid_train": float,

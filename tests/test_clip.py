@@ -11,8 +11,9 @@ import torch
 from conftest import tiny_sd_pipeline
 from PIL import Image
 
-from fewstep.bench import BenchConfig, TextOptions, run_bench
+from fewstep.bench import BenchConfig, run_bench
 from fewstep.errors import FewstepError
+from fewstep.worlds import TextOptions
 
 pytest.importorskip("open_clip")
 
