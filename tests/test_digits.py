@@ -68,3 +68,27 @@ def test_floor_uses_requested_count(metrics: DigitsMetrics) -> None:
     mean, std, count = metrics.floor(200, subsets=2)
     assert count == 200 and mean > 0 and std >= 0
     assert metrics.floor(5000, subsets=1)[2] == 1437  # capped at the train split
+
+
+@torch.no_grad()
+def test_fewstep_scheduler_gamma0_is_the_teachers_euler(tmp_path) -> None:
+    """Swapping in FewStepScheduler(gamma=0) on the same schedule reproduces the teacher's Euler sampler, and the
+    folder reloads with the stock DiffusionPipeline loader (scheduler from the fewstep library)."""
+    from diffusers import DiffusionPipeline
+
+    from fewstep import DigitsPipeline, FewStepScheduler
+    from fewstep.teacher import load_pipeline
+
+    teacher = load_pipeline("digits")
+    swapped = DigitsPipeline(transformer=teacher.transformer, scheduler=FewStepScheduler.from_config(
+        teacher.scheduler.config, gamma=0.0))  # fmt: skip
+    swapped.save_pretrained(tmp_path / "swapped")
+    reloaded = DiffusionPipeline.from_pretrained(tmp_path / "swapped")
+    assert type(reloaded.scheduler).__name__ == "FewStepScheduler"
+    reloaded.set_progress_bar_config(disable=True)
+    noise = torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(6)
+    for steps in (1, 2, 4):
+        a = teacher(class_labels=labels, num_inference_steps=steps, latents=noise).images
+        b = reloaded(class_labels=labels, num_inference_steps=steps, latents=noise).images
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
