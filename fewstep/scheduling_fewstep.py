@@ -16,6 +16,7 @@ gamma = 1 lands exactly on x0 even where sigma(t_min) > 0 (VP). After the last t
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import pairwise
 from typing import Any
@@ -149,23 +150,48 @@ class FewStepScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]  # di
     def scale_model_input(self, sample: Tensor, timestep: float | Tensor | None = None) -> Tensor:
         return sample
 
-    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
-        """Times from ``plan[str(n)]`` when present, else n times evenly spaced in (t_min, t_max], from t_max down.
+    def set_timesteps(
+        self,
+        num_inference_steps: int | None = None,
+        device: str | torch.device | None = None,
+        sigmas: Sequence[float] | None = None,
+        timesteps: Sequence[float] | None = None,
+        **unused: Any,
+    ) -> None:
+        """Choose the evaluation times, in this order of precedence:
 
-        For ``Flow`` the even grid u in (0, 1] is warped by ``shift_time`` first (identity for shift = 1), as
-        FlowMatchEulerDiscreteScheduler does, then mapped affinely onto [t_min, t_max].
+        1. ``plan[str(n)]``: the student's own plan for n steps wins over what a pipeline passes by default;
+        2. ``timesteps`` (model units) or, for ``Flow``, ``sigmas`` (flow times), as FluxPipeline and other flow
+           pipelines pass them;
+        3. n times evenly spaced in (t_min, t_max], from t_max down; for ``Flow`` the even grid u in (0, 1] is warped
+           by ``shift_time`` first, as FlowMatchEulerDiscreteScheduler does.
+
+        ``unused`` takes pipeline keywords with no meaning here (e.g. Flux's ``mu`` for dynamic shifting).
         """
+        if num_inference_steps is None:
+            given = timesteps if timesteps is not None else sigmas
+            if given is None:
+                raise ValueError("pass num_inference_steps, timesteps or sigmas")
+            num_inference_steps = len(given)
         n = int(num_inference_steps)
         if n < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
         plan = self.config["plan"] or {}
         if str(n) in plan:
             times = torch.tensor(plan[str(n)], dtype=torch.float64)
+        elif timesteps is not None:
+            times = self.schedule.from_model_timestep(torch.as_tensor(timesteps, dtype=torch.float64).cpu())
+        elif sigmas is not None:
+            if not isinstance(self.schedule, Flow):
+                raise ValueError("sigmas= is understood for flow schedules only; pass timesteps= instead")
+            times = torch.as_tensor(sigmas, dtype=torch.float64).cpu()
         else:
             u = torch.linspace(1.0, 0.0, n + 1, dtype=torch.float64)[:-1]
             if isinstance(self.schedule, Flow):
                 u = self.schedule.shift_time(u)
             times = self.t_min + (self.t_max - self.t_min) * u
+        if len(times) != n or any(a <= b for a, b in pairwise(times.tolist())):
+            raise ValueError(f"need {n} strictly decreasing times, got {times.tolist()}")
         self.num_inference_steps = n
         self.times = times  # stays float64 on CPU: it only feeds the coefficient tables
         self.timesteps = self.schedule.to_model_timestep(times).to(device=device, dtype=torch.float32)

@@ -279,3 +279,25 @@ def test_drop_in_replacement_in_ddpm_pipeline():
             x = scheduler.step(unet(x, t).sample, t, x, generator=g).prev_sample
     expected = (x / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
     torch.testing.assert_close(torch.from_numpy(images.images), torch.from_numpy(expected))
+
+
+def test_flux_style_sigmas_and_explicit_timesteps():
+    """Pipelines that pass sigmas= (and mu=) through diffusers' retrieve_timesteps get those times unless the
+    student's plan for that step count exists, which wins."""
+    import numpy as np
+    from diffusers.pipelines.flux.pipeline_flux import retrieve_timesteps
+
+    sigmas = np.linspace(1.0, 1 / 4, 4)
+    free = FewStepScheduler(schedule={"kind": "flow"})
+    timesteps, n = retrieve_timesteps(free, 4, "cpu", sigmas=sigmas, mu=0.5)
+    assert n == 4 and torch.allclose(timesteps, torch.tensor(sigmas * 1000, dtype=torch.float32))
+    planned = FewStepScheduler(schedule={"kind": "flow"}, plan={"4": [1.0, 0.8, 0.5, 0.2]})
+    timesteps, _ = retrieve_timesteps(planned, 4, "cpu", sigmas=sigmas, mu=0.5)
+    assert torch.allclose(timesteps, torch.tensor([1000.0, 800.0, 500.0, 200.0]))
+    vp = FewStepScheduler(schedule={"kind": "vp"}, prediction_type="epsilon")
+    vp.set_timesteps(timesteps=[999, 499])
+    assert vp.times.tolist() == [999.0, 499.0] and vp.num_inference_steps == 2
+    with pytest.raises(ValueError):
+        vp.set_timesteps(sigmas=[1.0, 0.5])  # ambiguous on VP
+    with pytest.raises(ValueError):
+        free.set_timesteps(timesteps=[500, 900])  # not decreasing
