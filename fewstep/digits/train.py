@@ -46,7 +46,7 @@ class EvaluatorTrainConfig:
 
 
 def make_teacher_model() -> DiTTransformer2DModel:
-    """DiT on 8x8x1 inputs: patch 2 (16 tokens), 4 layers, 4 heads x 32, 10 classes + a null class (1.93M params)."""
+    """DiT on 8x8x1 inputs: patch 2 (16 tokens), 4 layers, 4 heads x 32, 10 classes + a null class (1.42M params)."""
     return DiTTransformer2DModel(
         num_attention_heads=4,
         attention_head_dim=32,
