@@ -143,14 +143,14 @@ def run_bench(
     cfg.validate()
     for source in sources:  # every input checked before any work starts
         resolve_source(source)
-    check_writable_parent(report_dir)
+    check_writable_parent(report_dir, "report.json")
     pipes = [load_pipeline(source, device=cfg.device) for source in sources]
     digits = [isinstance(p, DigitsPipeline) for p in pipes]
     if any(digits) and not all(digits):
         raise FewstepError("bench either digits-world pipelines or text-to-image pipelines in one report, not both")
     world = DigitsWorld() if all(digits) else TextWorld.load(pipes[0], text or TextOptions())
     total = len(sources) * len(cfg.guidance) * len(cfg.steps) * cfg.seeds
-    with atomic_dir(report_dir, keep_existing=True) as tmp:
+    with atomic_dir(report_dir, "report.json", keep_existing=True) as tmp:
         old = json.loads((tmp / "report.json").read_text()) if (tmp / "report.json").is_file() else {}
         rows: list[Row] = []
         with tqdm(total=total, desc="bench", disable=not cfg.progress) as bar:

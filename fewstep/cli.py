@@ -182,12 +182,12 @@ def cmd_teacher(args: argparse.Namespace) -> int:
     from .io import atomic_dir
 
     if args.what in ("all", "evaluator"):
-        with atomic_dir(args.output / "evaluator") as tmp:
+        with atomic_dir(args.output / "evaluator", "config.json") as tmp:
             train_evaluator(tmp, EvaluatorTrainConfig(seed=args.seed))
         print(f"wrote {args.output / 'evaluator'}")
     if args.what in ("all", "teacher"):
         steps = {"steps": args.steps} if args.steps else {}
-        with atomic_dir(args.output / "teacher") as tmp:
+        with atomic_dir(args.output / "teacher", "model_index.json") as tmp:
             train_teacher(tmp, TeacherTrainConfig(seed=args.seed, **steps))
         print(f"wrote {args.output / 'teacher'}")
     return 0

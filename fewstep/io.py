@@ -1,8 +1,10 @@
-"""Writing outputs atomically: everything goes to a temporary sibling folder that is renamed into place at the end,
-so an interrupted or failed command leaves either the old folder or the new one, never half of one."""
+"""Writing outputs atomically: everything goes to a temporary sibling folder that replaces the target at the end,
+so an interrupted or failed command leaves either the old folder or the new one, never half of one. A folder that
+holds something else (no marker file of ours) is never replaced."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import tempfile
@@ -13,9 +15,11 @@ from pathlib import Path
 from .errors import FewstepError
 
 
-def check_writable_parent(path: Path) -> None:
-    """Create ``path``'s parent if needed and fail with one line when it cannot hold a new folder."""
-    parent = path.expanduser().absolute().parent
+def check_writable_parent(path: Path, marker: str | None = None) -> None:
+    """Fail with one line when ``path`` cannot become our output folder: an unwritable parent, a file in the way,
+    or (with ``marker``) a non-empty folder that is not one of ours."""
+    path = path.expanduser().absolute()
+    parent = path.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -24,16 +28,29 @@ def check_writable_parent(path: Path) -> None:
         raise FewstepError(f"cannot write to {path}: {parent} is not writable")
     if path.exists() and not path.is_dir():
         raise FewstepError(f"cannot write to {path}: it exists and is not a folder")
+    if marker is not None and path.is_dir() and any(path.iterdir()) and not (path / marker).exists():
+        raise FewstepError(f"{path} exists and holds other files (no {marker}); choose another output folder")
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step with Linux's renameat2(RENAME_EXCHANGE); False where that is not available."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
 @contextmanager
-def atomic_dir(path: Path, keep_existing: bool = False) -> Iterator[Path]:
+def atomic_dir(path: Path, marker: str, keep_existing: bool = False) -> Iterator[Path]:
     """Yield a temporary folder that replaces ``path`` when the block succeeds and is removed when it fails.
 
-    keep_existing: start the temporary folder as a copy of the current ``path`` (to add to a report, say).
+    marker: the file that identifies our output (e.g. report.json); an existing non-empty folder without it is refused.
+    keep_existing: start the temporary folder as a copy of the current ``path`` (to add rows to a report, say).
     """
     path = path.expanduser().absolute()
-    check_writable_parent(path)
+    check_writable_parent(path, marker)
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     except OSError as err:
@@ -46,10 +63,12 @@ def atomic_dir(path: Path, keep_existing: bool = False) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     os.chmod(tmp, 0o755)  # mkdtemp makes it private
-    if path.exists():
+    if not path.exists():
+        os.replace(tmp, path)
+    elif _exchange(tmp, path):  # the old folder now sits at tmp
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:  # two renames: a crash between them leaves the old folder at .<name>.old-*
         old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
         os.replace(path, old / path.name)
         os.replace(tmp, path)
         shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, path)

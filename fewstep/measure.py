@@ -16,14 +16,7 @@ from typing import Any
 
 import torch
 
-from .errors import FewstepError
-
-
-def backbone_of(pipe: Any) -> torch.nn.Module:
-    model = getattr(pipe, "transformer", None) or getattr(pipe, "unet", None)
-    if model is None:
-        raise FewstepError(f"{type(pipe).__name__} has neither a transformer nor a unet")
-    return model
+from .teacher import backbone_of
 
 
 @contextmanager

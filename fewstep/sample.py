@@ -58,7 +58,7 @@ def run_sample(
     if steps < 1 or num < 1:
         raise FewstepError(f"--steps and --num must be >= 1, got {steps} and {num}")
     resolve_source(source)
-    check_writable_parent(output)
+    check_writable_parent(output, "meta.json")
     pipe = load_pipeline(source, device=device)
     if isinstance(pipe, DigitsPipeline):
         images, meta = _digits(pipe, num, steps, guidance, seed)
@@ -68,7 +68,7 @@ def run_sample(
         upscale = 1
     else:
         raise FewstepError(f"{type(pipe).__name__} needs --prompt")
-    with atomic_dir(output) as tmp:
+    with atomic_dir(output, "meta.json") as tmp:
         save_grid(images, tmp / "grid.png", nrow=meta.pop("nrow"), upscale=upscale)
         np.savez_compressed(tmp / "samples.npz", images=(images.clamp(0, 1) * 255).round().to(torch.uint8).numpy())
         meta.update(model=source, steps=steps, num=num, guidance=guidance, seed=seed)

@@ -97,10 +97,6 @@ class Flow(NoiseSchedule):
     num_train_timesteps: int = 1000
     kind = "flow"
 
-    @property
-    def t_max(self) -> float:  # type: ignore[override]
-        return 1.0
-
     def coeffs(self, t: Tensor) -> Coeffs:
         t = torch.as_tensor(t)
         return Coeffs(alpha=1 - t, sigma=t, d_alpha=-torch.ones_like(t), d_sigma=torch.ones_like(t))
@@ -225,7 +221,7 @@ class VP(NoiseSchedule):
         if not t.is_floating_point():  # diffusers' integer timesteps: never truncate the float table
             t = t.to(self._log_abar.dtype)
         table, slope = self._log_abar.to(t.device), self._slope.to(t.device)
-        i = t.detach().floor().clamp(0, self.num_train_timesteps - 2).long()
+        i = t.detach().double().floor().clamp(0, self.num_train_timesteps - 2).long()  # bf16 rounds 998 to 1000
         u = t - i.to(t.dtype)
         y0, y1 = table[i].to(t.dtype), table[i + 1].to(t.dtype)
         m0, m1 = slope[i].to(t.dtype), slope[i + 1].to(t.dtype)
@@ -342,9 +338,16 @@ def change_of_variables(t: Tensor, dst: NoiseSchedule, src: NoiseSchedule) -> Re
     A denoiser trained on ``src`` answers for ``dst`` as x0(x_t, t) = D_src(scale * x_t, t_src); e.g. a flow teacher
     in TrigFlow time (sigma_d = 1) has t_src = sin t / (sin t + cos t) and scale = 1 / (sin t + cos t). Both outputs
     are differentiable in t, so dF/dt of a converted teacher or student includes the time change.
+
+    Computed in float64: at TrigFlow's t = pi/2 float32 gives cos t < 0. Since (alpha, sigma) of both schedules are
+    parallel at equal SNR, scale = alpha_src / alpha_dst = prior_std_src / prior_std_dst, which stays finite where
+    alpha vanishes. t is clamped to dst's domain and t_src to src's (a discrete VP cannot reach pure noise).
     """
-    t_src = src.time_at_ratio(dst.ratio(t))
-    return Reparam(t_src=t_src, scale=src.coeffs(t_src).alpha / dst.coeffs(t).alpha)
+    t64 = torch.as_tensor(t).double().clamp(dst.t_min, dst.t_max)
+    t_src = src.time_at_ratio(dst.ratio(t64)).clamp(src.t_min, src.t_max)
+    scale = src.prior_std(t_src) / dst.prior_std(t64)
+    dtype = torch.as_tensor(t).dtype if torch.as_tensor(t).is_floating_point() else torch.float64
+    return Reparam(t_src=t_src.to(dtype), scale=scale.to(dtype))
 
 
 # ---------------------------------------------------------------------------------------------------------------

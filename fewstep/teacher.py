@@ -33,15 +33,20 @@ class Backbone:
     """How one diffusers model class is called.
 
     timestep_scale: factor from diffusers' timestep to what the model takes (Flux multiplies by 1000 inside).
+    timestep_scale_key: a config entry that scales the timestep further (SanaPipeline multiplies by
+        ``transformer.config.timestep_scale``).
     learned_sigma: the output stacks [prediction, variance] on channels when out_channels = 2 in_channels (DiT).
     packed: latents enter as 2x2 patches (B, H/2 W/2, 4C) with image position ids (Flux).
     defaults: keyword arguments the model needs even when the caller has none (PixArt's added_cond_kwargs).
+    shared: condition entries without a batch dimension, shared by both CFG branches (Flux's position ids).
     """
 
     timestep_scale: float = 1.0
+    timestep_scale_key: str | None = None
     learned_sigma: bool = False
     packed: bool = False
     defaults: Mapping[str, Any] = field(default_factory=dict)
+    shared: tuple[str, ...] = ()
 
 
 BACKBONES: dict[str, Backbone] = {
@@ -52,8 +57,8 @@ BACKBONES: dict[str, Backbone] = {
         learned_sigma=True, defaults={"added_cond_kwargs": {"resolution": None, "aspect_ratio": None}}
     ),
     "SD3Transformer2DModel": Backbone(),
-    "SanaTransformer2DModel": Backbone(),
-    "FluxTransformer2DModel": Backbone(timestep_scale=1e-3, packed=True),
+    "SanaTransformer2DModel": Backbone(timestep_scale_key="timestep_scale"),
+    "FluxTransformer2DModel": Backbone(timestep_scale=1e-3, packed=True, shared=("txt_ids", "img_ids")),
     "WanTransformer3DModel": Backbone(),
 }
 
@@ -85,18 +90,33 @@ def unpack_2x2(packed: Tensor, shape: torch.Size) -> Tensor:
     return packed.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
 
 
-def concat_cond(a: Cond, b: Cond, batch: int) -> dict[str, Any]:
-    """Stack two condition mappings along the batch for one CFG forward; entries without a batch dim are shared."""
+def concat_cond(a: Cond, b: Cond, batch: int, shared: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Stack two condition mappings along the batch for one CFG forward.
+
+    Tensors are per-sample: a batch of 1 is expanded to ``batch`` (one negative prompt for all, say) and the two
+    branches are concatenated to 2 ``batch``. Keys in ``shared`` (no batch dimension) and non-tensors are taken once.
+    """
     out: dict[str, Any] = {}
     for key in a.keys() | b.keys():
         va, vb = a.get(key), b.get(key)
         if isinstance(va, Mapping) and isinstance(vb, Mapping):
-            out[key] = concat_cond(va, vb, batch)
-        elif isinstance(va, Tensor) and isinstance(vb, Tensor) and va.ndim > 0 and va.shape[0] == batch:
+            out[key] = concat_cond(va, vb, batch, shared)
+        elif key not in shared and isinstance(va, Tensor) and isinstance(vb, Tensor) and va.ndim > 0:
+            va, vb = (v.expand(batch, *v.shape[1:]) if v.shape[0] == 1 else v for v in (va, vb))
+            if va.shape[0] != batch or vb.shape[0] != batch:
+                raise ValueError(f"condition {key!r}: batch {va.shape[0]} and {vb.shape[0]}, expected {batch} or 1")
             out[key] = torch.cat([va, vb])
         else:
             out[key] = va if va is not None else vb
     return out
+
+
+def backbone_of(pipe: Any) -> nn.Module:
+    """The denoising network of a pipeline (its transformer or unet)."""
+    model = getattr(pipe, "transformer", None) or getattr(pipe, "unet", None)
+    if model is None:
+        raise FewstepError(f"{type(pipe).__name__} has neither a transformer nor a unet")
+    return model
 
 
 class Denoiser(nn.Module):
@@ -124,9 +144,7 @@ class Denoiser(nn.Module):
 
     @classmethod
     def from_pipeline(cls, pipe: Any) -> Denoiser:
-        model = getattr(pipe, "transformer", None) or getattr(pipe, "unet", None)
-        if model is None:
-            raise FewstepError(f"{type(pipe).__name__} has neither a transformer nor a unet to distill")
+        model = backbone_of(pipe)
         try:
             native, prediction = schedule_from_diffusers_config(pipe.scheduler)
         except ValueError as err:
@@ -143,6 +161,8 @@ class Denoiser(nn.Module):
         """The raw network output at native time ``t_native`` (B,), in the model's own prediction type."""
         bb = self.backbone
         timestep = self.native.to_model_timestep(t_native) * bb.timestep_scale
+        if bb.timestep_scale_key is not None:
+            timestep = timestep * float(getattr(self.model.config, bb.timestep_scale_key, 1.0))
         kwargs: dict[str, Any] = {**bb.defaults, **cond}
         inp = x
         if bb.packed:
@@ -151,7 +171,9 @@ class Denoiser(nn.Module):
             if "encoder_hidden_states" in kwargs and "txt_ids" not in kwargs:
                 ehs = kwargs["encoder_hidden_states"]
                 kwargs["txt_ids"] = torch.zeros(ehs.shape[1], 3, device=x.device, dtype=x.dtype)
-        out = self.model(inp, timestep=timestep.to(x.dtype), return_dict=False, **kwargs)[0]
+        # timesteps stay float32 (as diffusers pipelines keep them): bf16 would round 999 to 1000
+        timestep = timestep.to(torch.promote_types(x.dtype, torch.float32))
+        out = self.model(inp, timestep=timestep, return_dict=False, **kwargs)[0]
         if bb.packed:
             out = unpack_2x2(out, x.shape)
         if bb.learned_sigma and out.shape[1] == 2 * x.shape[1]:
@@ -159,15 +181,21 @@ class Denoiser(nn.Module):
         return out
 
     def forward(self, x_t: Tensor, t: Tensor, cond: Cond | None = None) -> Tensor:
-        """x0 estimate (shape of x_t) at time t (scalar or (B,)) in ``self.schedule``'s units."""
-        t = torch.as_tensor(t, device=x_t.device, dtype=x_t.dtype).expand(x_t.shape[0])
+        """x0 estimate (shape and dtype of x_t) at time t (scalar or (B,)) in ``self.schedule``'s units.
+
+        Time, the change of variables and the x0 conversion run in at least float32 whatever the model's dtype.
+        """
+        work = torch.promote_types(x_t.dtype, torch.float32)
+        t = torch.as_tensor(t, device=x_t.device).to(work).expand(x_t.shape[0])
+        x = x_t.to(work)
         if self.schedule == self.native:
-            x_in, t_in = x_t, t
+            x_in, t_in = x, t
         else:
             rep = change_of_variables(t, self.schedule, self.native)
-            x_in, t_in = append_dims(rep.scale, x_t.ndim) * x_t, rep.t_src
-        out = self.model_output(x_in, t_in, cond or {})
-        return to_x0(out, x_in, self.native.coeffs(append_dims(t_in, x_t.ndim)), self.prediction)
+            x_in, t_in = append_dims(rep.scale, x.ndim) * x, rep.t_src
+        out = self.model_output(x_in.to(x_t.dtype), t_in, cond or {}).to(work)
+        x0 = to_x0(out, x_in, self.native.coeffs(append_dims(t_in, x.ndim)), self.prediction)
+        return x0.to(x_t.dtype)
 
     def predict(self, x_t: Tensor, t: Tensor, cond: Cond | None = None, prediction: str = "sample") -> Tensor:
         """The estimate in any prediction type of ``self.schedule`` (e.g. TrigFlow's F with "trigflow")."""
@@ -185,8 +213,9 @@ class Denoiser(nn.Module):
         if guidance == 0.0:
             return self(x_t, t, uncond)
         batch = x_t.shape[0]
-        t = torch.as_tensor(t, device=x_t.device, dtype=x_t.dtype).expand(batch)
-        x0_c, x0_u = self(torch.cat([x_t, x_t]), torch.cat([t, t]), concat_cond(cond, uncond, batch)).chunk(2)
+        t = torch.as_tensor(t, device=x_t.device).expand(batch)
+        both = concat_cond(cond, uncond, batch, self.backbone.shared)
+        x0_c, x0_u = self(torch.cat([x_t, x_t]), torch.cat([t, t]), both).chunk(2)
         return x0_u + guidance * (x0_c - x0_u)
 
 
@@ -214,6 +243,8 @@ def resolve_source(source: str) -> str:
     if os.path.exists(source):
         raise FewstepError(f"{source} is a file, not a diffusers pipeline folder")
     looks_like_hub_id = source.count("/") == 1 and not source.startswith((".", "/", "~"))
+    if looks_like_hub_id and os.path.isdir(source.split("/")[0]):  # models/teacher with a local models/
+        looks_like_hub_id = False
     if not looks_like_hub_id:
         raise FewstepError(f"{source} does not exist (expected a diffusers folder, a hub id or 'digits')")
     return source
@@ -236,8 +267,12 @@ def load_pipeline(source: str, device: str | torch.device | None = None, dtype: 
     except Exception as err:  # diffusers raises many types; the user needs the reason on one line
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise FewstepError(f"could not load pipeline {source}: {reason}") from None
+    backbone_for(backbone_of(pipe))  # an unsupported network fails here, on one line, for every command
     if device is not None:
-        pipe.to(device)
+        try:
+            pipe.to(device)
+        except (RuntimeError, AssertionError, ValueError) as err:  # no CUDA, unknown device string
+            raise FewstepError(f"cannot use device {device!r}: {str(err).splitlines()[0]}") from None
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -153,12 +153,41 @@ def test_guidance_batches_both_branches() -> None:
     )
 
 
-def test_concat_cond_shares_unbatched_entries() -> None:
-    a = {"e": torch.zeros(2, 4), "ids": torch.zeros(7, 3), "added": {"t": torch.zeros(2, 1)}}
-    b = {"e": torch.ones(2, 4), "ids": torch.zeros(7, 3), "added": {"t": torch.ones(2, 1)}}
-    out = concat_cond(a, b, batch=2)
-    assert out["e"].shape == (4, 4) and out["ids"].shape == (7, 3) and out["added"]["t"].shape == (4, 1)
-    assert out["e"][2:].eq(1).all()
+def test_concat_cond_expands_and_shares() -> None:
+    a = {"e": torch.zeros(3, 4), "ids": torch.zeros(3, 3), "added": {"t": torch.zeros(3, 1)}}
+    b = {"e": torch.ones(1, 4), "ids": torch.zeros(3, 3), "added": {"t": torch.ones(3, 1)}}  # one negative prompt
+    out = concat_cond(a, b, batch=3, shared=("ids",))
+    assert out["e"].shape == (6, 4) and out["e"][3:].eq(1).all()  # uncond expanded to the batch
+    assert out["ids"].shape == (3, 3)  # position ids shared even though their length equals the batch
+    assert out["added"]["t"].shape == (6, 1)
+    with pytest.raises(ValueError, match="batch"):
+        concat_cond({"e": torch.zeros(2, 4)}, {"e": torch.zeros(3, 4)}, batch=3)
+
+
+@torch.no_grad()
+def test_bf16_vp_teacher_at_the_first_timestep() -> None:
+    """bf16 would round t = 999 to 1000 and index past the table; time stays float32 inside the adapter."""
+    from conftest import TINY_MODELS
+
+    torch.manual_seed(0)
+    model = TINY_MODELS["DiTTransformer2DModel"].build().eval()
+    x, t, cond = torch.randn(2, 2, 8, 8), torch.tensor([999.0, 937.3]), {"class_labels": torch.tensor([0, 1])}
+    ref = Denoiser(model, VP(), "epsilon")(x, t, cond)
+    out = Denoiser(model.to(torch.bfloat16), VP(), "epsilon")(x.bfloat16(), t, cond)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+    assert (out.float() - ref).norm() <= 0.05 * ref.norm()
+
+
+@pytest.mark.parametrize("src", [Flow(), VP()])
+def test_change_of_variables_at_pure_noise_in_float32(src: Any) -> None:
+    """float32 pi/2 is past pi/2 (cos < 0): the map must still land on the source's pure-noise end."""
+    from fewstep.schedules import change_of_variables
+
+    rep = change_of_variables(torch.tensor([torch.pi / 2], dtype=torch.float32), TrigFlow(sigma_data=1.0), src)
+    assert torch.isfinite(rep.scale).all() and rep.t_src.dtype == torch.float32
+    assert float(rep.t_src) == pytest.approx(src.t_max)
+    if isinstance(src, Flow):  # closed form: scale = 1 / (sin t + cos t) = 1
+        assert float(rep.scale) == pytest.approx(1.0)
 
 
 def test_unsupported_model_class_is_a_clear_error() -> None:
