@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from fewstep.digits.data import balanced_labels
-from fewstep.measure import environment, percentile, time_call
+from fewstep.measure import environment, measure_speed, percentile
 from fewstep.teacher import load_pipeline
 
 
@@ -31,11 +31,19 @@ def main() -> None:
 
     device = torch.device(args.device)
     pipe = load_pipeline(args.model, device=device)
-    labels = balanced_labels(args.batch)
     rows = []
     for steps in [int(s) for s in args.steps.split(",")]:
-        times = time_call(lambda n=steps: pipe(class_labels=labels, num_inference_steps=n), device, 1, args.repeats)
-        rows.append({"steps": steps, "ms": statistics.median(times), "ms_p90": percentile(times, 0.9)})
+        call = {"class_labels": balanced_labels(args.batch), "num_inference_steps": steps}
+        speed = measure_speed(pipe, call, args.batch, device, warmup=1, repeats=args.repeats)
+        rows.append(
+            {
+                "steps": steps,
+                "nfe": speed.nfe,
+                "ms": statistics.median(speed.times_ms),
+                "ms_p90": percentile(speed.times_ms, 0.9),
+                "peak_mem_mb": speed.peak_mem_mb,
+            }
+        )
     base = rows[0]["ms"]
     print(f"{'steps':>6} {'ms/batch':>10} {'p90':>10} {'ms/image':>9} {'x fewest':>9}")
     for r in rows:

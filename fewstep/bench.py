@@ -24,7 +24,7 @@ from .images import save_grid
 from .io import atomic_dir, check_writable_parent
 from .measure import environment, measure_speed, percentile
 from .report import write_report
-from .teacher import load_pipeline, resolve_source
+from .teacher import load_pipeline, model_label, resolve_source
 from .worlds import DigitsWorld, TextOptions, TextWorld
 
 
@@ -67,14 +67,34 @@ class Row:
     fid_train: float | None = None
     accuracy: float | None = None
     clip_score: float | None = None
+    fid_floor: float | None = None  # real-vs-real floor at this row's sample count
     fid_seeds: list[float] = field(default_factory=list)
     fid_train_seeds: list[float] = field(default_factory=list)
     grid: str | None = None
     source: str = ""
 
 
-def model_label(source: str) -> str:
-    return "digits-teacher" if source == "digits" else Path(source.rstrip("/")).name or source
+def source_key(source: str) -> str:
+    """What identifies a model across runs: 'digits', an absolute folder path, or a hub id."""
+    return source if source == "digits" or not Path(source).exists() else str(Path(source).resolve())
+
+
+def unique_labels(keys: Sequence[str], taken: dict[str, str]) -> dict[str, str]:
+    """A short row label per source key: the folder name, or parent-name where two folders share a name.
+
+    taken: label -> source key of rows already in the report (kept as they are).
+    """
+    labels = {}
+    used = dict(taken)
+    for key in keys:
+        reuse = [label for label, k in taken.items() if k == key]
+        label = reuse[0] if reuse else model_label(key)
+        if used.get(label, key) != key:
+            path = Path(key)
+            label = f"{path.parent.name}-{path.name}"
+        used[label] = key
+        labels[key] = label
+    return labels
 
 
 def _mean(values: list[float]) -> float | None:
@@ -82,10 +102,9 @@ def _mean(values: list[float]) -> float | None:
 
 
 def bench_model(
-    pipe: Any, source: str, world: DigitsWorld | TextWorld, cfg: BenchConfig, out_dir: Path, bar: tqdm
+    pipe: Any, source: str, label: str, world: DigitsWorld | TextWorld, cfg: BenchConfig, out_dir: Path, bar: tqdm
 ) -> list[Row]:
     """One row per (guidance, steps): quality over ``cfg.seeds`` seeds, then speed on one latency batch."""
-    label = model_label(source)
     rows = []
     for guidance in cfg.guidance:
         for steps in cfg.steps:
@@ -129,9 +148,9 @@ def bench_model(
 
 
 def merge_rows(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Old rows not measured again, then the new ones (same model, steps and guidance replace)."""
-    keys = {(r["model"], r["steps"], r["guidance"]) for r in new}
-    return [r for r in old if (r["model"], r["steps"], r["guidance"]) not in keys] + new
+    """Old rows not measured again, then the new ones (same source, steps and guidance replace)."""
+    keys = {(r["source"], r["steps"], r["guidance"]) for r in new}
+    return [r for r in old if (r["source"], r["steps"], r["guidance"]) not in keys] + new
 
 
 def run_bench(
@@ -152,13 +171,18 @@ def run_bench(
     total = len(sources) * len(cfg.guidance) * len(cfg.steps) * cfg.seeds
     with atomic_dir(report_dir, "report.json", keep_existing=True) as tmp:
         old = json.loads((tmp / "report.json").read_text()) if (tmp / "report.json").is_file() else {}
+        keys = [source_key(s) for s in sources]
+        labels = unique_labels(keys, {r["model"]: r["source"] for r in old.get("rows", [])})
         rows: list[Row] = []
         with tqdm(total=total, desc="bench", disable=not cfg.progress) as bar:
-            for pipe, source in zip(pipes, sources, strict=True):
-                rows += bench_model(pipe, source, world, cfg, tmp, bar)
+            for pipe, key in zip(pipes, keys, strict=True):
+                rows += bench_model(pipe, key, labels[key], world, cfg, tmp, bar)
+        reference = world.reference(cfg.num, cfg.floor_subsets)
+        for row in rows:  # each row keeps the floor of its own sample count
+            row.fid_floor = reference["real_fid_floor"]
         report = {
             "rows": merge_rows(old.get("rows", []), [asdict(row) for row in rows]),
-            "reference": world.reference(cfg.num, cfg.floor_subsets),
+            "reference": reference,
             "config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()},
             "env": environment(torch.device(cfg.device)),
         }

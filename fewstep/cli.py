@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -119,8 +120,9 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 def cmd_sample(args: argparse.Namespace) -> int:
     from .sample import run_sample
+    from .teacher import model_label
 
-    out = args.output or Path("runs") / f"sample-{_label(args.model)}-{args.steps}steps"
+    out = args.output or Path("runs") / f"sample-{model_label(args.model)}-{args.steps}steps"
     path = run_sample(args.model, out, args.steps, args.num, args.guidance, args.seed, args.prompt, args.device)
     print(f"wrote {path}")
     return 0
@@ -140,7 +142,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         repeats=args.repeats,
         device=args.device,
     )
-    report_dir = args.report or Path("runs") / f"bench-{_label(args.model[0])}"
+    from .teacher import model_label
+
+    report_dir = args.report or Path("runs") / f"bench-{model_label(args.model[0])}"
     text = TextOptions(args.prompts, args.clip, args.reference, args.fid_features)
     report = run_bench(args.model, report_dir, cfg, text)
     floor = report["reference"]["real_fid_floor"]
@@ -193,10 +197,6 @@ def cmd_teacher(args: argparse.Namespace) -> int:
     return 0
 
 
-def _label(source: str) -> str:
-    return "digits" if source == "digits" else Path(source.rstrip("/")).name or "model"
-
-
 COMMANDS = {
     "distill": cmd_distill,
     "sample": cmd_sample,
@@ -216,6 +216,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fewstep: interrupted; nothing partial was written", file=sys.stderr)
         return 130
+    except Exception as err:  # a failure we did not foresee: still one line, the traceback on request
+        if os.environ.get("FEWSTEP_DEBUG"):
+            raise
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        print(f"fewstep: error: {type(err).__name__}: {first} (FEWSTEP_DEBUG=1 shows the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

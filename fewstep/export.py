@@ -91,8 +91,8 @@ def stock_candidates(schedule: NoiseSchedule, prediction: str, gamma: float) -> 
             num_train_timesteps=schedule.num_train_timesteps,
             prediction_type=prediction,
         )
-        if gamma == 1.0:
-            return [diffusers.LCMScheduler(**betas), diffusers.TCDScheduler(**betas, gamma=1.0)]
+        if gamma == 1.0:  # TCD is no candidate: its gamma is a step() argument the plain loop never passes
+            return [diffusers.LCMScheduler(**betas)]
         if gamma == 0.0:
             return [
                 diffusers.DDIMScheduler(**betas, clip_sample=False, set_alpha_to_one=True, timestep_spacing="trailing")

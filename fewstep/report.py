@@ -138,6 +138,7 @@ def _intro(ref: dict[str, Any]) -> str:
 
 def _table_row(r: dict[str, Any], floor: float | None) -> str:
     fid = "-" if r.get("fid") is None else f"{r['fid']:.2f} +- {r['fid_std']:.2f}"
+    floor = r.get("fid_floor", floor)  # rows merged from another run keep their own floor
     ratio = r["fid"] / floor if floor and r.get("fid") is not None else None
     acc = None if r.get("accuracy") is None else 100 * r["accuracy"]
     grid = f"[png]({r['grid']})" if r.get("grid") else "-"

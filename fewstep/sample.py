@@ -17,13 +17,12 @@ from .teacher import load_pipeline, resolve_source
 
 
 def _digits(pipe: Any, num: int, steps: int, guidance: float, seed: int) -> tuple[torch.Tensor, dict[str, Any]]:
-    from .digits.data import NUM_CLASSES, balanced_labels
+    from .digits.data import NUM_CLASSES
+    from .worlds import by_class, generate_digits
 
-    labels = balanced_labels(num)
-    gen = torch.Generator().manual_seed(seed)
-    images = pipe(class_labels=labels, num_inference_steps=steps, guidance_scale=guidance, generator=gen).images
-    order = torch.argsort(labels, stable=True)  # one class per grid row
-    return images[order].cpu(), {"labels": labels[order].tolist(), "nrow": math.ceil(num / NUM_CLASSES)}
+    images, labels = generate_digits(pipe, num, steps, guidance, seed, batch=num)
+    ordered = by_class(labels[:, None], labels).flatten().tolist()  # the labels in grid order
+    return by_class(images, labels), {"labels": ordered, "nrow": math.ceil(num / NUM_CLASSES)}
 
 
 def _text_to_image(

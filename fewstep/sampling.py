@@ -9,14 +9,11 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
-from typing import Any
 
 import torch
 from torch import Tensor
 
-from .schedules import Coeffs, NoiseSchedule, append_dims, ddim_step, forward_transition, velocity
-
-Cond = dict[str, Any]
+from .schedules import Coeffs, Flow, NoiseSchedule, append_dims, ddim_step, forward_transition, velocity
 
 
 def renoise(x0: Tensor, x_t: Tensor, c_t: Coeffs, c_next: Coeffs, gamma: float, noise: Tensor | None) -> Tensor:
@@ -85,12 +82,17 @@ def sample_plan(
     raise AssertionError("unreachable")
 
 
-def euler_times(schedule: NoiseSchedule, steps: int) -> list[float]:
-    """steps + 1 times evenly spaced from t_max to t_min (shifted for flow, as FluxPipeline's sigmas)."""
+def euler_times(
+    schedule: NoiseSchedule, steps: int, t_min: float | None = None, t_max: float | None = None
+) -> list[float]:
+    """steps + 1 times evenly spaced from t_max down to t_min (default: the schedule's ends). For ``Flow`` the grid
+    u in [0, 1] is warped by ``shift_time`` first, as FlowMatchEulerDiscreteScheduler shifts its sigmas."""
+    lo = schedule.t_min if t_min is None else t_min
+    hi = schedule.t_max if t_max is None else t_max
     u = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
-    if hasattr(schedule, "shift_time"):
+    if isinstance(schedule, Flow):
         u = schedule.shift_time(u)
-    return (schedule.t_min + (schedule.t_max - schedule.t_min) * u).tolist()
+    return (lo + (hi - lo) * u).tolist()
 
 
 def euler_sample(

@@ -28,7 +28,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor
 
-from fewstep.sampling import renoise
+from fewstep.sampling import euler_times, renoise
 from fewstep.schedules import (
     PREDICTIONS,
     Coeffs,
@@ -186,10 +186,7 @@ class FewStepScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]  # di
                 raise ValueError("sigmas= is understood for flow schedules only; pass timesteps= instead")
             times = torch.as_tensor(sigmas, dtype=torch.float64).cpu()
         else:
-            u = torch.linspace(1.0, 0.0, n + 1, dtype=torch.float64)[:-1]
-            if isinstance(self.schedule, Flow):
-                u = self.schedule.shift_time(u)
-            times = self.t_min + (self.t_max - self.t_min) * u
+            times = torch.tensor(euler_times(self.schedule, n, self.t_min, self.t_max)[:-1], dtype=torch.float64)
         if len(times) != n or any(a <= b for a, b in pairwise(times.tolist())):
             raise ValueError(f"need {n} strictly decreasing times, got {times.tolist()}")
         self.num_inference_steps = n

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -228,6 +229,11 @@ def embedded_path(name: str = "teacher") -> Any:
     from importlib.resources import files
 
     return files("fewstep") / "assets" / "digits" / name
+
+
+def model_label(source: str) -> str:
+    """A short name for a model: 'digits-teacher' for the embedded teacher, else the folder or hub name."""
+    return "digits-teacher" if source == "digits" else Path(source.rstrip("/")).name or source
 
 
 def resolve_source(source: str) -> str:

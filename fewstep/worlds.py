@@ -28,24 +28,34 @@ class Scored:
     upscale: int
 
 
+def generate_digits(pipe: Any, num: int, steps: int, guidance: float, seed: int, batch: int) -> tuple[Tensor, Tensor]:
+    """``num`` class-balanced samples (N, 1, 8, 8) in [0, 1] and their labels, one generator per seed."""
+    labels = balanced_labels(num)
+    gen = torch.Generator().manual_seed(seed)
+    images = torch.cat([
+        pipe(class_labels=chunk, num_inference_steps=steps, guidance_scale=guidance, generator=gen).images.cpu()
+        for chunk in labels.split(batch)
+    ])  # fmt: skip
+    return images, labels
+
+
+def by_class(images: Tensor, labels: Tensor, per_class: int | None = None) -> Tensor:
+    """Images reordered class by class (one grid row per class), at most ``per_class`` of each."""
+    return torch.cat([images[labels == c][:per_class] for c in range(NUM_CLASSES)])
+
+
 @dataclass
 class DigitsWorld:
     metrics: DigitsMetrics = field(default_factory=DigitsMetrics.load)
 
     def score(self, pipe: Any, num: int, steps: int, guidance: float, seed: int, batch: int) -> Scored:
-        labels = balanced_labels(num)
-        gen = torch.Generator().manual_seed(seed)
-        images = torch.cat([
-            pipe(class_labels=chunk, num_inference_steps=steps, guidance_scale=guidance, generator=gen).images.cpu()
-            for chunk in labels.split(batch)
-        ])  # fmt: skip
+        images, labels = generate_digits(pipe, num, steps, guidance, seed, batch)
         values = {
             "fid": self.metrics.fid_held_out(images),
             "fid_train": self.metrics.fid_train(images),
             "accuracy": self.metrics.accuracy(images, labels),
         }
-        grid = torch.cat([images[labels == c][:NUM_CLASSES] for c in range(NUM_CLASSES)])  # one class per row
-        return Scored(values, grid, nrow=NUM_CLASSES, upscale=4)
+        return Scored(values, by_class(images, labels, NUM_CLASSES), nrow=NUM_CLASSES, upscale=4)
 
     def latency_call(self, steps: int, guidance: float, batch: int) -> dict[str, Any]:
         return {"class_labels": balanced_labels(batch), "num_inference_steps": steps, "guidance_scale": guidance}

@@ -210,7 +210,7 @@ def tiny_models() -> list[TinyModel]:
     ]
 
 
-TINY_MODELS = {m.name: m for m in tiny_models()} if True else {}
+TINY_MODELS = {m.name: m for m in tiny_models()}
 
 
 @pytest.fixture(params=sorted(TINY_MODELS))

@@ -60,10 +60,10 @@ def test_bench_merges_rows_into_existing_report(random_digits: Path, tmp_path: P
 
 
 def test_merge_rows_replaces_same_key() -> None:
-    old = [{"model": "a", "steps": 1, "guidance": 1.0, "fid": 9.0}, {"model": "b", "steps": 1, "guidance": 1.0}]
-    new = [{"model": "a", "steps": 1, "guidance": 1.0, "fid": 5.0}]
+    old = [{"source": "/a", "steps": 1, "guidance": 1.0, "fid": 9.0}, {"source": "/b", "steps": 1, "guidance": 1.0}]
+    new = [{"source": "/a", "steps": 1, "guidance": 1.0, "fid": 5.0}]
     merged = merge_rows(old, new)
-    assert [r["model"] for r in merged] == ["b", "a"] and merged[1]["fid"] == 5.0
+    assert [r["source"] for r in merged] == ["/b", "/a"] and merged[1]["fid"] == 5.0
 
 
 def test_count_nfe_counts_batched_cfg_twice(random_digits: Path) -> None:
@@ -78,3 +78,24 @@ def test_percentile_matches_torch() -> None:
     values = [3.0, 1.0, 4.0, 1.5, 9.0, 2.6]
     for q in (0.0, 0.5, 0.9, 1.0):
         assert percentile(values, q) == pytest.approx(float(torch.quantile(torch.tensor(values), q)))
+
+
+def test_folders_with_the_same_name_keep_separate_rows(random_digits: Path, tmp_path: Path) -> None:
+    import shutil
+
+    twin = tmp_path / "other" / random_digits.name
+    shutil.copytree(random_digits, twin)
+    report_dir = tmp_path / "report"
+    run_bench([str(random_digits), str(twin)], report_dir, small(steps=(1,), seeds=1))
+    run_bench([str(random_digits)], report_dir, small(steps=(1,), seeds=1))  # re-bench one of them
+    rows = json.loads((report_dir / "report.json").read_text())["rows"]
+    assert len(rows) == 2 and len({r["model"] for r in rows}) == 2 and len({r["grid"] for r in rows}) == 2
+    assert all(r["fid_floor"] is not None for r in rows)
+
+
+def test_unique_labels() -> None:
+    from fewstep.bench import unique_labels
+
+    labels = unique_labels(["/x/a/student", "/x/b/student", "digits"], taken={})
+    assert labels == {"/x/a/student": "student", "/x/b/student": "b-student", "digits": "digits-teacher"}
+    assert unique_labels(["/x/b/student"], taken={"b-student": "/x/b/student"}) == {"/x/b/student": "b-student"}

@@ -68,7 +68,8 @@ def test_folder_that_is_not_a_pipeline(tmp_path: Path, capsys: pytest.CaptureFix
     assert leftovers(tmp_path) == ["weights"]
 
 
-def test_unsupported_model_class(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("command", [["teacher", "inspect"], ["sample"], ["bench"]])
+def test_unsupported_model_class(command: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from diffusers import FlowMatchEulerDiscreteScheduler, UNet1DModel
 
     from fewstep.digits.pipeline import DigitsPipeline
@@ -89,8 +90,11 @@ def test_unsupported_model_class(tmp_path: Path, capsys: pytest.CaptureFixture[s
         downsample_each_block=False,
     )
     DigitsPipeline(transformer=unet, scheduler=FlowMatchEulerDiscreteScheduler()).save_pretrained(folder)
-    code, _, err = run(["teacher", "inspect", str(folder)], capsys)
+    out = ["--output", str(tmp_path / "o")] if command == ["sample"] else []
+    out = ["--report", str(tmp_path / "o")] if command == ["bench"] else out
+    code, _, err = run([*command, str(folder), *out], capsys)
     assert_one_line_error(code, err, "unsupported model class UNet1DModel")
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize(
@@ -103,7 +107,7 @@ def test_unsupported_model_class(tmp_path: Path, capsys: pytest.CaptureFixture[s
     ],
 )
 def test_step_counts_below_one(command: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code, _, err = run([*command, "--help"][:-1], capsys)
+    code, _, err = run(command, capsys)
     assert_one_line_error(code, err, "--steps")
 
 
@@ -149,3 +153,27 @@ def test_sample_writes_grid_and_arrays(
     assert images.shape == (20, 1, 8, 8) and images.dtype == np.uint8
     meta = json.loads((out / "meta.json").read_text())
     assert meta["steps"] == 2 and meta["labels"] == sorted(meta["labels"])
+
+
+def test_bad_device_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(["sample", "digits", "--device", "bogus", "--output", str(tmp_path / "o")], capsys)
+    assert_one_line_error(code, err, "device")
+    assert not (tmp_path / "o").exists()
+
+
+def test_existing_foreign_output_is_left_alone(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "thesis.txt").write_text("precious")
+    code, _, err = run(["sample", "digits", "--steps", "1", "--num", "2", "--output", str(tmp_path)], capsys)
+    assert_one_line_error(code, err, "holds other files")
+    assert (tmp_path / "thesis.txt").read_text() == "precious"
+
+
+def test_unexpected_failure_is_one_line(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import fewstep.cli as cli
+
+    def boom(args: object) -> int:
+        raise RuntimeError("disk on fire\nsecond line")
+
+    monkeypatch.setitem(cli.COMMANDS, "recipes", boom)
+    code, _, err = run(["recipes"], capsys)
+    assert code == 1 and err.count("\n") == 1 and "RuntimeError: disk on fire" in err and "Traceback" not in err

@@ -92,3 +92,27 @@ def test_fewstep_scheduler_gamma0_is_the_teachers_euler(tmp_path) -> None:
         a = teacher(class_labels=labels, num_inference_steps=steps, latents=noise).images
         b = reloaded(class_labels=labels, num_inference_steps=steps, latents=noise).images
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_training_scripts_run_and_save(tmp_path) -> None:
+    """The commands that reproduce the shipped assets run end to end (a few steps here)."""
+    from diffusers import DiffusionPipeline
+
+    from fewstep.digits.evaluator import DigitsEvaluator
+    from fewstep.digits.train import EvaluatorTrainConfig, TeacherTrainConfig, train_evaluator, train_teacher
+
+    train_teacher(tmp_path / "teacher", TeacherTrainConfig(steps=2, warmup_steps=1, batch_size=8), progress=False)
+    pipe = DiffusionPipeline.from_pretrained(tmp_path / "teacher")
+    assert type(pipe).__name__ == "DigitsPipeline" and (tmp_path / "teacher" / "TRAINING.md").is_file()
+    train_evaluator(tmp_path / "evaluator", EvaluatorTrainConfig(epochs=1), progress=False)
+    assert isinstance(DigitsEvaluator.from_pretrained(tmp_path / "evaluator"), DigitsEvaluator)
+
+
+def test_shipped_teacher_still_classifies(metrics: DigitsMetrics) -> None:
+    """Acceptance guard: 50 Euler steps at w = 1 give >= 95% class accuracy (100 samples, about 3 s)."""
+    from fewstep.teacher import load_pipeline
+
+    pipe = load_pipeline("digits")
+    labels = balanced_labels(100)
+    images = pipe(class_labels=labels, num_inference_steps=50, generator=torch.Generator().manual_seed(0)).images
+    assert metrics.accuracy(images, labels) >= 0.95

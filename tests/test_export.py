@@ -61,3 +61,12 @@ def test_random_model_depends_on_time() -> None:
     noise = torch.randn(1, 1, 3, 3, dtype=torch.float64)
     with pytest.raises(AssertionError):
         torch.testing.assert_close(run_loop(s, 2, model, noise, seed=0), run_loop(s, 2, model, noise, seed=1))
+
+
+def test_vp_consistency_plan_on_lcm_grid_is_lcm() -> None:
+    """On LCMScheduler's own grid its boundary scalings are negligible (c_skip ~ 1e-8 at t >= 499), so it
+    reproduces a plain x0 consistency plan; off its grid it does not."""
+    on_grid = {2: SamplingPlan(VP(), (999.0, 499.0), gamma=1.0)}
+    assert type(scheduler_for_plan(on_grid, "epsilon")).__name__ == "LCMScheduler"
+    off_grid = {2: SamplingPlan(VP(), (999.0, 600.0), gamma=1.0)}
+    assert isinstance(scheduler_for_plan(off_grid, "epsilon"), FewStepScheduler)

@@ -129,7 +129,7 @@ def test_teacher_in_trigflow_time_is_exact(native: Any, prediction: str, sigma_d
     if isinstance(native, VP):  # stay inside the SNR range the discrete VP schedule covers
         t = t.clamp(max=float(trig.time_at_ratio(native.ratio(torch.tensor(native.t_max, dtype=torch.float64)))))
     torch.testing.assert_close(student_view(x, t), exact(x, t)[0], rtol=1e-6, atol=1e-8)
-    # TrigFlow's F: dx_t/dt = sigma_d F on the exact trajectory of x0 = m when v -> 0 is not needed; check identity
+    # TrigFlow's F from the converted teacher gives back the same x0 (Eq. 4 of sCM: x0 = cos t x_t - sin t sd F)
     F = student_view.predict(x, t, prediction="trigflow")
     c = trig.coeffs(append_dims(t, x.ndim))
     torch.testing.assert_close(c.alpha * x - c.sigma * F, exact(x, t)[0], rtol=1e-6, atol=1e-8)

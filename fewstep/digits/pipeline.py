@@ -43,9 +43,10 @@ class DigitsPipeline(DiffusionPipeline):
         """One network evaluation with classifier-free guidance on the raw output (affine in x0 at fixed x_t)."""
         batch = x.shape[0]
         timestep = timestep.to(x.dtype).expand(batch)
-        if guidance_scale == 1.0:
-            return self.transformer(x, timestep=timestep, class_labels=class_labels).sample
         null = torch.full_like(class_labels, self.null_class)
+        if guidance_scale in (0.0, 1.0):  # one branch only: conditional (w = 1) or unconditional (w = 0)
+            labels = class_labels if guidance_scale == 1.0 else null
+            return self.transformer(x, timestep=timestep, class_labels=labels).sample
         out = self.transformer(
             torch.cat([x, x]), timestep=torch.cat([timestep, timestep]), class_labels=torch.cat([class_labels, null])
         ).sample
