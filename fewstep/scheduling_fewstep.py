@@ -16,6 +16,7 @@ gamma = 1 lands exactly on x0 even where sigma(t_min) > 0 (VP). After the last t
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import pairwise
@@ -75,6 +76,7 @@ class FewStepScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]  # di
         gamma: float = 1.0,
         t_min: float | None = None,
         t_max: float | None = None,
+        use_dynamic_shifting: bool = False,
     ) -> None:
         if isinstance(schedule, NoiseSchedule):
             schedule = schedule.config()
@@ -114,7 +116,13 @@ class FewStepScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]  # di
             unknown = {k for k in config if not k.startswith("_")} - set(inspect.signature(cls.__init__).parameters)
             if (name is not None and name != cls.__name__) or (name is None and unknown):
                 schedule, prediction = schedule_from_diffusers_config(dict(config))
-                config = {"_class_name": cls.__name__, "schedule": schedule.config(), "prediction_type": prediction}
+                dynamic = bool(config.get("use_dynamic_shifting")) and config.get("time_shift_type") != "linear"
+                config = {
+                    "_class_name": cls.__name__,
+                    "schedule": schedule.config(),
+                    "prediction_type": prediction,
+                    "use_dynamic_shifting": dynamic and isinstance(schedule, Flow),
+                }
         return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)  # type: ignore[arg-type]
 
     # ---------------------------------------------------------------------------------------------------------------
@@ -166,8 +174,15 @@ class FewStepScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]  # di
         3. n times evenly spaced in (t_min, t_max], from t_max down; for ``Flow`` the even grid u in (0, 1] is warped
            by ``shift_time`` first, as FlowMatchEulerDiscreteScheduler does.
 
-        ``unused`` takes pipeline keywords with no meaning here (e.g. Flux's ``mu`` for dynamic shifting).
+        With ``use_dynamic_shifting`` (Flux, SD3.5 configs), times from 2. and 3. are warped by the
+        resolution-dependent exponential shift t' = e^mu / (e^mu + 1/t - 1) that FlowMatchEulerDiscreteScheduler
+        applies, with the ``mu`` the pipeline passes, instead of the static shift. Other ``unused`` keywords are
+        ignored.
         """
+        mu = unused.get("mu")
+        dynamic = bool(self.config.get("use_dynamic_shifting")) and isinstance(self.schedule, Flow)
+        if dynamic and mu is None:
+            raise ValueError("mu must be passed when use_dynamic_shifting is set")
         if num_inference_steps is None:
             given = timesteps if timesteps is not None else sigmas
             if given is None:
@@ -185,8 +200,13 @@ class FewStepScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]  # di
             if not isinstance(self.schedule, Flow):
                 raise ValueError("sigmas= is understood for flow schedules only; pass timesteps= instead")
             times = torch.as_tensor(sigmas, dtype=torch.float64).cpu()
+        elif dynamic:
+            times = torch.linspace(1.0, 0.0, n + 1, dtype=torch.float64)[:-1]
         else:
             times = torch.tensor(euler_times(self.schedule, n, self.t_min, self.t_max)[:-1], dtype=torch.float64)
+        if dynamic and str(n) not in plan:
+            shift = math.exp(float(mu or 0.0))  # mu was checked above
+            times = shift / (shift + (1 / times - 1))
         if len(times) != n or any(a <= b for a, b in pairwise(times.tolist())):
             raise ValueError(f"need {n} strictly decreasing times, got {times.tolist()}")
         self.num_inference_steps = n

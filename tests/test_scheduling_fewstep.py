@@ -301,3 +301,26 @@ def test_flux_style_sigmas_and_explicit_timesteps():
         vp.set_timesteps(sigmas=[1.0, 0.5])  # ambiguous on VP
     with pytest.raises(ValueError):
         free.set_timesteps(timesteps=[500, 900])  # not decreasing
+
+
+def test_dynamic_shifting_follows_flow_match_euler():
+    """Flux-style configs: with sigmas and mu from the pipeline, gamma = 0 reproduces FlowMatchEuler exactly."""
+    import numpy as np
+    from diffusers.pipelines.flux.pipeline_flux import retrieve_timesteps
+
+    stock = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15)
+    ours = FewStepScheduler.from_config(stock.config, gamma=0.0)
+    assert ours.config["use_dynamic_shifting"] is True
+    sigmas = np.linspace(1.0, 1 / 4, 4)
+    t_stock, _ = retrieve_timesteps(stock, 4, "cpu", sigmas=sigmas, mu=0.9)
+    t_ours, _ = retrieve_timesteps(ours, 4, "cpu", sigmas=sigmas, mu=0.9)
+    torch.testing.assert_close(t_ours, t_stock.float(), rtol=1e-5, atol=1e-3)
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
+    out = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1))
+    x_stock = x_ours = x
+    for t in t_stock:  # the same model output every step: the two samplers must stay together
+        x_stock = stock.step(out, t, x_stock, return_dict=False)[0]
+        x_ours = ours.step(out, t, x_ours, return_dict=False)[0]
+    torch.testing.assert_close(x_ours, x_stock, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="mu"):
+        ours.set_timesteps(4)
