@@ -165,6 +165,11 @@ class Denoiser(nn.Module):
         if bb.timestep_scale_key is not None:
             timestep = timestep * float(getattr(self.model.config, bb.timestep_scale_key, 1.0))
         kwargs: dict[str, Any] = {**bb.defaults, **cond}
+        if getattr(getattr(self.model, "config", None), "guidance_embeds", False) and "guidance" not in kwargs:
+            raise FewstepError(
+                f"{type(self.model).__name__} embeds the guidance scale (guidance_embeds): pass cond['guidance'], "
+                "a (B,) tensor of scales, as its pipeline does"
+            )
         inp = x
         if bb.packed:
             inp, img_ids = pack_2x2(x)

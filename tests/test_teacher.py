@@ -208,3 +208,22 @@ def test_bad_sources_are_clear_errors(tmp_path: Any) -> None:
     (broken / "model_index.json").write_text(json.dumps({"_class_name": "NoSuchPipeline"}))
     with pytest.raises(FewstepError, match="could not load pipeline"):
         load_pipeline(str(broken))
+
+
+def test_guidance_embedding_models_need_a_guidance_scale() -> None:
+    """Flux-dev style (guidance_embeds=True): a clear error without cond['guidance'], a result with it."""
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    model = FluxTransformer2DModel(
+        patch_size=1, in_channels=8, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=32, pooled_projection_dim=16, guidance_embeds=True, axes_dims_rope=(2, 2, 4),
+    ).eval()  # fmt: skip
+    denoiser = Denoiser(model, Flow(), "flow")
+    x = torch.randn(2, 2, 8, 8)
+    cond = {"encoder_hidden_states": torch.randn(2, 6, 32), "pooled_projections": torch.randn(2, 16)}
+    with pytest.raises(FewstepError, match="guidance"):
+        denoiser(x, torch.tensor([0.5, 0.5]), cond)
+    with torch.no_grad():
+        out = denoiser(x, torch.tensor([0.5, 0.5]), {**cond, "guidance": torch.full((2,), 3.5)})
+    assert out.shape == x.shape
