@@ -178,7 +178,7 @@ def cmd_recipes(args: argparse.Namespace) -> int:
 
 def cmd_teacher(args: argparse.Namespace) -> int:
     if args.teacher_command == "inspect":
-        from .inspect import describe
+        from .describe import describe
 
         print(describe(args.model))
         return 0
