@@ -1,0 +1,61 @@
+"""What a recipe gives the Trainer. Recipes compose loss pieces from ``losses.py``; they do not inherit behaviour.
+
+A recipe owns its networks (students, critics, frozen teacher, target copies) and says, step by step, which of its
+trainable networks take an optimizer step: ``loss(batch, step)`` returns one scalar per optimizer stepping now.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from torch import Tensor, nn
+
+from ..sampling import SamplingPlan
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """AdamW settings of one trainable network."""
+
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    eps: float = 1e-8
+
+
+class Recipe(ABC):
+    """The training side of a few-step method (paper defaults live in its config dataclass)."""
+
+    name: ClassVar[str] = ""
+    paper: ClassVar[str] = ""  # shown by ``fewstep recipes``
+
+    @abstractmethod
+    def trainable(self) -> dict[str, nn.Module]:
+        """Networks with their own optimizer, by name (e.g. {"student": ..., "critic": ...})."""
+
+    def optimizer(self, name: str) -> OptimizerSpec:
+        return OptimizerSpec()
+
+    def ema(self) -> list[str]:
+        """Trainable networks of which the Trainer keeps an evaluation EMA (kept apart from the trained weights)."""
+        return ["student"] if "student" in self.trainable() else []
+
+    @abstractmethod
+    def loss(self, batch: Any, step: int) -> dict[str, Tensor]:
+        """Scalar losses keyed by the networks that step now; each loss only updates its own network."""
+
+    def after_step(self, step: int) -> None:
+        """The recipe's own bookkeeping after the optimizers stepped (e.g. an EMA target network)."""
+        return None
+
+    def plan(self) -> SamplingPlan:
+        raise NotImplementedError(f"recipe {self.name!r} has no sampling plan")
+
+    def state_dict(self) -> dict[str, Any]:
+        """Recipe state beyond the trainable networks (target networks, counters) for checkpoints."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        return None
