@@ -109,13 +109,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
+    from .config import find_preset, resolve_config, to_toml
     from .recipes import resolve
 
     recipe = resolve(args.recipe)  # one-line error for unknown recipes, before anything heavy loads
+    default = getattr(recipe, "Config", None)
+    if default is None:
+        raise FewstepError(f"recipe {args.recipe!r} has no Config dataclass")
+    preset = find_preset(args.recipe, args.preset) if args.preset else None
+    cfg = resolve_config(default(), preset, args.config, args.set)
+    if args.dry_run:
+        print(f"# fewstep distill --recipe {args.recipe} --teacher {args.teacher}: resolved config")
+        print(to_toml(cfg), end="")
+        return 0
     from .teacher import resolve_source
 
     resolve_source(args.teacher)
-    raise FewstepError(f"recipe {args.recipe!r} ({recipe}) has no training entry point yet")
+    train = getattr(recipe, "distill", None)
+    if train is None:
+        raise FewstepError(f"recipe {args.recipe!r} has no training entry point yet")
+    out = args.output or Path("runs") / f"{args.recipe}-{_run_name(args.teacher)}"
+    print(f"wrote {train(cfg, teacher=args.teacher, output=out, resume=args.resume)}")
+    return 0
+
+
+def _run_name(teacher: str) -> str:
+    return "digits" if teacher == "digits" else Path(teacher.rstrip("/")).name or "teacher"
 
 
 def cmd_sample(args: argparse.Namespace) -> int:

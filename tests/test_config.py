@@ -1,0 +1,79 @@
+"""Config resolution: defaults < preset < --config < --set, checked against the dataclass; TOML round trip."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+import pytest
+
+from fewstep.cli import main
+from fewstep.config import parse_set, resolve_config, to_toml
+from fewstep.errors import FewstepError
+
+
+@dataclass(frozen=True)
+class Inner:
+    rank: int = 4
+    targets: tuple[str, ...] = ("to_q", "to_k")
+
+
+@dataclass(frozen=True)
+class ToyConfig:
+    lr: float = 1e-4
+    steps: int = 100
+    guidance: float | None = None
+    times: tuple[float, ...] = (1.0, 0.5)
+    name: str = "toy"
+    lora: Inner = field(default_factory=Inner)
+
+
+class ToyRecipe:
+    """A registered recipe with a config and no training (for the CLI's --dry-run)."""
+
+    Config: ClassVar[type] = ToyConfig
+    paper: ClassVar[str] = "Toy et al. (2026)"
+
+
+def test_layers_in_order(tmp_path: Path) -> None:
+    preset = tmp_path / "p.toml"
+    preset.write_text("lr = 3e-4\nsteps = 7\n[lora]\nrank = 8\n")
+    config = tmp_path / "c.toml"
+    config.write_text("steps = 9\n")
+    cfg = resolve_config(ToyConfig(), preset, config, ["lora.targets=['a']", "guidance=2", "name=plain words"])
+    assert cfg == ToyConfig(lr=3e-4, steps=9, guidance=2.0, name="plain words", lora=Inner(rank=8, targets=("a",)))
+
+
+def test_toml_round_trip(tmp_path: Path) -> None:
+    cfg = ToyConfig(lr=2e-5, guidance=1.5, times=(1.0, 0.3), lora=Inner(rank=2))
+    (tmp_path / "r.toml").write_text(to_toml(cfg))
+    assert resolve_config(ToyConfig(), config_file=tmp_path / "r.toml") == cfg
+
+
+@pytest.mark.parametrize(
+    "sets,match",
+    [(["nope=1"], "unknown config key 'nope'"), (["lora.nope=1"], "unknown config key 'lora.nope'"),
+     (["steps=1.5"], "steps: expected int"), (["times=3"], "times: expected a list"), (["lr"], "KEY=VALUE")],
+)  # fmt: skip
+def test_bad_overrides_are_one_line_errors(sets: list[str], match: str) -> None:
+    with pytest.raises(FewstepError, match=match):
+        resolve_config(ToyConfig(), sets=sets)
+
+
+def test_parse_set_reads_toml_literals() -> None:
+    assert parse_set(["a.b=1", "c=[1.0, 2]", "d=true", "e=hello"]) == {"a": {"b": 1}, "c": [1.0, 2], "d": True,
+                                                                          "e": "hello"}  # fmt: skip
+
+
+def test_distill_dry_run_prints_resolved_config(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import fewstep.recipes as registry
+
+    monkeypatch.setitem(registry.BUILTIN, "toy", "test_config:ToyRecipe")
+    assert main(["distill", "--recipe", "toy", "--set", "steps=5", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "steps = 5" in out and "[lora]" in out
+    assert main(["distill", "--recipe", "toy", "--preset", "missing", "--dry-run"]) == 2
+    assert "no preset 'missing'" in capsys.readouterr().err
