@@ -88,3 +88,15 @@ def test_text_to_image_bench_needs_prompts(sd_folder: Path, tmp_path: Path) -> N
     with pytest.raises(FewstepError, match="--prompts"):
         run_bench([str(sd_folder)], tmp_path / "r", BenchConfig(steps=(1,), num=2, seeds=1, progress=False))
     assert not (tmp_path / "r").exists()
+
+
+def test_sample_text_to_image(sd_folder: Path, tmp_path: Path) -> None:
+    from fewstep.cli import main
+
+    out = tmp_path / "samples"
+    assert main(["sample", str(sd_folder), "--prompt", "the cat", "--steps", "2", "--num", "3", "--guidance", "2",
+                 "--output", str(out)]) == 0  # fmt: skip
+    images = np.load(out / "samples.npz")["images"]
+    assert images.shape == (3, 3, 16, 16) and (out / "grid.png").is_file()
+    assert json.loads((out / "meta.json").read_text())["prompt"] == "the cat"
+    assert main(["sample", str(sd_folder), "--output", str(tmp_path / "x")]) == 2  # a prompt is required
