@@ -108,3 +108,37 @@ def scheduler_for_plan(plans: Mapping[int, SamplingPlan], prediction: str) -> An
         if reproduces(candidate, reference, plans):
             return candidate
     return reference
+
+
+def export_pipeline(pipe: Any, model: torch.nn.Module, scheduler: Any, output: Any) -> Any:
+    """Write ``pipe`` with its backbone replaced by ``model`` and its scheduler by ``scheduler`` as a plain diffusers
+    folder (``save_pretrained``), atomically; ``DiffusionPipeline.from_pretrained(output)`` loads it back."""
+    from pathlib import Path
+
+    from .io import atomic_dir
+
+    slot = "transformer" if getattr(pipe, "transformer", None) is not None else "unet"
+    components = {**pipe.components, slot: model, "scheduler": scheduler}
+    student = type(pipe)(**components)
+    with atomic_dir(Path(output), "model_index.json") as tmp:
+        student.save_pretrained(tmp)
+    return Path(output)
+
+
+def export_lora(pipe: Any, model: torch.nn.Module, output: Any) -> Any:
+    """Write the peft LoRA adapter of ``model`` (the pipeline's unet or transformer) so that
+    ``pipe.load_lora_weights(output)`` on the base pipeline reproduces it."""
+    from pathlib import Path
+
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    from .io import atomic_dir
+
+    slot = "transformer" if getattr(pipe, "transformer", None) is not None else "unet"
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
+    if not layers:
+        raise ValueError("the model carries no LoRA adapter to export")
+    with atomic_dir(Path(output), "pytorch_lora_weights.safetensors") as tmp:
+        type(pipe).save_lora_weights(tmp, **{f"{slot}_lora_layers": layers})
+    return Path(output)

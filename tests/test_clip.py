@@ -100,3 +100,25 @@ def test_sample_text_to_image(sd_folder: Path, tmp_path: Path) -> None:
     assert images.shape == (3, 3, 16, 16) and (out / "grid.png").is_file()
     assert json.loads((out / "meta.json").read_text())["prompt"] == "the cat"
     assert main(["sample", str(sd_folder), "--output", str(tmp_path / "x")]) == 2  # a prompt is required
+
+
+@torch.no_grad()
+def test_lora_export_loads_with_load_lora_weights(sd_folder: Path, tmp_path: Path) -> None:
+    from diffusers import DiffusionPipeline
+    from peft import LoraConfig
+
+    from fewstep.export import export_lora
+
+    pipe = DiffusionPipeline.from_pretrained(sd_folder)
+    torch.manual_seed(0)
+    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                                     init_lora_weights=False))  # fmt: skip
+    x, t, text = torch.randn(1, 4, 8, 8), torch.tensor([500]), torch.randn(1, 6, 32)
+    adapted = pipe.unet(x, t, encoder_hidden_states=text).sample
+    export_lora(pipe, pipe.unet, tmp_path / "lora")
+    fresh = DiffusionPipeline.from_pretrained(sd_folder)
+    base = fresh.unet(x, t, encoder_hidden_states=text).sample
+    fresh.load_lora_weights(tmp_path / "lora")
+    loaded = fresh.unet(x, t, encoder_hidden_states=text).sample
+    assert not torch.allclose(base, adapted)  # the adapter changes the network
+    torch.testing.assert_close(loaded, adapted, rtol=1e-5, atol=1e-5)

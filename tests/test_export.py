@@ -70,3 +70,25 @@ def test_vp_consistency_plan_on_lcm_grid_is_lcm() -> None:
     assert type(scheduler_for_plan(on_grid, "epsilon")).__name__ == "LCMScheduler"
     off_grid = {2: SamplingPlan(VP(), (999.0, 600.0), gamma=1.0)}
     assert isinstance(scheduler_for_plan(off_grid, "epsilon"), FewStepScheduler)
+
+
+def test_export_pipeline_round_trip(tmp_path) -> None:
+    """A student folder (here the teacher's weights with an even 2-step Euler plan) reloads with the stock loader and
+    samples exactly as the in-memory pipeline does."""
+    from diffusers import DiffusionPipeline
+
+    from fewstep.export import export_pipeline
+    from fewstep.teacher import load_pipeline
+
+    teacher = load_pipeline("digits")
+    plans = {n: SamplingPlan(Flow(), tuple(euler_times(Flow(), n)[:-1]), gamma=0.0) for n in (1, 2)}
+    scheduler = scheduler_for_plan(plans, "flow")
+    out = export_pipeline(teacher, teacher.transformer, scheduler, tmp_path / "student")
+    student = DiffusionPipeline.from_pretrained(out)
+    student.set_progress_bar_config(disable=True)
+    assert type(student.scheduler).__name__ == "FewStepScheduler" and student.scheduler.config["gamma"] == 0.0
+    noise = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    for n in (1, 2):
+        a = teacher(class_labels=[0, 1, 2, 3], num_inference_steps=n, latents=noise).images
+        b = student(class_labels=[0, 1, 2, 3], num_inference_steps=n, latents=noise).images
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)  # even-grid Euler either way
