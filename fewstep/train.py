@@ -101,7 +101,10 @@ class Trainer:
                 weight_decay=spec.weight_decay, eps=spec.eps,
             )  # fmt: skip
             self.nets[name], self.optimizers[name] = self.accelerator.prepare(net, opt)
-        self.ema = {name: copy.deepcopy(self.nets[name]).eval().requires_grad_(False) for name in recipe.ema()}
+        self.ema = {
+            name: copy.deepcopy(self.accelerator.unwrap_model(self.nets[name])).eval().requires_grad_(False)
+            for name in recipe.ema()
+        }
         self.step = 0
         self.skipped = 0
         self.history: list[dict[str, float]] = []
@@ -237,7 +240,8 @@ class Trainer:
             bar.close()
             if writer is not None:
                 writer.close()
-        self.save()
+        if self.step % cfg.checkpoint_every:  # else the loop just wrote this step's checkpoint
+            self.save()
         (self.run_dir / "losses.json").write_text(json.dumps(self.history) + "\n")
         return self.history
 
