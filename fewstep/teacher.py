@@ -266,7 +266,9 @@ def load_pipeline(source: str, device: str | torch.device | None = None, dtype: 
     from diffusers import DiffusionPipeline
     from diffusers.utils import logging as diffusers_logging
 
-    from .digits import pipeline as _digits  # noqa: F401  (registers DigitsPipeline with diffusers)
+    # diffusers loads components only from libraries already imported: make fewstep's own classes known first
+    from . import scheduling_fewstep as _scheduler  # noqa: F401
+    from .digits import pipeline as _digits  # noqa: F401  (also registers DigitsPipeline with diffusers)
 
     path = resolve_source(source)
     kwargs: dict[str, Any] = {} if dtype is None else {"torch_dtype": dtype}

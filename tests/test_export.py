@@ -92,3 +92,22 @@ def test_export_pipeline_round_trip(tmp_path) -> None:
         a = teacher(class_labels=[0, 1, 2, 3], num_inference_steps=n, latents=noise).images
         b = student(class_labels=[0, 1, 2, 3], num_inference_steps=n, latents=noise).images
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)  # even-grid Euler either way
+
+
+def test_exported_folder_loads_in_a_fresh_process(tmp_path) -> None:
+    """diffusers imports component libraries only when they are already imported; load_pipeline sees to that."""
+    import os
+    import subprocess
+    import sys
+
+    from fewstep.export import export_pipeline
+    from fewstep.teacher import load_pipeline
+
+    teacher = load_pipeline("digits")
+    plans = {1: SamplingPlan(Flow(), (1.0,), gamma=1.0)}
+    out = export_pipeline(teacher, teacher.transformer, scheduler_for_plan(plans, "flow"), tmp_path / "s")
+    code = f"from fewstep.teacher import load_pipeline; print(type(load_pipeline({str(out)!r}).scheduler).__name__)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-1500:]
+    assert proc.stdout.strip() == "FewStepScheduler"

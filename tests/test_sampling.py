@@ -82,3 +82,28 @@ def test_euler_converges_to_exact_flow_map() -> None:
     target = m + v**0.5 * noise
     errs = [float((euler_sample(exact, s, noise, euler_times(s, n)) - target).abs().max()) for n in (8, 16, 32)]
     assert 1.6 < errs[0] / errs[1] < 2.5 and 1.6 < errs[1] / errs[2] < 2.5  # halves with each doubling
+
+
+@pytest.mark.parametrize("gamma", [0.0, 1.0])
+def test_plan_in_another_schedule_gives_the_same_x0(gamma: float) -> None:
+    """A TrigFlow plan and its equal-SNR image on Flow, each with the exact Gaussian denoiser of its schedule and the
+    same noise, end on the same sample."""
+    from fewstep.sampling import plan_in
+
+    m, v = 0.2, 0.3
+
+    def exact(schedule):
+        def denoise(x_t, t):
+            c = schedule.coeffs(append_dims(t, x_t.ndim))
+            return m + c.alpha * v / (c.alpha**2 * v + c.sigma**2) * (x_t - c.alpha * m)
+
+        return denoise
+
+    trig = TrigFlow(sigma_data=0.5)
+    plan = SamplingPlan(trig, (1.5, 1.1, 0.4), gamma=gamma)
+    flow_plan = plan_in(plan, Flow())
+    noise = torch.randn(5, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    a = sample_plan(exact(trig), plan, noise, generator=torch.Generator().manual_seed(1))
+    b = sample_plan(exact(Flow()), flow_plan, noise, generator=torch.Generator().manual_seed(1))
+    # both starts are prior_std(t0) * noise, which differ exactly by the change-of-variables scale
+    torch.testing.assert_close(a, b)

@@ -50,7 +50,8 @@ class Recipe(ABC):
         """The recipe's own bookkeeping after the optimizers stepped (e.g. an EMA target network)."""
         return None
 
-    def plan(self) -> SamplingPlan:
+    def plan(self) -> dict[int, SamplingPlan]:
+        """The sampling plan for each supported step count (drives sampling, bench and export)."""
         raise NotImplementedError(f"recipe {self.name!r} has no sampling plan")
 
     def state_dict(self) -> dict[str, Any]:
