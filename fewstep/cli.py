@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Sequence
@@ -64,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", help="preset name under recipes/<recipe>/")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one config value")
     p.add_argument("--resume", nargs="?", const="", metavar="DIR", help="continue from the last checkpoint")
+    p.add_argument("--prompts", help="prompt file (text, JSONL or parquet) for text-to-image teachers")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
 
     p = sub.add_parser("sample", help="sample a model at any step count and save a grid")
@@ -116,21 +118,30 @@ def cmd_distill(args: argparse.Namespace) -> int:
     default = getattr(recipe, "Config", None)
     if default is None:
         raise FewstepError(f"recipe {args.recipe!r} has no Config dataclass")
-    preset = find_preset(args.recipe, args.preset) if args.preset else None
-    cfg = resolve_config(default(), preset, args.config, args.set)
+    preset = find_preset(args.recipe, args.preset) if args.preset else _default_preset(args.recipe, args.teacher)
+    sets = [*args.set, *([f"data.prompts={json.dumps(str(args.prompts))}"] if args.prompts else [])]
+    cfg = resolve_config(default(), preset, args.config, sets)
     if args.dry_run:
         print(f"# fewstep distill --recipe {args.recipe} --teacher {args.teacher}: resolved config")
+        if preset is not None:
+            print(f"# preset: {preset}")
         print(to_toml(cfg), end="")
         return 0
+    from .distill import run_distill
     from .teacher import resolve_source
 
     resolve_source(args.teacher)
-    train = getattr(recipe, "distill", None)
-    if train is None:
-        raise FewstepError(f"recipe {args.recipe!r} has no training entry point yet")
     out = args.output or Path("runs") / f"{args.recipe}-{_run_name(args.teacher)}"
-    print(f"wrote {train(cfg, teacher=args.teacher, output=out, resume=args.resume)}")
+    print(f"wrote {run_distill(recipe, cfg, teacher=args.teacher, output=out, resume=args.resume)}")
     return 0
+
+
+def _default_preset(recipe: str, teacher: str) -> Path | None:
+    """The recipe's ``digits`` preset for the embedded teacher, when it has one."""
+    from .config import presets_dir
+
+    path = presets_dir() / recipe / "digits.toml"
+    return path if teacher == "digits" and path.is_file() else None
 
 
 def _run_name(teacher: str) -> str:

@@ -130,13 +130,12 @@ def export_lora(pipe: Any, model: torch.nn.Module, output: Any) -> Any:
     ``pipe.load_lora_weights(output)`` on the base pipeline reproduces it."""
     from pathlib import Path
 
-    from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
     from .io import atomic_dir
 
     slot = "transformer" if getattr(pipe, "transformer", None) is not None else "unet"
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
+    layers = get_peft_model_state_dict(model)  # peft key format: load_lora_weights reads it for every layer type
     if not layers:
         raise ValueError("the model carries no LoRA adapter to export")
     with atomic_dir(Path(output), "pytorch_lora_weights.safetensors") as tmp:

@@ -72,3 +72,14 @@ def atomic_dir(path: Path, marker: str, keep_existing: bool = False) -> Iterator
         os.replace(path, old / path.name)
         os.replace(tmp, path)
         shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def atomic_file(path: Path) -> Iterator[Path]:
+    """Write a file through a temporary name in the same folder, renamed over ``path`` only on success."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -58,7 +58,10 @@ class SamplingPlan:
 def plan_in(plan: SamplingPlan, schedule: NoiseSchedule) -> SamplingPlan:
     """The same plan on another schedule: each time mapped to the time of equal SNR. x0 estimates and the re-noise
     rule (defined through noise-to-signal ratios) are unchanged, so sampling gives the same x0 on either schedule."""
-    times = schedule.time_at_ratio(plan.schedule.ratio(torch.tensor(plan.times, dtype=torch.float64)))
+    if plan.schedule == schedule:
+        return plan
+    ratio = plan.schedule.ratio(torch.tensor(plan.times, dtype=torch.float64))
+    times = schedule.time_at_ratio(ratio.clamp_max(1e30))  # pure noise (infinite ratio) maps to t_max
     times = times.clamp(schedule.t_min, schedule.t_max)
     times = torch.where((times - schedule.t_max).abs() < 1e-9, torch.full_like(times, schedule.t_max), times)
     return SamplingPlan(schedule, tuple(float(t) for t in times), plan.gamma)

@@ -209,20 +209,58 @@ class Denoiser(nn.Module):
         t = torch.as_tensor(t, device=x_t.device, dtype=x_t.dtype).expand(x_t.shape[0])
         return from_x0(x0, x_t, self.schedule.coeffs(append_dims(t, x_t.ndim)), prediction)
 
-    def guided(self, x_t: Tensor, t: Tensor, cond: Cond, uncond: Cond, guidance: float) -> Tensor:
+    def guided(self, x_t: Tensor, t: Tensor, cond: Cond, uncond: Cond, guidance: float | Tensor) -> Tensor:
         """Classifier-free guidance on x0: x0_u + w (x0_c - x0_u), both branches in one batched forward.
 
-        w = 1 is the conditional model alone (one evaluation); w = 0 the unconditional one.
+        w = 1 is the conditional model alone (one evaluation); w = 0 the unconditional one. ``guidance`` may be a
+        (B,) tensor of per-sample scales (LCM's w ~ U[w_min, w_max]).
         """
-        if guidance == 1.0:
+        if isinstance(guidance, Tensor):
+            guidance = append_dims(guidance.to(x_t.device), x_t.ndim)
+        elif guidance == 1.0:
             return self(x_t, t, cond)
-        if guidance == 0.0:
+        elif guidance == 0.0:
             return self(x_t, t, uncond)
         batch = x_t.shape[0]
         t = torch.as_tensor(t, device=x_t.device).expand(batch)
         both = concat_cond(cond, uncond, batch, self.backbone.shared)
         x0_c, x0_u = self(torch.cat([x_t, x_t]), torch.cat([t, t]), both).chunk(2)
         return x0_u + guidance * (x0_c - x0_u)
+
+
+def guidance_condition(model: nn.Module, guidance: Tensor) -> dict[str, Any]:
+    """The condition entries through which ``model`` itself embeds a (B,) guidance scale w, as its pipeline passes
+    them: UNets with ``time_cond_proj_dim`` take ``timestep_cond``, the embedding of w - 1 (LCM's omega; what
+    StableDiffusionPipeline and LatentConsistencyModelPipeline compute); Flux-style ``guidance_embeds`` models take
+    ``guidance``. Empty for models that do not embed w."""
+    config = getattr(model, "config", None)
+    dim = getattr(config, "time_cond_proj_dim", None)
+    if dim is not None:
+        from diffusers import LatentConsistencyModelPipeline
+
+        # a pure function that diffusers defines as a pipeline method (self is unused)
+        embed = LatentConsistencyModelPipeline.get_guidance_scale_embedding
+        return {"timestep_cond": embed(None, guidance.float() - 1.0, embedding_dim=dim)}  # type: ignore[arg-type]
+    if getattr(config, "guidance_embeds", False):
+        return {"guidance": guidance.float()}
+    return {}
+
+
+def add_guidance_embedding(model: nn.Module, dim: int = 256) -> nn.Module | None:
+    """A copy of ``model`` that also embeds the guidance scale (LCM's w-embedding, Luo et al. 2023, Sec. 4.2), with the
+    teacher's weights; None when the backbone has no slot for it. UNet2DConditionModel gets ``time_cond_proj_dim`` (a
+    new, randomly initialised projection, as diffusers' LCM distillation script does); models that already embed w
+    are returned as copies."""
+    config = getattr(model, "config", None)
+    if getattr(config, "time_cond_proj_dim", None) is not None or getattr(config, "guidance_embeds", False):
+        return copy.deepcopy(model)
+    if type(model).__name__ != "UNet2DConditionModel":
+        return None
+    student = type(model).from_config({**dict(config), "time_cond_proj_dim": dim})  # type: ignore[attr-defined,arg-type]
+    missing, unexpected = student.load_state_dict(model.state_dict(), strict=False)
+    if unexpected or any("cond_proj" not in key for key in missing):
+        raise FewstepError(f"guidance embedding: unexpected weights {unexpected[:3]}, missing {missing[:3]}")
+    return student.to(next(model.parameters()).device, next(model.parameters()).dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -236,6 +236,10 @@ class Trainer:
                     self.save()
                 if cfg.max_minutes is not None and (time.perf_counter() - start) / 60 >= cfg.max_minutes:
                     break
+        except KeyboardInterrupt:
+            bar.close()
+            path = self.save()
+            raise FewstepError(f"interrupted at step {self.step}; saved {path}, continue with --resume") from None
         finally:
             bar.close()
             if writer is not None:

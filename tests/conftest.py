@@ -299,6 +299,57 @@ def tiny_sd_pipeline() -> Any:
     )  # fmt: skip
 
 
+def tiny_sd3_pipeline() -> Any:
+    """StableDiffusion3Pipeline with a tiny SD3 transformer, VAE, two CLIP text encoders and a T5 encoder (with a
+    small unigram tokenizer built in-process): 16x16 images from 8x8x4 latents."""
+    import string
+
+    import diffusers as d
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel, T5Tokenizer
+
+    torch.manual_seed(0)
+    tokenizer = tiny_clip_tokenizer()
+
+    def encoder() -> Any:
+        return CLIPTextModelWithProjection(
+            CLIPTextConfig(
+                vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_attention_heads=4,
+                num_hidden_layers=2, max_position_embeddings=77, projection_dim=32,
+                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=1,
+            )
+        )  # fmt: skip
+
+    letters = string.ascii_lowercase
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    pieces += [(c, -3.0) for c in letters + string.digits + ".,"] + [("\u2581" + c, -2.5) for c in letters]
+    t5_tokenizer = T5Tokenizer(vocab=pieces, extra_ids=0)
+    t5_config = T5Config(
+        vocab_size=len(t5_tokenizer),
+        d_model=64,
+        d_kv=8,
+        d_ff=32,
+        num_layers=1,
+        num_heads=2,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
+    transformer = d.SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=64, caption_projection_dim=16, pooled_projection_dim=64,
+        pos_embed_max_size=8,
+    )  # fmt: skip
+    vae = d.AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=4,
+        sample_size=16, shift_factor=0.0, scaling_factor=1.0,
+    )  # fmt: skip
+    return d.StableDiffusion3Pipeline(
+        transformer=transformer, vae=vae, text_encoder=encoder(), tokenizer=tokenizer, text_encoder_2=encoder(),
+        tokenizer_2=tiny_clip_tokenizer(), text_encoder_3=T5EncoderModel(t5_config), tokenizer_3=t5_tokenizer,
+        scheduler=d.FlowMatchEulerDiscreteScheduler(shift=3.0),
+    )  # fmt: skip
+
+
 TINY_OPEN_CLIP = {
     "embed_dim": 16,
     "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},

@@ -13,7 +13,10 @@ from ..errors import FewstepError
 ENTRY_POINT_GROUP = "fewstep.recipes"
 
 # name -> "module:Class"; recipes register here as their issues land.
-BUILTIN: dict[str, str] = {}
+BUILTIN: dict[str, str] = {
+    "lcm": "fewstep.recipes.lcm:LCM",
+    "scm": "fewstep.recipes.scm:SCM",
+}
 
 
 def available() -> dict[str, str]:

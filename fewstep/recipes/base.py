@@ -15,6 +15,25 @@ from torch import Tensor, nn
 from ..sampling import SamplingPlan
 
 
+@dataclass
+class Batch:
+    """One training batch as every recipe sees it.
+
+    x0: clean samples (B, C, H, W) (real images, or teacher samples for image-free runs), or None.
+    cond / uncond: the Denoiser's condition for each sample and for the unconditional branch of guidance.
+    """
+
+    x0: Tensor | None
+    cond: dict[str, Any]
+    uncond: dict[str, Any]
+
+    @property
+    def size(self) -> int:
+        if self.x0 is not None:
+            return int(self.x0.shape[0])
+        return next(int(v.shape[0]) for v in self.cond.values() if isinstance(v, Tensor) and v.ndim > 0)
+
+
 @dataclass(frozen=True)
 class OptimizerSpec:
     """AdamW settings of one trainable network."""
@@ -49,6 +68,15 @@ class Recipe(ABC):
     def after_step(self, step: int) -> None:
         """The recipe's own bookkeeping after the optimizers stepped (e.g. an EMA target network)."""
         return None
+
+    def export_module(self, student: nn.Module) -> nn.Module:
+        """The backbone to export from the (EMA copy of the) ``"student"`` network (a recipe may train extra heads)."""
+        return student
+
+    @property
+    def is_lora(self) -> bool:
+        """Whether the student is a LoRA adapter on the teacher (exported as LoRA weights, not a full folder)."""
+        return False
 
     def plan(self) -> dict[int, SamplingPlan]:
         """The sampling plan for each supported step count (drives sampling, bench and export)."""

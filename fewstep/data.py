@@ -1,0 +1,110 @@
+"""Training batches for recipes: batch k is a pure function of k (so data order survives a resume).
+
+- ``DigitsBatches``: the embedded digits train split with class labels; the unconditional branch is DiT's null class.
+- ``PromptBatches``: cached prompt conditions of a text-to-image teacher, each with an x0 latent. Image-free by
+  default: the x0 are the teacher's own samples for those prompts (its Euler sampler, computed once and cached).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .recipes.base import Batch
+from .sampling import euler_sample, euler_times
+from .teacher import Denoiser
+from .train import DataStream
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where a text-to-image run's conditions and x0 come from (the digits world ignores it)."""
+
+    prompts: str | None = None  # text file, JSONL or parquet (``prompt_field``)
+    prompt_field: str = "prompt"
+    negative_prompt: str = ""  # the unconditional branch of guidance
+    teacher_steps: int = 25  # Euler steps of the teacher's samples that stand in for images
+    teacher_guidance: float = 4.5  # guidance of those samples
+    seed: int = 0
+
+
+def null_class_of(model: Any) -> int:
+    """The label index a class-conditional DiT reserves for the unconditional branch (its extra embedding row)."""
+    return int(model.config.num_embeds_ada_norm)
+
+
+class DigitsBatches:
+    """Class-labelled digits from the train split, in a seeded per-epoch order."""
+
+    def __init__(self, null_class: int, batch_size: int, seed: int = 0):
+        from .digits.data import load_split
+
+        train = load_split("train")
+        self.stream = DataStream([train.images, train.labels], batch_size=batch_size, seed=seed)
+        self.null_class = null_class
+
+    def __call__(self, index: int) -> Batch:
+        x0, labels = self.stream.batch(index)
+        return Batch(x0, {"class_labels": labels}, {"class_labels": torch.full_like(labels, self.null_class)})
+
+
+@torch.no_grad()
+def teacher_samples(
+    teacher: Denoiser, cond: dict[str, Tensor], uncond: dict[str, Tensor], shape: tuple[int, ...],
+    guidance: float, steps: int, seed: int, batch: int = 16, progress: bool = True,
+) -> Tensor:  # fmt: skip
+    """One x0 per condition row: the teacher's guided Euler sampler from seeded noise."""
+    n = next(iter(cond.values())).shape[0]
+    gen = torch.Generator().manual_seed(seed)
+    noise = torch.randn((n, *shape), generator=gen)
+    times = euler_times(teacher.native, steps)
+    out = []
+    for i in tqdm(range(0, n, batch), desc="teacher samples", disable=not progress):
+        part = {k: v[i : i + batch] for k, v in cond.items()}
+        denoise = lambda x, t, part=part: teacher.guided(x, t, part, uncond, guidance)  # noqa: E731
+        out.append(euler_sample(denoise, teacher.native, noise[i : i + batch], times))
+    return torch.cat(out)  # type: ignore[arg-type]
+
+
+class PromptBatches:
+    """Rows of (x0, prompt condition) drawn in a seeded per-epoch order; uncond is one shared row."""
+
+    def __init__(self, x0: Tensor, cond: dict[str, Tensor], uncond: dict[str, Tensor], batch_size: int, seed: int = 0):
+        self.x0, self.cond, self.uncond = x0, cond, uncond
+        self.stream = DataStream([torch.arange(len(x0))], batch_size=batch_size, seed=seed)
+
+    @classmethod
+    def for_teacher(
+        cls, pipe: Any, teacher: Denoiser, source: str, cfg: DataConfig, batch_size: int, seed: int, cache_dir: Path
+    ) -> PromptBatches:
+        from safetensors.torch import load_file, save_file
+
+        from .errors import FewstepError
+        from .io import atomic_file
+        from .prompts import read_prompts
+        from .text import cache_key, cached_prompt_conditions, latent_shape
+
+        if cfg.prompts is None:
+            raise FewstepError(f"{type(pipe).__name__} is a text-to-image teacher: pass --prompts FILE")
+        prompts = read_prompts(cfg.prompts, cfg.prompt_field)
+        cond, uncond = cached_prompt_conditions(pipe, source, prompts, cfg.negative_prompt, cache_dir)
+        settings = f"{cfg.negative_prompt}|{cfg.teacher_steps}|{cfg.teacher_guidance}|{cfg.seed}"
+        key = cache_key(source, prompts, settings)
+        path = cache_dir / f"teacher-samples-{key}.safetensors"
+        if path.is_file():
+            x0 = load_file(str(path))["x0"]
+        else:
+            shape = latent_shape(teacher.model)
+            x0 = teacher_samples(teacher, cond, uncond, shape, cfg.teacher_guidance, cfg.teacher_steps, cfg.seed)
+            with atomic_file(path) as tmp:
+                save_file({"x0": x0.contiguous()}, str(tmp))
+        return cls(x0, cond, uncond, batch_size, seed)
+
+    def __call__(self, index: int) -> Batch:
+        (idx,) = self.stream.batch(index)
+        return Batch(self.x0[idx], {k: v[idx] for k, v in self.cond.items()}, dict(self.uncond))

@@ -1,0 +1,93 @@
+"""``fewstep distill``: teacher -> recipe -> Trainer -> exported student (-> bench report on the digits world).
+
+Run folder layout:
+  checkpoints/   resumable training state (``--resume``)
+  student/       the few-step student: a diffusers folder, or LoRA weights plus ``scheduler/`` for LoRA recipes
+  bench/         (digits world) report.json / report.md / plots: the student's rows next to the teacher's
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import FewstepError
+from .recipes.base import Recipe
+from .teacher import Denoiser
+
+
+def training_data(pipe: Any, teacher: Denoiser, source: str, cfg: Any, cache_dir: Path) -> Any:
+    """Batches for the teacher's world: digits images with class labels, or cached prompt conditions with the
+    teacher's own samples as x0 (image-free)."""
+    from .data import DigitsBatches, PromptBatches, null_class_of
+    from .digits.pipeline import DigitsPipeline
+
+    train = cfg.train
+    if isinstance(pipe, DigitsPipeline):
+        return DigitsBatches(null_class_of(teacher.model), train.batch_size, train.seed)
+    return PromptBatches.for_teacher(pipe, teacher, source, cfg.data, train.batch_size, train.seed, cache_dir)
+
+
+def export_student(
+    recipe: Recipe, student: torch.nn.Module, pipe: Any, native: Any, prediction: str, out: Path
+) -> Path:
+    """Write the student with the scheduler that reproduces the recipe's plans in the teacher's own time."""
+    from .export import export_lora, export_pipeline, scheduler_for_plan
+    from .io import atomic_dir
+    from .sampling import plan_in
+
+    plans = {n: plan_in(p, native) for n, p in recipe.plan().items()}
+    scheduler = scheduler_for_plan(plans, prediction)
+    model = recipe.export_module(student)
+    if not recipe.is_lora:
+        return Path(export_pipeline(pipe, model, scheduler, out))
+    export_lora(pipe, model, out)
+    with atomic_dir(out / "scheduler", "scheduler_config.json") as tmp:
+        scheduler.save_pretrained(tmp)
+    return out
+
+
+def run_distill(
+    recipe_cls: type[Recipe], cfg: Any, teacher: str, output: Path, resume: str | None = None, bench: bool = True
+) -> Path:
+    """Train ``recipe_cls`` with ``cfg`` on ``teacher`` into ``output``; returns the student folder.
+
+    ``resume``: None starts fresh (refusing a folder that already holds checkpoints), "" continues from the last good
+    checkpoint in ``output/checkpoints``, a path continues from that checkpoint.
+    """
+    from .config import to_toml
+    from .teacher import load_denoiser
+    from .train import Trainer
+
+    ckpt_dir = output / "checkpoints"
+    if resume is None and ckpt_dir.is_dir() and any(ckpt_dir.iterdir()):
+        raise FewstepError(f"{output} already holds checkpoints: pass --resume to continue or choose another --output")
+    denoiser, pipe = load_denoiser(teacher)
+    recipe = recipe_cls(denoiser, cfg)  # type: ignore[call-arg]
+    train_cfg = cfg.train
+    data = training_data(pipe, denoiser, teacher, cfg, output / "cache")
+    trainer = Trainer(recipe, train_cfg, ckpt_dir, data)
+    if resume is not None:
+        found = trainer.resume(Path(resume) if resume else None)
+        print(f"resumed from {found} (step {trainer.step})")
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "config.toml").write_text(to_toml(cfg))
+    trainer.fit()
+    student = trainer.ema.get("student") or trainer.accelerator.unwrap_model(trainer.nets["student"])
+    folder = export_student(recipe, student, pipe, denoiser.native, denoiser.prediction, output / "student")
+    summary = {"steps": trainer.step, "skipped": trainer.skipped, "recipe": recipe.name, "teacher": teacher}
+    (output / "training.json").write_text(json.dumps(summary) + "\n")
+    if bench and teacher == "digits" and not recipe.is_lora:
+        bench_student(folder, teacher, sorted(recipe.plan()), output / "bench")
+    return folder
+
+
+def bench_student(student: Path, teacher: str, steps: list[int], report: Path) -> None:
+    """The student at its plan's step counts next to the teacher at the same counts and at 50 steps (one report)."""
+    from .bench import BenchConfig, run_bench
+
+    run_bench([teacher], report, BenchConfig(steps=tuple(sorted({*steps, 50}))))
+    run_bench([str(student)], report, BenchConfig(steps=tuple(steps)))

@@ -1,0 +1,144 @@
+"""LCM: latent consistency distillation (Luo et al., 2023) and its LoRA variant (LCM-LoRA, Luo et al., 2023b).
+
+Each step (LCM Alg. 1, in the teacher's own time t):
+  t_{n+k} -> t_n: two neighbours of an N-point skipping grid over the teacher's sampling range,
+  x_{t_{n+k}} = alpha x0 + sigma eps, w ~ U[w_min, w_max],
+  x_{t_n} = one DDIM step of the teacher's probability-flow ODE with guidance w (Euler for flow teachers),
+  f(x, t) = c_skip(t) x + c_out(t) x0_theta(x, t) (boundary scalings, LCMScheduler's form),
+  loss = pseudo-Huber(f_theta(x_{t_{n+k}}, t_{n+k}, w), sg f_target(x_{t_n}, t_n, w)),
+with the target an EMA of the student (mu = 0.95). With ``lora_rank`` > 0 the student is a LoRA on the teacher, w is
+not embedded, and the target is the student itself without gradient (LCM-LoRA).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from ..data import DataConfig
+from ..errors import FewstepError
+from ..lora import add_lora
+from ..losses import lcm_boundary, pseudo_huber
+from ..sampling import SamplingPlan, euler_times
+from ..schedules import append_dims, ddim_step
+from ..teacher import Denoiser, add_guidance_embedding, guidance_condition
+from ..train import TrainConfig
+from .base import Batch, OptimizerSpec, Recipe
+
+
+@dataclass(frozen=True)
+class LCMConfig:
+    num_ddim_timesteps: int = 50  # the skipping-step grid: 50 points over 1000 DDPM steps, k = 20 (LCM Sec. 4.3)
+    skip: int = 1  # grid intervals per teacher step (1 on the 50-point grid is LCM's k = 20)
+    w_min: float = 3.0  # guidance w ~ U[w_min, w_max] as x0_u + w (x0_c - x0_u); LCM's omega in [2, 14] is w - 1
+    w_max: float = 15.0
+    w_embedding: bool = True  # embed w in the student (full fine-tuning only, where the backbone has a slot)
+    w_embedding_dim: int = 256  # diffusers' LCM distillation script: time_cond_proj_dim = 256
+    huber_c: float = 0.001  # pseudo-Huber c (diffusers' LCM distillation scripts)
+    target_ema: float = 0.95  # EMA rate mu of the target network (LCM Sec. 4.3)
+    timestep_scaling: float = 10.0  # boundary-condition scalings, as LCMScheduler's timestep_scaling
+    lora_rank: int = 0  # > 0: LCM-LoRA (rank 64 in Luo et al. 2023b)
+    lr: float = 1e-6  # full fine-tuning; LCM-LoRA presets raise it (1e-4)
+    betas: tuple[float, float] = (0.9, 0.999)
+    plan_steps: tuple[int, ...] = (1, 2, 4)
+    gamma: float = 1.0  # re-noising of multistep sampling: 1 = fresh noise (LCM's multistep sampler)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+
+class LCM(Recipe):
+    name = "lcm"
+    paper: ClassVar[str] = "LCM / LCM-LoRA, latent consistency distillation (Luo et al. 2023)"
+    Config: ClassVar[type] = LCMConfig
+
+    def __init__(self, teacher: Denoiser, cfg: LCMConfig = LCMConfig()):
+        if cfg.w_min > cfg.w_max:
+            raise FewstepError(f"lcm: w_min {cfg.w_min} > w_max {cfg.w_max}")
+        if not 1 <= cfg.skip < cfg.num_ddim_timesteps:
+            raise FewstepError(f"lcm: skip must lie in [1, num_ddim_timesteps), got {cfg.skip}")
+        self.cfg = cfg
+        self.teacher = teacher
+        teacher.model.requires_grad_(False).eval()
+        model: nn.Module | None = None
+        if cfg.lora_rank > 0:
+            model = add_lora(copy.deepcopy(teacher.model), cfg.lora_rank)
+        elif cfg.w_embedding and cfg.w_min != cfg.w_max:
+            model = add_guidance_embedding(teacher.model, cfg.w_embedding_dim)
+        if model is None:
+            model = copy.deepcopy(teacher.model).requires_grad_(True)
+        self.embeds_w = bool(guidance_condition(model, torch.ones(1)))
+        if cfg.w_min != cfg.w_max and not self.embeds_w and cfg.lora_rank == 0:
+            raise FewstepError(
+                f"lcm: {type(model).__name__} cannot embed the guidance scale; set w_min = w_max (a fixed w)"
+            )
+        self.model = model.eval()  # eval: no dropout, and DiT drops no labels on its own (../shared/DIGITS.md)
+        self.student = Denoiser(self.model, teacher.native, teacher.prediction, backbone=teacher.backbone)
+        # LCM: an EMA target network; LCM-LoRA: the student itself, without gradient
+        self.target_model = self.model if cfg.lora_rank > 0 else copy.deepcopy(self.model).requires_grad_(False)
+        self.target = Denoiser(self.target_model, teacher.native, teacher.prediction, backbone=teacher.backbone)
+        self.grid = torch.tensor(euler_times(teacher.native, cfg.num_ddim_timesteps))  # t_max ... t_min, descending
+
+    def trainable(self) -> dict[str, nn.Module]:
+        return {"student": self.model}
+
+    def optimizer(self, name: str) -> OptimizerSpec:
+        return OptimizerSpec(lr=self.cfg.lr, betas=self.cfg.betas)
+
+    def f(self, denoiser: Denoiser, x: Tensor, t: Tensor, cond: dict[str, Any]) -> Tensor:
+        """The consistency function f(x, t) = c_skip x + c_out x0(x, t) (identity at the boundary t_min)."""
+        timestep = denoiser.native.to_model_timestep(t)
+        c_skip, c_out = (append_dims(c, x.ndim) for c in lcm_boundary(timestep, scaling=self.cfg.timestep_scaling))
+        return c_skip * x + c_out * denoiser(x, t, cond)
+
+    def loss(self, batch: Batch, step: int) -> dict[str, Tensor]:
+        cfg, native = self.cfg, self.teacher.native
+        if batch.x0 is None:
+            raise FewstepError("lcm needs x0 samples (real images, or teacher samples for image-free runs)")
+        x0 = batch.x0
+        b = x0.shape[0]
+        n = torch.randint(0, cfg.num_ddim_timesteps - cfg.skip + 1, (b,))
+        t, s = self.grid[n].to(x0), self.grid[n + cfg.skip].to(x0)  # t = t_{n+k} > s = t_n
+        w = cfg.w_min + (cfg.w_max - cfg.w_min) * torch.rand(b)
+        cond = dict(batch.cond)
+        if self.embeds_w:
+            cond.update(guidance_condition(self.model, w))
+        x_t = native.add_noise(x0, torch.randn_like(x0), t)
+        with torch.no_grad():
+            guidance: float | Tensor = cfg.w_min if cfg.w_min == cfg.w_max else w
+            x0_teacher = self.teacher.guided(x_t, t, batch.cond, batch.uncond, guidance)
+            c_t, c_s = native.coeffs(append_dims(t, x0.ndim)), native.coeffs(append_dims(s, x0.ndim))
+            x_s = ddim_step(x0_teacher, x_t, c_t, c_s)
+            target = self.f(self.target, x_s, s, cond)
+        pred = self.f(self.student, x_t, t, cond)
+        return {"student": pseudo_huber(pred, target, cfg.huber_c).mean()}
+
+    @torch.no_grad()
+    def after_step(self, step: int) -> None:
+        if self.target_model is self.model:
+            return
+        for p_target, p in zip(self.target_model.parameters(), self.model.parameters(), strict=True):
+            p_target.lerp_(p.detach(), 1 - self.cfg.target_ema)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {} if self.target_model is self.model else {"target": self.target_model.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "target" in state:
+            self.target_model.load_state_dict(state["target"])
+
+    @property
+    def is_lora(self) -> bool:
+        return self.cfg.lora_rank > 0
+
+    def plan(self) -> dict[int, SamplingPlan]:
+        """n steps at every (N // n)-th grid time from t_max, as LCMScheduler picks its timesteps."""
+        plans = {}
+        for n in self.cfg.plan_steps:
+            every = max(self.cfg.num_ddim_timesteps // n, 1)
+            times = tuple(float(t) for t in self.grid[::every][:n])
+            plans[n] = SamplingPlan(self.teacher.native, times, gamma=self.cfg.gamma)
+        return plans

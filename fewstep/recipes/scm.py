@@ -1,0 +1,127 @@
+"""sCM: continuous-time consistency distillation in TrigFlow (Lu & Song, 2024; SANA-Sprint, Chen et al., 2025).
+
+The student starts from the teacher's weights and answers in TrigFlow time through the exact change of variables
+(no retraining: SANA-Sprint Sec. 3.1). Each step (Lu & Song, Alg. 1 with the JVP rearrangement):
+  t ~ log-normal proposal, x_t = cos t x0 + sin t sd eps
+  dx_t/dt from the teacher (PF-ODE velocity in TrigFlow time)
+  F^-, dF^-/dt = jvp(F_student, (x_t, t), (cos t sin t dx_t/dt, cos t sin t)) under no_grad
+  g = normalize(-cos^2 t (sd F^- - dx_t/dt) - r (cos t sin t x_t + sd dF^-/dt))
+  loss = (w(t) / e^logvar(t)) ||F_theta - sg(F^- + g)||^2 + logvar(t)
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from ..attention import jvp_attention
+from ..data import DataConfig
+from ..errors import FewstepError
+from ..losses import (
+    adaptive_weighted_loss,
+    normalize_tangent,
+    scm_tangent,
+    tangent_warmup,
+    trigflow_time_proposal,
+    trigflow_weight,
+)
+from ..sampling import SamplingPlan
+from ..schedules import TrigFlow, append_dims, velocity
+from ..teacher import Denoiser
+from ..train import TrainConfig
+from .base import Batch, OptimizerSpec, Recipe
+
+
+@dataclass(frozen=True)
+class SCMConfig:
+    sigma_data: float = 0.5  # TrigFlow's sd (Lu & Song, Sec. 2; SANA-Sprint)
+    p_mean: float = 0.2  # log-normal proposal over sd tan t (SANA-Sprint train_scm_ladd: 0.2, 1.6)
+    p_std: float = 1.6
+    tangent_warmup_steps: int = 200  # SANA-Sprint uses 4000 for 20k+ steps; scaled to short runs
+    tangent_c: float = 0.1  # g / (||g|| + c), Lu & Song Sec. 4.2
+    lr: float = 1e-4
+    logvar_lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    plan_mid: float = 1.1  # the 2-step plan's second time (rad); fixed in advance, never picked on the test metric
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+
+class LogVar(nn.Module):
+    """The learned adaptive weight logvar(t): Fourier features of t -> a linear layer (EDM2-style)."""
+
+    def __init__(self, channels: int = 128):
+        super().__init__()
+        self.freqs: Tensor
+        self.register_buffer("freqs", torch.randn(channels // 2, generator=torch.Generator().manual_seed(0)) * 4)
+        self.linear = nn.Linear(channels, 1)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, t: Tensor) -> Tensor:
+        phase = t.float()[:, None] * self.freqs[None] * 2 * math.pi
+        return self.linear(torch.cat([phase.cos(), phase.sin()], dim=1))[:, 0]
+
+
+class SCM(Recipe):
+    name = "scm"
+    paper: ClassVar[str] = "sCM, continuous-time consistency distillation (Lu & Song 2024; SANA-Sprint 2025)"
+    Config: ClassVar[type] = SCMConfig
+
+    def __init__(self, teacher: Denoiser, cfg: SCMConfig = SCMConfig()):
+        self.cfg = cfg
+        self.trig = TrigFlow(sigma_data=cfg.sigma_data)
+        self.teacher = teacher.with_schedule(self.trig)
+        self.teacher.model.requires_grad_(False).eval()
+        # eval mode while training: no dropout and, for DiT, no per-block random label dropping (../shared/DIGITS.md)
+        student_model = copy.deepcopy(teacher.model).requires_grad_(True).eval()
+        self.student = Denoiser(student_model, teacher.native, teacher.prediction, self.trig, teacher.backbone)
+        self.logvar = LogVar()
+        self.nets = nn.ModuleDict({"model": student_model, "logvar": self.logvar})
+
+    def trainable(self) -> dict[str, nn.Module]:
+        return {"student": self.nets}
+
+    def optimizer(self, name: str) -> OptimizerSpec:
+        return OptimizerSpec(lr=self.cfg.lr, betas=self.cfg.betas)
+
+    def F(self, x_t: Tensor, t: Tensor, cond: dict[str, Any]) -> Tensor:
+        """The student's TrigFlow output F_theta(x_t, t) (Lu & Song, Eq. 4: x0 = cos t x_t - sin t sd F)."""
+        return self.student.predict(x_t, t, cond, prediction="trigflow")
+
+    def loss(self, batch: Batch, step: int) -> dict[str, Tensor]:
+        cfg = self.cfg
+        if batch.x0 is None:
+            raise FewstepError("scm needs x0 samples (real images, or teacher samples for image-free runs)")
+        x0, cond = batch.x0, batch.cond
+        t = trigflow_time_proposal(x0.shape[0], cfg.p_mean, cfg.p_std, cfg.sigma_data).clamp(1e-3, math.pi / 2 - 1e-3)
+        eps = torch.randn_like(x0)
+        x_t = self.trig.add_noise(x0, eps, t)
+        with torch.no_grad():
+            dxt_dt = velocity(self.teacher(x_t, t, cond), x_t, self.trig.coeffs(append_dims(t, x_t.ndim)))
+            cos_sin = t.cos() * t.sin()
+            with jvp_attention():
+                tangents = (append_dims(cos_sin, x_t.ndim) * dxt_dt, cos_sin)
+                F_minus, dF_dt = torch.func.jvp(lambda x, s: self.F(x, s, cond), (x_t, t), tangents)[:2]
+            r = tangent_warmup(step, cfg.tangent_warmup_steps)
+            g = normalize_tangent(scm_tangent(F_minus, dF_dt, dxt_dt, x_t, t, cfg.sigma_data, r), cfg.tangent_c)
+            target = F_minus + g
+        F_theta = self.F(x_t, t, cond)
+        loss = adaptive_weighted_loss(F_theta, target, self.logvar(t), trigflow_weight(t, cfg.sigma_data))
+        return {"student": loss.mean()}
+
+    def export_module(self, student: nn.Module) -> nn.Module:
+        assert isinstance(student, nn.ModuleDict)  # {"model", "logvar"}: the logvar head is training-only
+        return student["model"]
+
+    def plan(self) -> dict[int, SamplingPlan]:
+        """1 step from pure noise; 2 steps re-noised at ``plan_mid`` (fresh noise, as sCM's multistep sampler)."""
+        return {
+            1: SamplingPlan(self.trig, (math.pi / 2,), gamma=1.0),
+            2: SamplingPlan(self.trig, (math.pi / 2, self.cfg.plan_mid), gamma=1.0),
+        }

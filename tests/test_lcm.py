@@ -1,0 +1,71 @@
+"""The LCM recipe: boundary condition, target-network EMA, the plan's times, LoRA variant, and a training step."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from fewstep.data import DigitsBatches, null_class_of
+from fewstep.errors import FewstepError
+from fewstep.recipes.lcm import LCM, LCMConfig
+from fewstep.teacher import load_denoiser
+from fewstep.train import TrainConfig, Trainer
+
+FIXED_W = {"w_min": 1.0, "w_max": 1.0}
+
+
+def test_consistency_function_is_the_identity_at_the_boundary(random_digits: Path) -> None:
+    teacher, _ = load_denoiser(str(random_digits))
+    recipe = LCM(teacher, LCMConfig(**FIXED_W))
+    x = torch.randn(3, 1, 8, 8)
+    cond = {"class_labels": torch.arange(3)}
+    t0 = torch.zeros(3)
+    torch.testing.assert_close(recipe.f(recipe.student, x, t0, cond), x)
+    t = torch.full((3,), 0.5)  # away from it, f is the x0 estimate up to c_skip ~ 1e-8
+    torch.testing.assert_close(recipe.f(recipe.student, x, t, cond), recipe.student(x, t, cond), atol=1e-6, rtol=0)
+
+
+def test_plan_takes_every_kth_grid_time_as_lcm_scheduler(random_digits: Path) -> None:
+    teacher, _ = load_denoiser(str(random_digits))
+    plans = LCM(teacher, LCMConfig(**FIXED_W)).plan()
+    # flow teacher without shift: the 50-point grid is 1, 0.98, ...; LCMScheduler takes every 50 // n-th point
+    assert plans[1].times == pytest.approx((1.0,))
+    assert plans[2].times == pytest.approx((1.0, 0.5))
+    assert plans[4].times == pytest.approx((1.0, 0.76, 0.52, 0.28))
+    assert all(p.gamma == 1.0 for p in plans.values())
+
+
+def test_training_moves_the_student_and_the_target_follows_by_ema(random_digits: Path, tmp_path: Path) -> None:
+    teacher, _ = load_denoiser(str(random_digits))
+    frozen = [p.detach().clone() for p in teacher.model.parameters()]
+    recipe = LCM(teacher, LCMConfig(**FIXED_W, lr=1e-3))
+    target_before = [p.detach().clone() for p in recipe.target_model.parameters()]
+    data = DigitsBatches(null_class_of(teacher.model), batch_size=8)
+    trainer = Trainer(recipe, TrainConfig(max_steps=1, batch_size=8, progress=False), tmp_path, data)
+    history = trainer.fit()
+    assert len(history) == 1 and torch.isfinite(torch.tensor(history[0]["student"]))
+    assert all(torch.equal(a, b) for a, b in zip(frozen, teacher.model.parameters(), strict=True))
+    mu = recipe.cfg.target_ema
+    for before, target, live in zip(target_before, recipe.target_model.parameters(), recipe.model.parameters(),
+                                    strict=True):  # fmt: skip
+        torch.testing.assert_close(target, mu * before + (1 - mu) * live)
+    assert any(not torch.equal(a, b) for a, b in zip(target_before, recipe.model.parameters(), strict=True))
+
+
+def test_lora_variant_trains_only_the_adapter_and_has_no_separate_target(random_digits: Path) -> None:
+    teacher, _ = load_denoiser(str(random_digits))
+    recipe = LCM(teacher, LCMConfig(**FIXED_W, lora_rank=4))
+    trainable = [n for n, p in recipe.model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert recipe.target_model is recipe.model and recipe.is_lora
+    batch = DigitsBatches(null_class_of(teacher.model), batch_size=4)(0)
+    recipe.loss(batch, 0)["student"].backward()
+    assert all(p.grad is None for n, p in recipe.model.named_parameters() if "lora_" not in n)
+
+
+def test_sampled_guidance_needs_a_backbone_that_embeds_it(random_digits: Path) -> None:
+    teacher, _ = load_denoiser(str(random_digits))
+    with pytest.raises(FewstepError, match="cannot embed the guidance scale"):
+        LCM(teacher, LCMConfig(w_min=2.0, w_max=4.0))

@@ -1,0 +1,43 @@
+"""The sCM recipe on a small random digits pipeline: the training step runs through the JVP and trains only the
+student; at initialisation the student's TrigFlow velocity equals the teacher's, so the first tangent term is 0."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from fewstep.digits.data import load_split
+from fewstep.recipes.scm import SCM, SCMConfig
+from fewstep.sampling import plan_in
+from fewstep.schedules import Flow, append_dims, velocity
+from fewstep.teacher import load_denoiser
+from fewstep.train import DataStream, TrainConfig, Trainer
+
+
+def test_student_starts_as_the_teacher(random_digits: Path) -> None:
+    teacher, _ = load_denoiser(str(random_digits))
+    recipe = SCM(teacher, SCMConfig())
+    x, labels = torch.randn(4, 1, 8, 8), torch.arange(4)
+    t = torch.tensor([0.2, 0.7, 1.2, 1.5])
+    cond = {"class_labels": labels}
+    with torch.no_grad():
+        dxt_dt = velocity(recipe.teacher(x, t, cond), x, recipe.trig.coeffs(append_dims(t, x.ndim)))
+        F = recipe.F(x, t, cond)
+    torch.testing.assert_close(recipe.cfg.sigma_data * F, dxt_dt, rtol=1e-4, atol=1e-4)  # dx/dt = sd F
+
+
+def test_training_steps_move_only_the_student(random_digits: Path, tmp_path: Path) -> None:
+    teacher, _ = load_denoiser(str(random_digits))
+    frozen = [p.detach().clone() for p in teacher.model.parameters()]
+    recipe = SCM(teacher, SCMConfig(tangent_warmup_steps=2))
+    train = load_split("train")
+    data = DataStream([train.images, train.labels], batch_size=8, seed=0)
+    trainer = Trainer(recipe, TrainConfig(max_steps=3, batch_size=8, progress=False), tmp_path, data.batch)
+    history = trainer.fit()
+    assert len(history) == 3 and all(torch.isfinite(torch.tensor(h["student"])) for h in history)
+    assert all(torch.equal(a, b) for a, b in zip(frozen, teacher.model.parameters(), strict=True))
+    moved = [not torch.equal(a, b) for a, b in zip(frozen, recipe.student.model.parameters(), strict=True)]
+    assert any(moved)
+    plans = {n: plan_in(p, Flow()) for n, p in recipe.plan().items()}
+    assert plans[1].times == (1.0,) and 0 < plans[2].times[1] < 1
