@@ -73,6 +73,10 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if hint is Any:
         return value
+    if origin is typing.Literal:
+        if value not in args:
+            raise FewstepError(f"{where}: expected one of {', '.join(map(repr, args))}, got {value!r}")
+        return value
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None

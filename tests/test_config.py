@@ -77,3 +77,11 @@ def test_distill_dry_run_prints_resolved_config(
     assert "steps = 5" in out and "[lora]" in out
     assert main(["distill", "--recipe", "toy", "--preset", "missing", "--dry-run"]) == 2
     assert "no preset 'missing'" in capsys.readouterr().err
+
+
+def test_literal_fields_accept_only_their_values() -> None:
+    from fewstep.recipes.scm import SCMConfig
+
+    assert resolve_config(SCMConfig(), sets=["jvp=fd"]).jvp == "fd"
+    with pytest.raises(FewstepError, match="expected one of 'auto', 'jvp', 'fd'"):
+        resolve_config(SCMConfig(), sets=["jvp=forward"])

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import torch
 
-from fewstep.digits.data import load_split
+from fewstep.data import DigitsBatches, null_class_of
 from fewstep.recipes.scm import SCM, SCMConfig
 from fewstep.sampling import plan_in
 from fewstep.schedules import Flow, append_dims, velocity
 from fewstep.teacher import load_denoiser
-from fewstep.train import DataStream, TrainConfig, Trainer
+from fewstep.train import TrainConfig, Trainer
 
 
 def test_student_starts_as_the_teacher(random_digits: Path) -> None:
@@ -31,9 +31,8 @@ def test_training_steps_move_only_the_student(random_digits: Path, tmp_path: Pat
     teacher, _ = load_denoiser(str(random_digits))
     frozen = [p.detach().clone() for p in teacher.model.parameters()]
     recipe = SCM(teacher, SCMConfig(tangent_warmup_steps=2))
-    train = load_split("train")
-    data = DataStream([train.images, train.labels], batch_size=8, seed=0)
-    trainer = Trainer(recipe, TrainConfig(max_steps=3, batch_size=8, progress=False), tmp_path, data.batch)
+    data = DigitsBatches(null_class_of(teacher.model), batch_size=8)
+    trainer = Trainer(recipe, TrainConfig(max_steps=3, batch_size=8, progress=False), tmp_path, data)
     history = trainer.fit()
     assert len(history) == 3 and all(torch.isfinite(torch.tensor(h["student"])) for h in history)
     assert all(torch.equal(a, b) for a, b in zip(frozen, teacher.model.parameters(), strict=True))
