@@ -48,7 +48,7 @@ def directional_derivative(
     if method in ("auto", "jvp"):
         try:
             with jvp_attention():
-                out, dot = torch.func.jvp(fn, primals, tangents)
+                out, dot = torch.func.jvp(fn, primals, tangents)[:2]
             return out, dot, "jvp"
         except (RuntimeError, NotImplementedError) as err:
             if method == "jvp" or not _no_forward_rule(err):
