@@ -246,6 +246,44 @@ def guidance_condition(model: nn.Module, guidance: Tensor) -> dict[str, Any]:
     return {}
 
 
+def feature_blocks(model: nn.Module) -> list[nn.Module]:
+    """The backbone's main blocks, whose outputs serve as features (adversarial heads on a frozen teacher): the
+    transformer blocks of DiT, PixArt, SD3, Sana and Flux (its double-stream ones), Wan's blocks, a UNet's down
+    blocks and mid block."""
+    for name in ("transformer_blocks", "blocks"):
+        blocks = getattr(model, name, None)
+        if isinstance(blocks, nn.ModuleList) and len(blocks):
+            return list(blocks)
+    down = getattr(model, "down_blocks", None)
+    if isinstance(down, nn.ModuleList):
+        mid = getattr(model, "mid_block", None)
+        return [*down, *([mid] if mid is not None else [])]
+    raise FewstepError(f"{type(model).__name__}: no blocks to read features from")
+
+
+def block_tokens(output: Any) -> Tensor:
+    """A block's image features as tokens (B, N, C): the last tensor of a tuple output (SD3 and Flux blocks return
+    (text, image); UNet down blocks (hidden, skips)), 4-D maps flattened over space."""
+    if isinstance(output, tuple | list):
+        output = [o for o in output if isinstance(o, Tensor)][-1]
+    if output.ndim == 4:
+        return output.flatten(2).transpose(1, 2)
+    return output
+
+
+def block_channels(block: nn.Module) -> int:
+    """Channels of a block's output features: the size of its last normalization layer."""
+    size = None
+    for module in block.modules():
+        if isinstance(module, nn.LayerNorm) and module.normalized_shape:
+            size = module.normalized_shape[-1]
+        elif isinstance(module, nn.GroupNorm):
+            size = module.num_channels
+    if size is None:
+        raise FewstepError(f"{type(block).__name__}: cannot tell its feature channels")
+    return int(size)
+
+
 def add_guidance_embedding(model: nn.Module, dim: int = 256) -> nn.Module | None:
     """A copy of ``model`` that also embeds the guidance scale (LCM's w-embedding, Luo et al. 2023, Sec. 4.2), with the
     teacher's weights; None when the backbone has no slot for it. UNet2DConditionModel gets ``time_cond_proj_dim`` (a

@@ -69,3 +69,26 @@ def test_sampled_guidance_needs_a_backbone_that_embeds_it(random_digits: Path) -
     teacher, _ = load_denoiser(str(random_digits))
     with pytest.raises(FewstepError, match="cannot embed the guidance scale"):
         LCM(teacher, LCMConfig(w_min=2.0, w_max=4.0))
+
+
+def test_distill_resume_repeats_the_uninterrupted_run(random_digits: Path, tmp_path: Path) -> None:
+    """A run stopped at a checkpoint and resumed gives the same loss sequence as one run straight through."""
+    import json
+
+    from fewstep.config import merge_into
+    from fewstep.distill import run_distill
+
+    def cfg(steps: int) -> LCMConfig:
+        train = {"max_steps": steps, "batch_size": 4, "checkpoint_every": 2, "progress": False}
+        return merge_into(LCMConfig(**FIXED_W, lr=1e-3), {"train": train})
+
+    straight, parts = tmp_path / "straight", tmp_path / "parts"
+    run_distill(LCM, cfg(4), teacher=str(random_digits), output=straight, bench=False)
+    run_distill(LCM, cfg(2), teacher=str(random_digits), output=parts, bench=False)
+    with pytest.raises(FewstepError, match="already holds checkpoints"):
+        run_distill(LCM, cfg(4), teacher=str(random_digits), output=parts, bench=False)
+    run_distill(LCM, cfg(4), teacher=str(random_digits), output=parts, resume="", bench=False)
+    a = json.loads((straight / "checkpoints" / "losses.json").read_text())
+    b = json.loads((parts / "checkpoints" / "losses.json").read_text())
+    assert [h["step"] for h in b] == [0, 1, 2, 3]
+    assert [h["student"] for h in a] == [h["student"] for h in b]

@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from ..adversarial import TeacherDiscriminator, hinge_critic_loss, hinge_generator_loss
 from ..data import DataConfig
 from ..errors import FewstepError
 from ..losses import (
@@ -49,6 +50,9 @@ class SCMConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     jvp: Method = "auto"  # dF/dt by forward-mode JVP, or "fd" (central difference); "auto" falls back to fd
     fd_step: float = 1e-3  # step of the finite-difference fallback (in units of the tangent)
+    adv_weight: float = 0.0  # LADD-style adversarial term on frozen teacher features (SANA-Sprint); 0 = off
+    adv_lr: float = 1e-4  # the discriminator heads' learning rate
+    adv_block_every: int = 1  # read every k-th teacher block
     plan_mid: float = 1.1  # the 2-step plan's second time (rad); fixed in advance, never picked on the test metric
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -86,11 +90,14 @@ class SCM(Recipe):
         self.logvar = LogVar()
         self.nets = nn.ModuleDict({"model": student_model, "logvar": self.logvar})
         self.method: Method = cfg.jvp
+        self.disc = TeacherDiscriminator(self.teacher, cfg.adv_block_every) if cfg.adv_weight > 0 else None
 
     def trainable(self) -> dict[str, nn.Module]:
-        return {"student": self.nets}
+        return {"student": self.nets, **({"critic": self.disc.heads} if self.disc is not None else {})}
 
     def optimizer(self, name: str) -> OptimizerSpec:
+        if name == "critic":
+            return OptimizerSpec(lr=self.cfg.adv_lr, betas=(0.0, 0.99))
         return OptimizerSpec(lr=self.cfg.lr, betas=self.cfg.betas)
 
     def F(self, x_t: Tensor, t: Tensor, cond: dict[str, Any]) -> Tensor:
@@ -116,8 +123,18 @@ class SCM(Recipe):
             g = normalize_tangent(scm_tangent(F_minus, dF_dt, dxt_dt, x_t, t, cfg.sigma_data, r), cfg.tangent_c)
             target = F_minus + g
         F_theta = self.F(x_t, t, cond)
-        loss = adaptive_weighted_loss(F_theta, target, self.logvar(t), trigflow_weight(t, cfg.sigma_data))
-        return {"student": loss.mean()}
+        loss = adaptive_weighted_loss(F_theta, target, self.logvar(t), trigflow_weight(t, cfg.sigma_data)).mean()
+        if self.disc is None:
+            return {"student": loss}
+        # LADD: the student's x0 and a real x0, both re-noised at a discriminator time, scored on teacher features
+        c = self.trig.coeffs(append_dims(t, x_t.ndim))
+        x0_theta = c.alpha * x_t - c.sigma * F_theta  # Lu & Song, Eq. 4
+        t_d = trigflow_time_proposal(x0.shape[0], cfg.p_mean, cfg.p_std, cfg.sigma_data).clamp(1e-3, math.pi / 2)
+        fake = self.trig.add_noise(x0_theta, torch.randn_like(x0), t_d)
+        real = self.trig.add_noise(x0, torch.randn_like(x0), t_d)
+        loss = loss + cfg.adv_weight * hinge_generator_loss(self.disc(fake, t_d, cond))
+        critic = hinge_critic_loss(self.disc(real, t_d, cond), self.disc(fake.detach(), t_d, cond))
+        return {"student": loss, "critic": critic}
 
     def export_module(self, student: nn.Module) -> nn.Module:
         assert isinstance(student, nn.ModuleDict)  # {"model", "logvar"}: the logvar head is training-only
