@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -36,6 +37,8 @@ class TrainConfig:
     grad_accum: int = 1
     mixed_precision: str = "no"  # "no" | "fp16" | "bf16"
     grad_clip: float | None = 1.0
+    lr_warmup_steps: int = 0  # linear warm-up of every learning rate from 0
+    lr_decay: Literal["constant", "cosine"] = "constant"  # cosine: down to 0 at max_steps
     ema_decay: float = 0.999
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
@@ -101,6 +104,7 @@ class Trainer:
                 weight_decay=spec.weight_decay, eps=spec.eps,
             )  # fmt: skip
             self.nets[name], self.optimizers[name] = self.accelerator.prepare(net, opt)
+        self.base_lr = {name: [g["lr"] for g in opt.param_groups] for name, opt in self.optimizers.items()}
         self.ema = {
             name: copy.deepcopy(self.accelerator.unwrap_model(self.nets[name])).eval().requires_grad_(False)
             for name in recipe.ema()
@@ -108,6 +112,16 @@ class Trainer:
         self.step = 0
         self.skipped = 0
         self.history: list[dict[str, float]] = []
+
+    def lr_factor(self, step: int) -> float:
+        """Multiplier of every base learning rate at ``step``: linear warm-up, then constant or cosine to 0."""
+        cfg = self.cfg
+        if step < cfg.lr_warmup_steps:
+            return (step + 1) / cfg.lr_warmup_steps
+        if cfg.lr_decay == "cosine":
+            span = max(cfg.max_steps - cfg.lr_warmup_steps, 1)
+            return 0.5 * (1 + math.cos(math.pi * min(step - cfg.lr_warmup_steps, span) / span))
+        return 1.0
 
     # -----------------------------------------------------------------------------------------------------------
     # Checkpoints
@@ -181,7 +195,10 @@ class Trainer:
                 if not torch.isfinite(torch.as_tensor(norm)):
                     self._skip()
                     return None
+        factor = self.lr_factor(self.step)  # the schedule follows the trainer's step, whichever networks step
         for name in stepping:
+            for group, lr in zip(self.optimizers[name].param_groups, self.base_lr[name], strict=True):
+                group["lr"] = lr * factor
             self.optimizers[name].step()
         for opt in self.optimizers.values():
             opt.zero_grad(set_to_none=True)

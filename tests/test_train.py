@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 
 import pytest
@@ -152,3 +153,16 @@ def test_data_stream_is_a_function_of_the_index() -> None:
     first_epoch = torch.cat([stream.batch(i)[0] for i in range(4)])  # 20 samples
     assert torch.equal(first_epoch.sort(0).values, stream.tensors[0].sort(0).values)
     assert torch.equal(data(batch_size=5).batch(7)[0], stream.batch(7)[0])
+
+
+def test_learning_rate_warms_up_then_follows_a_cosine_to_zero(tmp_path: Path) -> None:
+    trainer = Trainer(Toy(), cfg(max_steps=10, lr_warmup_steps=2, lr_decay="cosine"), tmp_path, data().batch)
+    base = trainer.base_lr["critic"][0]
+    seen = []
+    for _ in range(10):  # the critic steps on every trainer step
+        trainer.train_step()
+        seen.append(trainer.optimizers["critic"].param_groups[0]["lr"] / base)  # the lr of the step just taken
+        trainer.step += 1
+    assert seen == pytest.approx([0.5, 1.0] + [0.5 * (1 + math.cos(math.pi * k / 8)) for k in range(8)])
+    # the student steps every other step, at the lr of the trainer's step (not of its own step count)
+    assert trainer.optimizers["student"].param_groups[0]["lr"] / base == pytest.approx(seen[8])
