@@ -33,7 +33,7 @@ from ..losses import (
 from ..sampling import SamplingPlan
 from ..schedules import TrigFlow, append_dims, velocity
 from ..tangent import Method, directional_derivative
-from ..teacher import Denoiser
+from ..teacher import Denoiser, guidance_condition
 from ..train import TrainConfig
 from .base import Batch, OptimizerSpec, Recipe
 
@@ -45,9 +45,10 @@ class SCMConfig:
     p_std: float = 1.6
     tangent_warmup_steps: int = 200  # SANA-Sprint uses 4000 for 20k+ steps; scaled to short runs
     tangent_c: float = 0.1  # g / (||g|| + c), Lu & Song Sec. 4.2
-    lr: float = 1e-4
-    logvar_lr: float = 1e-3
+    lr: float = 1e-4  # student and logvar head together (one AdamW); presets set their own
     betas: tuple[float, float] = (0.9, 0.999)
+    guidance: float = 1.0  # the teacher's CFG scale w (x0_u + w (x0_c - x0_u)); the student learns the guided ODE
+    # and receives w through its own guidance embedding where the backbone has one (SANA-Sprint embeds w)
     jvp: Method = "auto"  # dF/dt by forward-mode JVP, or "fd" (central difference); "auto" falls back to fd
     fd_step: float = 1e-3  # step of the finite-difference fallback (in units of the tangent)
     adv_weight: float = 0.0  # LADD-style adversarial term on frozen teacher features (SANA-Sprint); 0 = off
@@ -108,12 +109,14 @@ class SCM(Recipe):
         cfg = self.cfg
         if batch.x0 is None:
             raise FewstepError("scm needs x0 samples (real images, or teacher samples for image-free runs)")
-        x0, cond = batch.x0, batch.cond
+        x0, cond = batch.x0, dict(batch.cond)
+        cond.update(guidance_condition(self.student.model, torch.full((x0.shape[0],), cfg.guidance)))
         t = trigflow_time_proposal(x0.shape[0], cfg.p_mean, cfg.p_std, cfg.sigma_data).clamp(1e-3, math.pi / 2 - 1e-3)
         eps = torch.randn_like(x0)
         x_t = self.trig.add_noise(x0, eps, t)
         with torch.no_grad():
-            dxt_dt = velocity(self.teacher(x_t, t, cond), x_t, self.trig.coeffs(append_dims(t, x_t.ndim)))
+            x0_teacher = self.teacher.guided(x_t, t, batch.cond, batch.uncond, cfg.guidance)
+            dxt_dt = velocity(x0_teacher, x_t, self.trig.coeffs(append_dims(t, x_t.ndim)))
             cos_sin = t.cos() * t.sin()
             tangents = (append_dims(cos_sin, x_t.ndim) * dxt_dt, cos_sin)  # the JVP rearrangement (Lu & Song)
             F_minus, dF_dt, self.method = directional_derivative(
@@ -132,8 +135,8 @@ class SCM(Recipe):
         t_d = trigflow_time_proposal(x0.shape[0], cfg.p_mean, cfg.p_std, cfg.sigma_data).clamp(1e-3, math.pi / 2)
         fake = self.trig.add_noise(x0_theta, torch.randn_like(x0), t_d)
         real = self.trig.add_noise(x0, torch.randn_like(x0), t_d)
-        loss = loss + cfg.adv_weight * hinge_generator_loss(self.disc(fake, t_d, cond))
-        critic = hinge_critic_loss(self.disc(real, t_d, cond), self.disc(fake.detach(), t_d, cond))
+        loss = loss + cfg.adv_weight * hinge_generator_loss(self.disc(fake, t_d, batch.cond))
+        critic = hinge_critic_loss(self.disc(real, t_d, batch.cond), self.disc(fake.detach(), t_d, batch.cond))
         return {"student": loss, "critic": critic}
 
     def export_module(self, student: nn.Module) -> nn.Module:
