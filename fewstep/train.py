@@ -37,6 +37,7 @@ class TrainConfig:
     grad_accum: int = 1
     mixed_precision: str = "no"  # "no" | "fp16" | "bf16"
     grad_clip: float | None = 1.0
+    gradient_checkpointing: bool = False  # recompute activations in backward, where the backbone supports it
     lr_warmup_steps: int = 0  # linear warm-up of every learning rate from 0
     lr_decay: Literal["constant", "cosine"] = "constant"  # cosine: down to 0 at max_steps
     ema_decay: float = 0.999
@@ -85,6 +86,19 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def enable_gradient_checkpointing(nets: Any) -> int:
+    """Turn on diffusers' gradient checkpointing in every model inside ``nets`` that supports it; returns how many."""
+    count = 0
+    for net in nets:
+        for module in net.modules():
+            if getattr(module, "_supports_gradient_checkpointing", False) and hasattr(
+                module, "enable_gradient_checkpointing"
+            ):
+                module.enable_gradient_checkpointing()
+                count += 1
+    return count
+
+
 class Trainer:
     """Trains ``recipe`` into ``run_dir``; ``data`` gives the batch for a step (None for image-free recipes)."""
 
@@ -97,6 +111,8 @@ class Trainer:
         if not self.nets:
             raise FewstepError(f"recipe {recipe.name!r} has nothing to train")
         self.optimizers = {}
+        if cfg.gradient_checkpointing:
+            enable_gradient_checkpointing(self.nets.values())
         for name, net in self.nets.items():
             spec = recipe.optimizer(name)
             opt = torch.optim.AdamW(

@@ -92,3 +92,20 @@ def test_distill_resume_repeats_the_uninterrupted_run(random_digits: Path, tmp_p
     b = json.loads((parts / "checkpoints" / "losses.json").read_text())
     assert [h["step"] for h in b] == [0, 1, 2, 3]
     assert [h["student"] for h in a] == [h["student"] for h in b]
+
+
+def test_gradient_checkpointing_gives_the_same_step(random_digits: Path, tmp_path: Path) -> None:
+    """Recomputing activations in backward changes memory, not the result."""
+    results = []
+    for checkpointing in (False, True):
+        teacher, _ = load_denoiser(str(random_digits))
+        recipe = LCM(teacher, LCMConfig(**FIXED_W, lr=1e-3))
+        data = DigitsBatches(null_class_of(teacher.model), batch_size=8)
+        cfg = TrainConfig(max_steps=2, batch_size=8, progress=False, gradient_checkpointing=checkpointing)
+        trainer = Trainer(recipe, cfg, tmp_path / str(checkpointing), data)
+        assert recipe.model.gradient_checkpointing is checkpointing
+        results.append((trainer.fit(), [p.detach().clone() for p in recipe.model.parameters()]))
+    (h0, w0), (h1, w1) = results
+    assert [h["student"] for h in h0] == pytest.approx([h["student"] for h in h1], rel=1e-5)
+    for a, b in zip(w0, w1, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
