@@ -69,6 +69,8 @@ def test_distill_export_reload_and_sample(
     assert (tmp_path / "run" / "checkpoints").is_dir() and any((tmp_path / "run" / "cache").iterdir())
     pipe = DiffusionPipeline.from_pretrained(student)
     pipe.set_progress_bar_config(disable=True)
+    if recipe is LCM and teacher == "sd_folder":  # a VP teacher: the plan is LCMScheduler's own (999, 759, 499, 259)
+        assert type(pipe.scheduler).__name__ == "LCMScheduler"
     _sample_all_steps(pipe, guidance_scale=1.0)
     if (pipe.unet if hasattr(pipe, "unet") else pipe.transformer).config.get("time_cond_proj_dim"):
         _sample_all_steps(pipe, guidance_scale=8.0)  # the embedded w: one evaluation per step, no CFG batch

@@ -24,7 +24,7 @@ from ..errors import FewstepError
 from ..lora import add_lora
 from ..losses import lcm_boundary, pseudo_huber
 from ..sampling import SamplingPlan, euler_times
-from ..schedules import append_dims, ddim_step
+from ..schedules import VP, NoiseSchedule, append_dims, ddim_step
 from ..teacher import Denoiser, add_guidance_embedding, guidance_condition
 from ..train import TrainConfig
 from .base import Batch, OptimizerSpec, Recipe
@@ -48,6 +48,20 @@ class LCMConfig:
     gamma: float = 1.0  # re-noising of multistep sampling: 1 = fresh noise (LCM's multistep sampler)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
+
+
+def skipping_grid(schedule: NoiseSchedule, n: int) -> Tensor:
+    """N + 1 descending times: the teacher's n-step sampling times, then the boundary t_min.
+
+    VP (DDPM timesteps 0..T-1): LCM's grid T - 1 - i T/n (999, 979, ..., 19 for n = 50), then 0, so that LCMScheduler's
+    own timesteps are grid points; flow and the others: the teacher's Euler grid (flow's shifted like
+    FlowMatchEulerDiscreteScheduler).
+    """
+    if isinstance(schedule, VP):
+        total = schedule.num_train_timesteps
+        times = [total - 1 - i * (total // n) for i in range(n)] + [schedule.t_min]
+        return torch.tensor(times, dtype=torch.float64).float()
+    return torch.tensor(euler_times(schedule, n))
 
 
 class LCM(Recipe):
@@ -80,7 +94,7 @@ class LCM(Recipe):
         # LCM: an EMA target network; LCM-LoRA: the student itself, without gradient
         self.target_model = self.model if cfg.lora_rank > 0 else copy.deepcopy(self.model).requires_grad_(False)
         self.target = Denoiser(self.target_model, teacher.native, teacher.prediction, backbone=teacher.backbone)
-        self.grid = torch.tensor(euler_times(teacher.native, cfg.num_ddim_timesteps))  # t_max ... t_min, descending
+        self.grid = skipping_grid(teacher.native, cfg.num_ddim_timesteps)  # t_max ... t_min, descending
 
     def trainable(self) -> dict[str, nn.Module]:
         return {"student": self.model}
@@ -135,10 +149,11 @@ class LCM(Recipe):
         return self.cfg.lora_rank > 0
 
     def plan(self) -> dict[int, SamplingPlan]:
-        """n steps at every (N // n)-th grid time from t_max, as LCMScheduler picks its timesteps."""
+        """n grid times at indices floor(linspace(0, N, n, endpoint=False)) from t_max, as LCMScheduler picks its
+        timesteps (999, 759, 499, 259 for 4 steps on SD's grid), so LCMScheduler can carry the plan on VP teachers."""
         plans = {}
         for n in self.cfg.plan_steps:
-            every = max(self.cfg.num_ddim_timesteps // n, 1)
-            times = tuple(float(t) for t in self.grid[::every][:n])
+            index = (torch.arange(n, dtype=torch.float64) * self.cfg.num_ddim_timesteps / n).floor().long()
+            times = tuple(float(t) for t in self.grid[index])
             plans[n] = SamplingPlan(self.teacher.native, times, gamma=self.cfg.gamma)
         return plans
