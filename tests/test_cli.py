@@ -177,3 +177,23 @@ def test_unexpected_failure_is_one_line(monkeypatch: pytest.MonkeyPatch, capsys:
     monkeypatch.setitem(cli.COMMANDS, "recipes", boom)
     code, _, err = run(["recipes"], capsys)
     assert code == 1 and err.count("\n") == 1 and "RuntimeError: disk on fire" in err and "Traceback" not in err
+
+
+def test_distill_runs_end_to_end_and_refuses_to_overwrite(
+    random_digits: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The CLI trains, exports a loadable student, and a second run into the same folder needs --resume."""
+    out = tmp_path / "run"
+    base = ["distill", "--recipe", "scm", "--teacher", str(random_digits), "--output", str(out)]
+    sets = ["--set", "train.max_steps=2", "--set", "train.batch_size=4", "--set", "train.progress=false"]
+    code, stdout, _ = run([*base, *sets], capsys)
+    assert code == 0 and "wrote" in stdout
+    from fewstep.teacher import load_pipeline
+
+    pipe = load_pipeline(str(out / "student"))
+    assert type(pipe.scheduler).__name__ == "FewStepScheduler"
+    assert pipe(class_labels=[1, 2], num_inference_steps=2).images.shape == (2, 1, 8, 8)
+    code, _, err = run([*base, *sets], capsys)
+    assert_one_line_error(code, err, "--resume")
+    code, _, err = run([*base, "--set", "train.max_steps=3", "--set", "train.batch_size=4", "--resume"], capsys)
+    assert code == 0

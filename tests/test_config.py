@@ -85,3 +85,13 @@ def test_literal_fields_accept_only_their_values() -> None:
     assert resolve_config(SCMConfig(), sets=["jvp=fd"]).jvp == "fd"
     with pytest.raises(FewstepError, match="expected one of 'auto', 'jvp', 'fd'"):
         resolve_config(SCMConfig(), sets=["jvp=forward"])
+
+
+@pytest.mark.parametrize("recipe", ["lcm", "scm"])
+def test_digits_presets_are_the_default_for_the_digits_teacher(recipe: str, capsys: pytest.CaptureFixture) -> None:
+    assert main(["distill", "--recipe", recipe, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert f"recipes/{recipe}/digits.toml" in out or f"_presets/{recipe}/digits.toml" in out
+    assert "max_minutes = 6.5" in out
+    assert main(["distill", "--recipe", recipe, "--teacher", "some/hub-id", "--dry-run"]) == 0
+    assert "max_minutes" not in capsys.readouterr().out  # other teachers start from the paper defaults
