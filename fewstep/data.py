@@ -28,6 +28,8 @@ class DataConfig:
     prompts: str | None = None  # text file, JSONL or parquet (``prompt_field``)
     prompt_field: str = "prompt"
     negative_prompt: str = ""  # the unconditional branch of guidance
+    image_free: bool = False  # digits: train on the teacher's own samples instead of the train split
+    num_teacher_samples: int = 2000  # digits, image-free: how many (class-balanced)
     teacher_steps: int = 25  # Euler steps of the teacher's samples that stand in for images
     teacher_guidance: float = 4.5  # guidance of those samples
     seed: int = 0
@@ -72,7 +74,8 @@ def teacher_samples(
 
 
 class PromptBatches:
-    """Rows of (x0, prompt condition) drawn in a seeded per-epoch order; uncond is one shared row."""
+    """Rows of (x0, condition) drawn in a seeded per-epoch order; uncond is one shared row. Conditions are prompt
+    embeddings (text-to-image) or class labels (digits, image-free)."""
 
     def __init__(self, x0: Tensor, cond: dict[str, Tensor], uncond: dict[str, Tensor], batch_size: int, seed: int = 0):
         self.x0, self.cond, self.uncond = x0, cond, uncond
@@ -104,6 +107,30 @@ class PromptBatches:
             with atomic_file(path) as tmp:
                 save_file({"x0": x0.contiguous()}, str(tmp))
         return cls(x0, cond, uncond, batch_size, seed)
+
+    @classmethod
+    def digits_image_free(
+        cls, teacher: Denoiser, null_class: int, cfg: DataConfig, batch_size: int, seed: int, cache_dir: Path
+    ) -> PromptBatches:
+        """Class-balanced teacher samples of the digits world (its Euler sampler at ``cfg.teacher_guidance``)."""
+        from safetensors.torch import load_file, save_file
+
+        from .digits.data import RESOLUTION, balanced_labels
+        from .io import atomic_file
+
+        labels = balanced_labels(cfg.num_teacher_samples)
+        cond, uncond = {"class_labels": labels}, {"class_labels": torch.tensor([null_class])}
+        key = f"{cfg.num_teacher_samples}-{cfg.teacher_steps}-{cfg.teacher_guidance}-{cfg.seed}"
+        path = cache_dir / f"digits-teacher-samples-{key}.safetensors"
+        if path.is_file():
+            x0 = load_file(str(path))["x0"]
+        else:
+            shape = (1, RESOLUTION, RESOLUTION)
+            x0 = teacher_samples(teacher, cond, uncond, shape, cfg.teacher_guidance, cfg.teacher_steps, cfg.seed, 500)
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            with atomic_file(path) as tmp:
+                save_file({"x0": x0.contiguous()}, str(tmp))
+        return cls(x0.clamp(-1, 1), cond, uncond, batch_size, seed)
 
     def __call__(self, index: int) -> Batch:
         (idx,) = self.stream.batch(index)

@@ -27,7 +27,10 @@ def training_data(pipe: Any, teacher: Denoiser, source: str, cfg: Any, cache_dir
 
     train = cfg.train
     if isinstance(pipe, DigitsPipeline):
-        return DigitsBatches(null_class_of(teacher.model), train.batch_size, train.seed)
+        null = null_class_of(teacher.model)
+        if cfg.data.image_free:
+            return PromptBatches.digits_image_free(teacher, null, cfg.data, train.batch_size, train.seed, cache_dir)
+        return DigitsBatches(null, train.batch_size, train.seed)
     return PromptBatches.for_teacher(pipe, teacher, source, cfg.data, train.batch_size, train.seed, cache_dir)
 
 

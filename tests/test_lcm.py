@@ -109,3 +109,31 @@ def test_gradient_checkpointing_gives_the_same_step(random_digits: Path, tmp_pat
     assert [h["student"] for h in h0] == pytest.approx([h["student"] for h in h1], rel=1e-5)
     for a, b in zip(w0, w1, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_image_free_digits_run_trains_on_cached_teacher_samples(random_digits: Path, tmp_path: Path) -> None:
+    from fewstep.config import merge_into
+    from fewstep.data import PromptBatches
+    from fewstep.distill import training_data
+
+    run = {
+        "train": {"max_steps": 1, "batch_size": 4, "progress": False},
+        "data": {"image_free": True, "num_teacher_samples": 20, "teacher_steps": 2, "teacher_guidance": 1.0},
+    }
+    cfg = merge_into(LCMConfig(**FIXED_W), run)
+    teacher, pipe = load_denoiser(str(random_digits))
+    data = training_data(pipe, teacher, str(random_digits), cfg, tmp_path / "cache")
+    assert isinstance(data, PromptBatches) and data.x0.shape == (20, 1, 8, 8)
+    batch = data(0)
+    assert batch.x0.shape == (4, 1, 8, 8) and batch.cond["class_labels"].shape == (4,)
+    again = training_data(pipe, teacher, str(random_digits), cfg, tmp_path / "cache")  # from the cache
+    assert torch.equal(again.x0, data.x0) and len(list((tmp_path / "cache").iterdir())) == 1
+    # the samples are the teacher's: its Euler sampler from the same seeded noise gives the same images
+    from fewstep.sampling import euler_sample, euler_times
+
+    noise = torch.randn((20, 1, 8, 8), generator=torch.Generator().manual_seed(0))
+    labels = data.cond["class_labels"]
+    with torch.no_grad():
+        ref = euler_sample(lambda x, t: teacher(x, t, {"class_labels": labels}), teacher.native, noise,
+                           euler_times(teacher.native, 2))  # fmt: skip
+    torch.testing.assert_close(data.x0, ref.clamp(-1, 1))
