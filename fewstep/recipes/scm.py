@@ -54,7 +54,8 @@ class SCMConfig:
     adv_weight: float = 0.0  # LADD-style adversarial term on frozen teacher features (SANA-Sprint); 0 = off
     adv_lr: float = 1e-4  # the discriminator heads' learning rate
     adv_block_every: int = 1  # read every k-th teacher block
-    plan_mid: float = 1.1  # the 2-step plan's second time (rad); fixed in advance, never picked on the test metric
+    plan_mid: float = 1.3  # the 2-step plan's second time (rad): SANA-Sprint's default (diffusers SCMScheduler)
+    plan_steps: tuple[int, ...] = (1, 2, 4)  # other counts than 2 are uniform in angle, as SCMScheduler spaces them
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
 
@@ -144,8 +145,13 @@ class SCM(Recipe):
         return student["model"]
 
     def plan(self) -> dict[int, SamplingPlan]:
-        """1 step from pure noise; 2 steps re-noised at ``plan_mid`` (fresh noise, as sCM's multistep sampler)."""
-        return {
-            1: SamplingPlan(self.trig, (math.pi / 2,), gamma=1.0),
-            2: SamplingPlan(self.trig, (math.pi / 2, self.cfg.plan_mid), gamma=1.0),
-        }
+        """From pure noise at pi/2; 2 steps re-noise at ``plan_mid``, n steps at n times uniform in angle (as
+        SCMScheduler: linspace(pi/2, 0, n + 1) without the final 0); fresh noise, as sCM's multistep sampler."""
+        plans = {}
+        for n in self.cfg.plan_steps:
+            if n == 2:
+                times: tuple[float, ...] = (math.pi / 2, self.cfg.plan_mid)
+            else:
+                times = tuple(math.pi / 2 * (1 - i / n) for i in range(n))
+            plans[n] = SamplingPlan(self.trig, times, gamma=1.0)
+        return plans
