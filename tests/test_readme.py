@@ -16,7 +16,7 @@ def readme_commands() -> dict[str, str]:
 def test_readme_has_the_two_commands() -> None:
     commands = readme_commands()
     assert set(commands) == {"main-command", "test-command"}
-    assert "fewstep bench digits" in commands["main-command"]
+    assert "fewstep distill --recipe lcm" in commands["main-command"]
     assert "pytest" in commands["test-command"]
 
 
