@@ -70,6 +70,8 @@ def run_distill(
         raise FewstepError(f"{output} already holds checkpoints: pass --resume to continue or choose another --output")
     denoiser, pipe = load_denoiser(teacher)
     recipe = recipe_cls(denoiser, cfg)  # type: ignore[call-arg]
+    if recipe.is_lora and not hasattr(type(pipe), "save_lora_weights"):
+        raise FewstepError(f"{type(pipe).__name__} cannot load LoRA weights: distill it without lora_rank instead")
     train_cfg = cfg.train
     data = training_data(pipe, denoiser, teacher, cfg, output / "cache")
     trainer = Trainer(recipe, train_cfg, ckpt_dir, data)

@@ -137,3 +137,13 @@ def test_image_free_digits_run_trains_on_cached_teacher_samples(random_digits: P
         ref = euler_sample(lambda x, t: teacher(x, t, {"class_labels": labels}), teacher.native, noise,
                            euler_times(teacher.native, 2))  # fmt: skip
     torch.testing.assert_close(data.x0, ref.clamp(-1, 1))
+
+
+def test_lora_on_a_pipeline_without_lora_support_fails_before_training(random_digits: Path, tmp_path: Path) -> None:
+    from fewstep.config import merge_into
+    from fewstep.distill import run_distill
+
+    cfg = merge_into(LCMConfig(**FIXED_W, lora_rank=4), {"train": {"max_steps": 1, "progress": False}})
+    with pytest.raises(FewstepError, match="cannot load LoRA weights"):
+        run_distill(LCM, cfg, teacher=str(random_digits), output=tmp_path / "run", bench=False)
+    assert not (tmp_path / "run" / "checkpoints").exists()
