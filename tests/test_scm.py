@@ -57,3 +57,12 @@ def test_ladd_term_trains_heads_and_student_apart(random_digits: Path, tmp_path:
     assert all(torch.equal(a, b) for a, b in zip(frozen, teacher.model.parameters(), strict=True))
     assert any(not torch.equal(a, b) for a, b in zip(heads, recipe.disc.heads.parameters(), strict=True))
     assert set(trainer.ema) == {"student"}
+
+
+def test_without_adaptive_weighting_the_logvar_head_stays_put(random_digits: Path, tmp_path: Path) -> None:
+    teacher, _ = load_denoiser(str(random_digits))
+    recipe = SCM(teacher, SCMConfig(adaptive_weighting=False))
+    before = [p.detach().clone() for p in recipe.logvar.parameters()]
+    data = DigitsBatches(null_class_of(teacher.model), batch_size=8)
+    Trainer(recipe, TrainConfig(max_steps=2, batch_size=8, progress=False), tmp_path, data).fit()
+    assert all(torch.equal(a, b) for a, b in zip(before, recipe.logvar.parameters(), strict=True))

@@ -45,6 +45,7 @@ class SCMConfig:
     p_std: float = 1.6
     tangent_warmup_steps: int = 200  # SANA-Sprint uses 4000 for 20k+ steps; scaled to short runs
     tangent_c: float = 0.1  # g / (||g|| + c), Lu & Song Sec. 4.2
+    adaptive_weighting: bool = True  # learned logvar(t) (Lu & Song Sec. 4.2); False: w(t) ||.||^2 alone
     lr: float = 1e-4  # student and logvar head together (one AdamW); presets set their own
     betas: tuple[float, float] = (0.9, 0.999)
     guidance: float = 1.0  # the teacher's CFG scale w (x0_u + w (x0_c - x0_u)); the student learns the guided ODE
@@ -127,7 +128,8 @@ class SCM(Recipe):
             g = normalize_tangent(scm_tangent(F_minus, dF_dt, dxt_dt, x_t, t, cfg.sigma_data, r), cfg.tangent_c)
             target = F_minus + g
         F_theta = self.F(x_t, t, cond)
-        loss = adaptive_weighted_loss(F_theta, target, self.logvar(t), trigflow_weight(t, cfg.sigma_data)).mean()
+        logvar = self.logvar(t) if cfg.adaptive_weighting else torch.zeros_like(t)
+        loss = adaptive_weighted_loss(F_theta, target, logvar, trigflow_weight(t, cfg.sigma_data)).mean()
         if self.disc is None:
             return {"student": loss}
         # LADD: the student's x0 and a real x0, both re-noised at a discriminator time, scored on teacher features
