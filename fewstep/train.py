@@ -86,6 +86,16 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _param_groups(net: torch.nn.Module, lr_by_prefix: dict[str, float]) -> list[dict[str, Any]]:
+    """AdamW parameter groups: trainable parameters under each prefix at their own lr, the rest at the default."""
+    named = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
+    rest = [p for n, p in named if not any(n.startswith(k) for k in lr_by_prefix)]
+    groups: list[dict[str, Any]] = [{"params": rest}]
+    for prefix, lr in lr_by_prefix.items():
+        groups.append({"params": [p for n, p in named if n.startswith(prefix)], "lr": lr})
+    return [g for g in groups if g["params"]]
+
+
 def enable_gradient_checkpointing(nets: Any) -> int:
     """Turn on diffusers' gradient checkpointing in every model inside ``nets`` that supports it; returns how many."""
     count = 0
@@ -116,8 +126,8 @@ class Trainer:
         for name, net in self.nets.items():
             spec = recipe.optimizer(name)
             opt = torch.optim.AdamW(
-                [p for p in net.parameters() if p.requires_grad], lr=spec.lr, betas=spec.betas,
-                weight_decay=spec.weight_decay, eps=spec.eps,
+                _param_groups(net, spec.lr_by_prefix), lr=spec.lr, betas=spec.betas, weight_decay=spec.weight_decay,
+                eps=spec.eps,
             )  # fmt: skip
             self.nets[name], self.optimizers[name] = self.accelerator.prepare(net, opt)
         self.base_lr = {name: [g["lr"] for g in opt.param_groups] for name, opt in self.optimizers.items()}

@@ -66,3 +66,14 @@ def test_without_adaptive_weighting_the_logvar_head_stays_put(random_digits: Pat
     data = DigitsBatches(null_class_of(teacher.model), batch_size=8)
     Trainer(recipe, TrainConfig(max_steps=2, batch_size=8, progress=False), tmp_path, data).fit()
     assert all(torch.equal(a, b) for a, b in zip(before, recipe.logvar.parameters(), strict=True))
+
+
+def test_logvar_head_can_have_its_own_learning_rate(random_digits: Path, tmp_path: Path) -> None:
+    teacher, _ = load_denoiser(str(random_digits))
+    recipe = SCM(teacher, SCMConfig(lr=1e-4, logvar_lr=1e-6))
+    data = DigitsBatches(null_class_of(teacher.model), batch_size=4)
+    trainer = Trainer(recipe, TrainConfig(max_steps=1, batch_size=4, progress=False), tmp_path, data)
+    groups = trainer.optimizers["student"].param_groups
+    by_lr = {g["lr"]: sum(p.numel() for p in g["params"]) for g in groups}
+    assert by_lr == {1e-4: sum(p.numel() for p in recipe.student.model.parameters()),
+                     1e-6: sum(p.numel() for p in recipe.logvar.parameters())}  # fmt: skip

@@ -7,7 +7,7 @@ trainable networks take an optimizer step: ``loss(batch, step)`` returns one sca
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from torch import Tensor, nn
@@ -42,6 +42,7 @@ class OptimizerSpec:
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0
     eps: float = 1e-8
+    lr_by_prefix: dict[str, float] = field(default_factory=dict)  # own lr for parameters under these name prefixes
 
 
 class Recipe(ABC):

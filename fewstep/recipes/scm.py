@@ -46,7 +46,8 @@ class SCMConfig:
     tangent_warmup_steps: int = 200  # SANA-Sprint uses 4000 for 20k+ steps; scaled to short runs
     tangent_c: float = 0.1  # g / (||g|| + c), Lu & Song Sec. 4.2
     adaptive_weighting: bool = True  # learned logvar(t) (Lu & Song Sec. 4.2); False: w(t) ||.||^2 alone
-    lr: float = 1e-4  # student and logvar head together (one AdamW); presets set their own
+    lr: float = 1e-4  # the student; presets set their own
+    logvar_lr: float | None = None  # the logvar head's own lr (None: the student's)
     betas: tuple[float, float] = (0.9, 0.999)
     guidance: float = 1.0  # the teacher's CFG scale w (x0_u + w (x0_c - x0_u)); the student learns the guided ODE
     # and receives w through its own guidance embedding where the backbone has one (SANA-Sprint embeds w)
@@ -101,7 +102,8 @@ class SCM(Recipe):
     def optimizer(self, name: str) -> OptimizerSpec:
         if name == "critic":
             return OptimizerSpec(lr=self.cfg.adv_lr, betas=(0.0, 0.99))
-        return OptimizerSpec(lr=self.cfg.lr, betas=self.cfg.betas)
+        by_prefix = {"logvar.": self.cfg.logvar_lr} if self.cfg.logvar_lr is not None else {}
+        return OptimizerSpec(lr=self.cfg.lr, betas=self.cfg.betas, lr_by_prefix=by_prefix)
 
     def F(self, x_t: Tensor, t: Tensor, cond: dict[str, Any]) -> Tensor:
         """The student's TrigFlow output F_theta(x_t, t) (Lu & Song, Eq. 4: x0 = cos t x_t - sin t sd F)."""
