@@ -85,10 +85,8 @@ class PromptBatches:
     def for_teacher(
         cls, pipe: Any, teacher: Denoiser, source: str, cfg: DataConfig, batch_size: int, seed: int, cache_dir: Path
     ) -> PromptBatches:
-        from safetensors.torch import load_file, save_file
-
         from .errors import FewstepError
-        from .io import atomic_file
+        from .io import cached_tensors
         from .prompts import read_prompts
         from .text import cache_key, cached_prompt_conditions, latent_shape
 
@@ -98,14 +96,12 @@ class PromptBatches:
         cond, uncond = cached_prompt_conditions(pipe, source, prompts, cfg.negative_prompt, cache_dir)
         settings = f"{cfg.negative_prompt}|{cfg.teacher_steps}|{cfg.teacher_guidance}|{cfg.seed}"
         key = cache_key(source, prompts, settings)
-        path = cache_dir / f"teacher-samples-{key}.safetensors"
-        if path.is_file():
-            x0 = load_file(str(path))["x0"]
-        else:
-            shape = latent_shape(teacher.model)
-            x0 = teacher_samples(teacher, cond, uncond, shape, cfg.teacher_guidance, cfg.teacher_steps, cfg.seed)
-            with atomic_file(path) as tmp:
-                save_file({"x0": x0.contiguous()}, str(tmp))
+        shape = latent_shape(teacher.model)
+        x0 = cached_tensors(
+            cache_dir / f"teacher-samples-{key}.safetensors",
+            lambda: {"x0": teacher_samples(teacher, cond, uncond, shape, cfg.teacher_guidance, cfg.teacher_steps,
+                                           cfg.seed)},
+        )["x0"]  # fmt: skip
         return cls(x0, cond, uncond, batch_size, seed)
 
     @classmethod
@@ -113,23 +109,18 @@ class PromptBatches:
         cls, teacher: Denoiser, null_class: int, cfg: DataConfig, batch_size: int, seed: int, cache_dir: Path
     ) -> PromptBatches:
         """Class-balanced teacher samples of the digits world (its Euler sampler at ``cfg.teacher_guidance``)."""
-        from safetensors.torch import load_file, save_file
-
         from .digits.data import RESOLUTION, balanced_labels
-        from .io import atomic_file
+        from .io import cached_tensors
 
         labels = balanced_labels(cfg.num_teacher_samples)
         cond, uncond = {"class_labels": labels}, {"class_labels": torch.tensor([null_class])}
         key = f"{cfg.num_teacher_samples}-{cfg.teacher_steps}-{cfg.teacher_guidance}-{cfg.seed}"
-        path = cache_dir / f"digits-teacher-samples-{key}.safetensors"
-        if path.is_file():
-            x0 = load_file(str(path))["x0"]
-        else:
-            shape = (1, RESOLUTION, RESOLUTION)
-            x0 = teacher_samples(teacher, cond, uncond, shape, cfg.teacher_guidance, cfg.teacher_steps, cfg.seed, 500)
-            cache_dir.mkdir(parents=True, exist_ok=True)
-            with atomic_file(path) as tmp:
-                save_file({"x0": x0.contiguous()}, str(tmp))
+        shape = (1, RESOLUTION, RESOLUTION)
+        x0 = cached_tensors(
+            cache_dir / f"digits-teacher-samples-{key}.safetensors",
+            lambda: {"x0": teacher_samples(teacher, cond, uncond, shape, cfg.teacher_guidance, cfg.teacher_steps,
+                                           cfg.seed, 500)},
+        )["x0"]  # fmt: skip
         return cls(x0.clamp(-1, 1), cond, uncond, batch_size, seed)
 
     def __call__(self, index: int) -> Batch:

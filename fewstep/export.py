@@ -116,8 +116,9 @@ def export_pipeline(pipe: Any, model: torch.nn.Module, scheduler: Any, output: A
     from pathlib import Path
 
     from .io import atomic_dir
+    from .teacher import backbone_slot
 
-    slot = "transformer" if getattr(pipe, "transformer", None) is not None else "unet"
+    slot = backbone_slot(pipe)
     components = {**pipe.components, slot: model, "scheduler": scheduler}
     student = type(pipe)(**components)
     with atomic_dir(Path(output), "model_index.json") as tmp:
@@ -133,8 +134,9 @@ def export_lora(pipe: Any, model: torch.nn.Module, output: Any) -> Any:
     from peft.utils import get_peft_model_state_dict
 
     from .io import atomic_dir
+    from .teacher import backbone_slot
 
-    slot = "transformer" if getattr(pipe, "transformer", None) is not None else "unet"
+    slot = backbone_slot(pipe)
     layers = get_peft_model_state_dict(model)  # peft key format: load_lora_weights reads it for every layer type
     if not layers:
         raise ValueError("the model carries no LoRA adapter to export")

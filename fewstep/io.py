@@ -8,9 +8,10 @@ import ctypes
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from .errors import FewstepError
 
@@ -72,6 +73,19 @@ def atomic_dir(path: Path, marker: str, keep_existing: bool = False) -> Iterator
         os.replace(path, old / path.name)
         os.replace(tmp, path)
         shutil.rmtree(old, ignore_errors=True)
+
+
+def cached_tensors(path: Path, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """The tensors stored at ``path`` (safetensors), computing and writing them atomically on first use."""
+    from safetensors.torch import load_file, save_file
+
+    if path.is_file():
+        return load_file(str(path))
+    tensors = {k: v.contiguous() for k, v in compute().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(path) as tmp:
+        save_file(tensors, str(tmp))
+    return tensors
 
 
 @contextmanager

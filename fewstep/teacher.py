@@ -112,12 +112,17 @@ def concat_cond(a: Cond, b: Cond, batch: int, shared: tuple[str, ...] = ()) -> d
     return out
 
 
+def backbone_slot(pipe: Any) -> str:
+    """The pipeline component that holds the denoising network: "transformer" or "unet"."""
+    for slot in ("transformer", "unet"):
+        if getattr(pipe, slot, None) is not None:
+            return slot
+    raise FewstepError(f"{type(pipe).__name__} has neither a transformer nor a unet")
+
+
 def backbone_of(pipe: Any) -> nn.Module:
     """The denoising network of a pipeline (its transformer or unet)."""
-    model = getattr(pipe, "transformer", None) or getattr(pipe, "unet", None)
-    if model is None:
-        raise FewstepError(f"{type(pipe).__name__} has neither a transformer nor a unet")
-    return model
+    return getattr(pipe, backbone_slot(pipe))
 
 
 class Denoiser(nn.Module):

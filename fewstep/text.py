@@ -62,19 +62,13 @@ def cache_key(source: str, prompts: list[str], negative: str) -> str:
 
 def cached_prompt_conditions(pipe: Any, source: str, prompts: list[str], negative: str, cache_dir: Path) -> Encoded:
     """``encode_prompts`` through a safetensors cache in ``cache_dir`` (keyed by teacher, prompts and negative)."""
-    from safetensors.torch import load_file, save_file
+    from .io import cached_tensors
 
-    from .io import atomic_file
-
-    path = cache_dir / f"prompts-{cache_key(source, prompts, negative)}.safetensors"
-    if path.is_file():
-        flat = load_file(str(path))
-    else:
+    def compute() -> dict[str, Tensor]:
         cond, uncond = encode_prompts(pipe, prompts, negative)
-        flat = {**{f"cond.{k}": v for k, v in cond.items()}, **{f"uncond.{k}": v for k, v in uncond.items()}}
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        with atomic_file(path) as tmp:
-            save_file({k: v.contiguous() for k, v in flat.items()}, str(tmp))
+        return {**{f"cond.{k}": v for k, v in cond.items()}, **{f"uncond.{k}": v for k, v in uncond.items()}}
+
+    flat = cached_tensors(cache_dir / f"prompts-{cache_key(source, prompts, negative)}.safetensors", compute)
     cond = {k.removeprefix("cond."): v for k, v in flat.items() if k.startswith("cond.")}
     uncond = {k.removeprefix("uncond."): v for k, v in flat.items() if k.startswith("uncond.")}
     return cond, uncond

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -246,27 +247,25 @@ def tiny_clip_tokenizer() -> Any:
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
 
 
+def tiny_clip_text_config(tokenizer: Any) -> Any:
+    """A 2-layer, 32-wide CLIP text encoder config over ``tokenizer`` (SD's encoder and both of SD3's)."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+        max_position_embeddings=77, projection_dim=32, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=1,
+    )  # fmt: skip
+
+
 def tiny_sd_pipeline() -> Any:
     """StableDiffusionPipeline with a tiny UNet, VAE and CLIP text encoder: 16x16 images from 8x8x4 latents."""
     import diffusers as d
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextModel
 
     torch.manual_seed(0)
     tokenizer = tiny_clip_tokenizer()
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=37,
-            num_attention_heads=4,
-            num_hidden_layers=2,
-            max_position_embeddings=77,
-            projection_dim=32,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=1,
-        )
-    )
+    text_encoder = CLIPTextModel(tiny_clip_text_config(tokenizer))
     unet = d.UNet2DConditionModel(
         sample_size=8,
         in_channels=4,
@@ -305,19 +304,13 @@ def tiny_sd3_pipeline() -> Any:
     import string
 
     import diffusers as d
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel, T5Tokenizer
+    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel, T5Tokenizer
 
     torch.manual_seed(0)
     tokenizer = tiny_clip_tokenizer()
 
     def encoder() -> Any:
-        return CLIPTextModelWithProjection(
-            CLIPTextConfig(
-                vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_attention_heads=4,
-                num_hidden_layers=2, max_position_embeddings=77, projection_dim=32,
-                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=1,
-            )
-        )  # fmt: skip
+        return CLIPTextModelWithProjection(tiny_clip_text_config(tokenizer))
 
     letters = string.ascii_lowercase
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
@@ -348,6 +341,22 @@ def tiny_sd3_pipeline() -> Any:
         tokenizer_2=tiny_clip_tokenizer(), text_encoder_3=T5EncoderModel(t5_config), tokenizer_3=t5_tokenizer,
         scheduler=d.FlowMatchEulerDiscreteScheduler(shift=3.0),
     )  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def sd_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``tiny_sd_pipeline`` saved as a diffusers folder (read-only for tests)."""
+    folder = tmp_path_factory.mktemp("teachers") / "tiny-sd"
+    tiny_sd_pipeline().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def sd3_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``tiny_sd3_pipeline`` saved as a diffusers folder (read-only for tests)."""
+    folder = tmp_path_factory.mktemp("teachers") / "tiny-sd3"
+    tiny_sd3_pipeline().save_pretrained(folder)
+    return folder
 
 
 TINY_OPEN_CLIP = {

@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_sd_pipeline
 from PIL import Image
 
 from fewstep.bench import BenchConfig, run_bench
@@ -41,13 +40,6 @@ def test_clip_bad_spec(spec: str, match: str) -> None:
 
     with pytest.raises(FewstepError, match=match):
         ClipScorer.load(spec)
-
-
-@pytest.fixture(scope="module")
-def sd_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("sd") / "tiny-sd"
-    tiny_sd_pipeline().save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import tiny_sd3_pipeline, tiny_sd_pipeline
 
 from fewstep.config import merge_into
 from fewstep.distill import run_distill
@@ -27,20 +26,6 @@ def prompts(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("prompts") / "prompts.txt"
     path.write_text("\n".join(PROMPTS) + "\n")
     return path
-
-
-@pytest.fixture(scope="module")
-def sd_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("teachers") / "tiny-sd"
-    tiny_sd_pipeline().save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def sd3_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("teachers") / "tiny-sd3"
-    tiny_sd3_pipeline().save_pretrained(folder)
-    return folder
 
 
 def _sample_all_steps(pipe: Any, **kwargs: Any) -> None:

@@ -27,12 +27,6 @@ class Batch:
     cond: dict[str, Any]
     uncond: dict[str, Any]
 
-    @property
-    def size(self) -> int:
-        if self.x0 is not None:
-            return int(self.x0.shape[0])
-        return next(int(v.shape[0]) for v in self.cond.values() if isinstance(v, Tensor) and v.ndim > 0)
-
 
 @dataclass(frozen=True)
 class OptimizerSpec:

@@ -118,9 +118,10 @@ class SCM(Recipe):
         t = trigflow_time_proposal(x0.shape[0], cfg.p_mean, cfg.p_std, cfg.sigma_data).clamp(1e-3, math.pi / 2 - 1e-3)
         eps = torch.randn_like(x0)
         x_t = self.trig.add_noise(x0, eps, t)
+        c_t = self.trig.coeffs(append_dims(t, x_t.ndim))
         with torch.no_grad():
             x0_teacher = self.teacher.guided(x_t, t, batch.cond, batch.uncond, cfg.guidance)
-            dxt_dt = velocity(x0_teacher, x_t, self.trig.coeffs(append_dims(t, x_t.ndim)))
+            dxt_dt = velocity(x0_teacher, x_t, c_t)
             cos_sin = t.cos() * t.sin()
             tangents = (append_dims(cos_sin, x_t.ndim) * dxt_dt, cos_sin)  # the JVP rearrangement (Lu & Song)
             F_minus, dF_dt, self.method = directional_derivative(
@@ -135,8 +136,7 @@ class SCM(Recipe):
         if self.disc is None:
             return {"student": loss}
         # LADD: the student's x0 and a real x0, both re-noised at a discriminator time, scored on teacher features
-        c = self.trig.coeffs(append_dims(t, x_t.ndim))
-        x0_theta = c.alpha * x_t - c.sigma * F_theta  # Lu & Song, Eq. 4
+        x0_theta = c_t.alpha * x_t - c_t.sigma * F_theta  # Lu & Song, Eq. 4
         t_d = trigflow_time_proposal(x0.shape[0], cfg.p_mean, cfg.p_std, cfg.sigma_data).clamp(1e-3, math.pi / 2)
         fake = self.trig.add_noise(x0_theta, torch.randn_like(x0), t_d)
         real = self.trig.add_noise(x0, torch.randn_like(x0), t_d)
