@@ -59,7 +59,7 @@ def sdpa_mask(args: dict[str, Any]) -> Tensor | None:
     mask, n_q, n_k = args["key_padding_mask"], args["q"].shape[2], args["k"].shape[2]
     full = None if mask is None else mask[:, None, None, :]
     if args["causal"]:
-        tril = torch.ones(n_q, n_k, dtype=torch.bool).tril()
+        tril = torch.ones(n_q, n_k, dtype=torch.bool, device=args["q"].device).tril()
         full = tril if full is None else full & tril
     return full
 
@@ -103,7 +103,7 @@ def key_bias(args: dict[str, Any]) -> Tensor | None:
     mask = args["key_padding_mask"]
     if mask is None:
         return None
-    return torch.zeros(mask.shape[0], 1, 1, mask.shape[1], dtype=torch.float64).masked_fill(
+    return torch.zeros(mask.shape[0], 1, 1, mask.shape[1], dtype=torch.float64, device=mask.device).masked_fill(
         ~mask[:, None, None, :], float("-inf")
     )
 

@@ -33,8 +33,8 @@ BackwardFn = Callable[..., tuple[Tensor, Tensor, Tensor]]
 
 
 def _triton() -> tuple[ForwardFn, BackwardFn]:
-    from .attention_bwd import attention_backward_triton  # imports triton: only when this backend runs
-    from .attention_jvp import attention_jvp_triton
+    from .triton_bwd import attention_backward_triton  # imports triton: only when this backend runs
+    from .triton_jvp import attention_jvp_triton
 
     return attention_jvp_triton, attention_backward_triton
 
@@ -259,7 +259,7 @@ def _prepare(
         raise ValueError(f"incompatible q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
     for x, x_dot in zip((q, k, v), tangents, strict=True):
         if x_dot is not None and (x_dot.shape != x.shape or x_dot.dtype != x.dtype):
-            raise ValueError(f"a tangent must match its primal: {tuple(x_dot.shape)} vs {tuple(x.shape)}")
+            raise ValueError(f"a tangent must match its primal: {x_dot.shape} {x_dot.dtype} vs {x.shape} {x.dtype}")
     if key_padding_mask is not None:
         if key_padding_mask.shape != (b, n_k) or key_padding_mask.dtype != torch.bool:
             raise ValueError("key_padding_mask is a (B, Nk) bool tensor, True for keys to attend to")

@@ -1,0 +1,217 @@
+"""Triton kernel: attention forward and its JVP in one online-softmax pass (imported lazily; see ops.py).
+
+One program owns BLOCK_M query rows of one (batch, head) and streams the keys in blocks of BLOCK_N. Besides
+FlashAttention-2's state (m, l, O~) it carries the tangent state of rCM's FA2-JVP kernel (Zheng et al., 2025,
+NVlabs/rcm), with its two tangent accumulators merged into one (RECIPES.md 2a): r = sum P~ S_dot and
+G~ = sum P~ (V_dot + S_dot V), all float32. Epilogue: O = O~/l, O_dot = G~/l - (r/l) O, lse = m + log l.
+
+Conventions as in ``reference.py``: (B, H, N, D) layout with any strides but a unit stride on D; GQA by key/value head
+h // GROUP; a per-key additive bias (B or 1, Nk) covers key-padding masks (-inf); ``causal`` hides keys j > i. Head
+dims that are not powers of two are padded to one with masked loads. Tangents that are None compile out: with
+K_dot = V_dot = None (cross-attention to a fixed text context) the kernel runs 4 matmuls per block instead of 6.
+
+Inputs in float32, and any input under the Triton interpreter (TRITON_INTERPRET=1, whose bf16 arithmetic is wrong),
+are upcast to float32 right after each load; on a GPU, fp16/bf16 tiles feed the tensor cores directly and the
+probabilities are rounded to the input dtype before the P V products, as in FlashAttention-2.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+LOG2E = 1.4426950408889634  # exp(x) = exp2(x log2 e): scores are kept in base 2 so the kernel only calls exp2
+LN2 = 0.6931471805599453
+
+
+@triton.jit
+def load_tile(base, offs_r, offs_c, stride_r, n_r, n_c, UPCAST: tl.constexpr):
+    """[R, C] tile of a row-major (stride_r, 1) matrix, zero outside (n_r, n_c); float32 when UPCAST."""
+    mask = (offs_r[:, None] < n_r) & (offs_c[None, :] < n_c)
+    x = tl.load(base + offs_r[:, None] * stride_r + offs_c[None, :], mask=mask, other=0.0)
+    if UPCAST:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def attention_jvp_kernel(
+    Q, K, V, Q_DOT, K_DOT, V_DOT, BIAS, O, O_DOT, LSE,
+    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    stride_qdb, stride_qdh, stride_qdm, stride_kdb, stride_kdh, stride_kdn, stride_vdb, stride_vdh, stride_vdn,
+    stride_ob, stride_oh, stride_om, stride_odb, stride_odh, stride_odm, stride_bias_b,
+    H, GROUP, N_Q, N_K, scale,
+    HEAD_DK: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_Q_DOT: tl.constexpr, HAS_K_DOT: tl.constexpr,
+    HAS_V_DOT: tl.constexpr, WITH_TANGENT: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    start_m = tl.program_id(0)
+    off_bh = tl.program_id(1)
+    off_b = off_bh // H
+    off_h = off_bh % H
+    off_hk = off_h // GROUP  # GQA: the key/value head this query head reads
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_dk = tl.arange(0, BLOCK_DK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    qk_scale = scale * LOG2E
+
+    q = load_tile(Q + off_b * stride_qb + off_h * stride_qh, offs_m, offs_dk, stride_qm, N_Q, HEAD_DK, UPCAST)
+    if HAS_Q_DOT:
+        q_dot = load_tile(
+            Q_DOT + off_b * stride_qdb + off_h * stride_qdh, offs_m, offs_dk, stride_qdm, N_Q, HEAD_DK, UPCAST
+        )
+    k_base = K + off_b * stride_kb + off_hk * stride_kh
+    v_base = V + off_b * stride_vb + off_hk * stride_vh
+    k_dot_base = K_DOT + off_b * stride_kdb + off_hk * stride_kdh
+    v_dot_base = V_DOT + off_b * stride_vdb + off_hk * stride_vdh
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running row max of S, base 2
+    l_i = tl.zeros([BLOCK_M], tl.float32)  # running sum of P~
+    r_i = tl.zeros([BLOCK_M], tl.float32)  # running sum of P~ S_dot
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)  # O~
+    g = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)  # G~ = sum P~ (V_dot + S_dot V)
+
+    hi = N_K
+    if CAUSAL:  # key blocks wholly right of this query block's diagonal contribute nothing
+        hi = tl.minimum(N_K, (start_m + 1) * BLOCK_M)
+    for start_n in range(0, hi, BLOCK_N):
+        cols = start_n + offs_n
+        k = load_tile(k_base, cols, offs_dk, stride_kn, N_K, HEAD_DK, UPCAST)
+        v = load_tile(v_base, cols, offs_dv, stride_vn, N_K, HEAD_DV, UPCAST)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        if HAS_BIAS:
+            s += tl.load(BIAS + off_b * stride_bias_b + cols, mask=cols < N_K, other=0.0) * LOG2E
+        visible = (cols < N_K)[None, :]
+        if CAUSAL:
+            visible = visible & (cols[None, :] <= offs_m[:, None])
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # no visible key yet: keep exp2 away from inf - inf
+        alpha = tl.math.exp2(m_i - m_use)
+        p = tl.math.exp2(s - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+        if WITH_TANGENT:
+            g = g * alpha[:, None]
+            if HAS_Q_DOT or HAS_K_DOT:  # S_dot = scale (Q_dot K^T + Q K_dot^T); it is never exponentiated
+                s_dot = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+                if HAS_Q_DOT:
+                    s_dot = tl.dot(q_dot, tl.trans(k), s_dot, input_precision=PRECISION)
+                if HAS_K_DOT:
+                    k_dot = load_tile(k_dot_base, cols, offs_dk, stride_kdn, N_K, HEAD_DK, UPCAST)
+                    s_dot = tl.dot(q, tl.trans(k_dot), s_dot, input_precision=PRECISION)
+                h = p * (s_dot * scale)  # H = P~ S_dot; zero wherever the key is hidden (P~ = 0)
+                r_i = r_i * alpha + tl.sum(h, 1)
+                g = tl.dot(h.to(v.dtype), v, g, input_precision=PRECISION)
+            if HAS_V_DOT:
+                v_dot = load_tile(v_dot_base, cols, offs_dv, stride_vdn, N_K, HEAD_DV, UPCAST)
+                g = tl.dot(p.to(v_dot.dtype), v_dot, g, input_precision=PRECISION)
+        m_i = m_new
+
+    row_ok = offs_m < N_Q
+    out_mask = row_ok[:, None] & (offs_dv[None, :] < HEAD_DV)
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # a row that sees no key: O = O_dot = 0, lse = -inf
+    o = acc / l_safe[:, None]
+    o_ptrs = O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :]
+    tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=out_mask)
+    lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)
+    tl.store(LSE + off_bh * N_Q + offs_m, lse, mask=row_ok)
+    if WITH_TANGENT:
+        mu = r_i / l_safe  # mu = sum_j p_j s_dot_j
+        o_dot = g / l_safe[:, None] - mu[:, None] * o
+        od_ptrs = O_DOT + off_b * stride_odb + off_h * stride_odh + offs_m[:, None] * stride_odm + offs_dv[None, :]
+        tl.store(od_ptrs, o_dot.to(O_DOT.dtype.element_ty), mask=out_mask)
+
+
+def interpreted() -> bool:
+    """Whether this module's kernels were built by the Triton interpreter (TRITON_INTERPRET=1 at import)."""
+    return type(attention_jvp_kernel).__name__ == "InterpretedFunction"
+
+
+def unit_stride(x: Tensor) -> Tensor:
+    """The kernels index D with stride 1; any other layout of the batch, head and sequence axes is read in place."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def key_bias(bias: Tensor | None, n_k: int) -> tuple[Tensor | None, int]:
+    """An additive bias broadcastable to (B, 1, 1, Nk) as a float32 (B or 1, Nk) matrix and its batch stride."""
+    if bias is None:
+        return None, 0
+    bias = bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape))
+    assert bias.shape[1] == bias.shape[2] == 1, "the Triton kernels take a per-key bias only"
+    flat = bias[:, 0, 0, :].to(torch.float32).expand(bias.shape[0], n_k).contiguous()
+    return flat, (n_k if flat.shape[0] > 1 else 0)
+
+
+def launch_config(
+    x: Tensor, n_q: int, n_k: int, head_dim: int, blocks: tuple[int, int] | None = None
+) -> dict[str, int]:
+    """Block sizes and warps. Under the interpreter each (program x key block) costs milliseconds whatever its size,
+    so tiles are as large as the problem allows; on a GPU, the register budget of two fp32 accumulators rules."""
+    if blocks is not None:
+        return {"BLOCK_M": blocks[0], "BLOCK_N": blocks[1], "num_warps": 4, "num_stages": 1 if interpreted() else 2}
+    if interpreted():
+        block_m, block_n = (min(128, max(16, triton.next_power_of_2(n))) for n in (n_q, n_k))
+        return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": 4, "num_stages": 1}
+    if head_dim <= 64 and x.dtype != torch.float32:
+        return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
+    return {"BLOCK_M": 64, "BLOCK_N": 32 if head_dim > 64 else 64, "num_warps": 4, "num_stages": 2}
+
+
+def kernel_flags(x: Tensor) -> dict[str, object]:
+    if x.device.type == "cpu" and not interpreted():
+        raise RuntimeError(
+            "Triton runs on CPU tensors only under its interpreter: set TRITON_INTERPRET=1 before "
+            "fewstep_kernels.triton_jvp is first imported, or use the 'chunked' backend"
+        )
+    upcast = interpreted() or x.dtype == torch.float32
+    return {"UPCAST": upcast, "PRECISION": "ieee"}  # ieee: fp32 inputs get fp32 (not TF32) products
+
+
+def attention_jvp_triton(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    q_dot: Tensor | None,
+    k_dot: Tensor | None,
+    v_dot: Tensor | None,
+    bias: Tensor | None,
+    scale: float,
+    causal: bool,
+    with_tangent: bool = True,
+    blocks: tuple[int, int] | None = None,
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """(o (B, H, Nq, Dv), o_dot or None when ``with_tangent`` is False, lse (B, H, Nq) float32) in one launch.
+    ``blocks`` = (BLOCK_M, BLOCK_N) overrides the launch configuration (tests use it to cross many tiles)."""
+    b, h, n_q, d_k = q.shape
+    h_kv, n_k, d_v = k.shape[1], k.shape[2], v.shape[-1]
+    has_tangent = with_tangent and any(t is not None for t in (q_dot, k_dot, v_dot))
+    q, k, v = unit_stride(q), unit_stride(k), unit_stride(v)
+    q_dot, k_dot, v_dot = (unit_stride(t) if t is not None and has_tangent else None for t in (q_dot, k_dot, v_dot))
+    o = torch.empty(b, h, n_q, d_v, dtype=q.dtype, device=q.device)
+    o_dot = torch.empty_like(o) if has_tangent else None
+    lse = torch.empty(b, h, n_q, dtype=torch.float32, device=q.device)
+    flat_bias, stride_bias_b = key_bias(bias, n_k)
+    config = launch_config(q, n_q, n_k, d_k, blocks)
+    grid = (triton.cdiv(n_q, config["BLOCK_M"]), b * h)
+    attention_jvp_kernel[grid](
+        q, k, v, q_dot if q_dot is not None else q, k_dot if k_dot is not None else k,
+        v_dot if v_dot is not None else v, flat_bias if flat_bias is not None else q, o,
+        o_dot if o_dot is not None else o, lse,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+        *(q_dot if q_dot is not None else q).stride()[:3], *(k_dot if k_dot is not None else k).stride()[:3],
+        *(v_dot if v_dot is not None else v).stride()[:3], *o.stride()[:3],
+        *(o_dot if o_dot is not None else o).stride()[:3], stride_bias_b,
+        h, h // h_kv, n_q, n_k, scale,
+        HEAD_DK=d_k, HEAD_DV=d_v, BLOCK_DK=max(16, triton.next_power_of_2(d_k)),
+        BLOCK_DV=max(16, triton.next_power_of_2(d_v)), HAS_Q_DOT=q_dot is not None, HAS_K_DOT=k_dot is not None,
+        HAS_V_DOT=v_dot is not None, WITH_TANGENT=has_tangent, HAS_BIAS=flat_bias is not None, CAUSAL=causal,
+        **kernel_flags(q), **config,
+    )  # fmt: skip
+    if with_tangent and o_dot is None:
+        o_dot = torch.zeros_like(o)  # every tangent None: exactly zero, no tangent work at all
+    return o, o_dot, lse
