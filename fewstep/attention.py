@@ -1,17 +1,14 @@
 """Attention with a forward-mode (JVP) rule, so torch.func.jvp runs through every diffusers backbone.
 
 sCM needs dF/dt of the student by a JVP; PyTorch's fused attention kernels have no forward-mode rule (on CPU:
-"Trying to use forward AD with _scaled_dot_product_flash_attention_for_cpu"). ``AttentionJVP`` is softmax attention
-as a torch.autograd.Function with an explicit ``jvp`` and ``backward``; this file holds the reference math (O(N^2)
-memory: it keeps the probabilities), and the fused kernel of ``fewstep_kernels`` plugs into the same op.
-
-Tangents, one query row (s_j = scale q.k_j, p = softmax(s), o = sum_j p_j v_j; RECIPES.md section 2):
+"Trying to use forward AD with _scaled_dot_product_flash_attention_for_cpu"), and torch.func.jvp over math SDPA keeps
+four Nq x Nk matrices per head. ``jvp_attention()`` routes ``F.scaled_dot_product_attention`` (which every diffusers
+attention processor calls by name, legacy processors and the new dispatcher alike) through
+``fewstep_kernels.AttentionFunction``: its ``jvp`` computes the output and its tangent in one online-softmax pass
+(fused Triton kernel on CUDA, chunked PyTorch elsewhere, O(N) extra memory) and its ``backward`` runs from the saved
+log-sum-exp. The math is in kernels/README.md; tangents of one query row (s_j = scale q.k_j, p = softmax(s)):
     s_dot_j = scale (q_dot.k_j + q.k_dot_j)
-    p_dot_j = p_j (s_dot_j - sum_i p_i s_dot_i)
-    o_dot   = sum_j p_dot_j v_j + p_j v_dot_j
-
-``jvp_attention()`` routes ``F.scaled_dot_product_attention`` through this op for the duration of a block, which
-covers every attention processor diffusers has (legacy processors and the new dispatcher both call it by name).
+    o_dot   = sum_j p_j (s_dot_j v_j + v_dot_j) - (sum_j p_j s_dot_j) o
 """
 
 from __future__ import annotations
@@ -19,74 +16,56 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from contextvars import ContextVar
 
 import torch
 import torch.nn.functional as F
+from fewstep_kernels import AttentionFunction, Backend, resolve_backend
 from torch import Tensor
 
+AttentionJVP = AttentionFunction  # the autograd.Function behind the route (name kept from the reference version)
 
-def _probabilities(q: Tensor, k: Tensor, scale: float, bias: Tensor | None) -> Tensor:
-    """softmax(q k^T scale + bias), the softmax taken in at least float32."""
-    s = torch.matmul(q, k.transpose(-1, -2)) * scale
-    s = s if bias is None else s + bias
-    return torch.softmax(s.to(torch.promote_types(s.dtype, torch.float32)), dim=-1).to(q.dtype)
+_backend: ContextVar[Backend] = ContextVar("fewstep_attention_backend", default="auto")
 
 
-class AttentionJVP(torch.autograd.Function):
-    """softmax(q k^T scale + bias) v for (..., N, D) inputs; ``bias`` is additive and carries no tangent."""
-
-    @staticmethod
-    def forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float) -> Tensor:  # type: ignore[override]
-        return torch.matmul(_probabilities(q, k, scale, bias), v)
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
-        q, k, v, bias, scale = inputs
-        p = _probabilities(q, k, scale, bias)  # recomputed: the reference keeps forward() free of ctx
-        ctx.scale = scale
-        ctx.save_for_backward(q, k, v, p)
-        ctx.save_for_forward(q, k, v, p)
-
-    @staticmethod
-    def jvp(ctx: Any, q_dot: Tensor | None, k_dot: Tensor | None, v_dot: Tensor | None, *_: Any) -> Tensor:
-        q, k, v, p = ctx.saved_tensors
-        s_dot = torch.zeros_like(p)
-        if q_dot is not None:
-            s_dot = s_dot + torch.matmul(q_dot, k.transpose(-1, -2)) * ctx.scale
-        if k_dot is not None:
-            s_dot = s_dot + torch.matmul(q, k_dot.transpose(-1, -2)) * ctx.scale
-        p_dot = p * (s_dot - (p * s_dot).sum(-1, keepdim=True))
-        o_dot = torch.matmul(p_dot, v)
-        return o_dot if v_dot is None else o_dot + torch.matmul(p, v_dot)
-
-    @staticmethod
-    def backward(ctx: Any, o_bar: Tensor) -> tuple[Tensor, Tensor, Tensor, None, None]:  # type: ignore[override]
-        q, k, v, p = ctx.saved_tensors
-        v_bar = torch.matmul(p.transpose(-1, -2), o_bar)
-        p_bar = torch.matmul(o_bar, v.transpose(-1, -2))
-        s_bar = p * (p_bar - (p_bar * p).sum(-1, keepdim=True))
-        q_bar = torch.matmul(s_bar, k) * ctx.scale
-        k_bar = torch.matmul(s_bar.transpose(-1, -2), q) * ctx.scale
-        return q_bar, k_bar, v_bar, None, None
+def _as_4d(x: Tensor, lead: tuple[int, ...]) -> Tensor:
+    """(..., H, N, D) -> (B, H, N, D): missing leading axes are 1; with several batch axes ``lead`` (SDPA broadcasts
+    them), x is broadcast to them and they fold into one."""
+    x = x.reshape((1,) * max(0, len(lead) + 3 - x.dim()) + tuple(x.shape))
+    if len(lead) <= 1:
+        return x.reshape((1,) * (4 - x.dim()) + tuple(x.shape))
+    return x.broadcast_to(*lead, *x.shape[-3:]).reshape(-1, *x.shape[-3:])
 
 
-def attention_jvp(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = None, scale: float | None = None) -> Tensor:
-    """(..., Nq, D), (..., Nk, D), (..., Nk, Dv) -> (..., Nq, Dv) softmax attention with a JVP rule."""
-    return AttentionJVP.apply(q, k, v, bias, scale if scale is not None else 1.0 / math.sqrt(q.shape[-1]))
+def attention_jvp(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    bias: Tensor | None = None,
+    scale: float | None = None,
+    *,
+    causal: bool = False,
+    backend: Backend | None = None,
+) -> Tensor:
+    """(..., H, Nq, D), (..., Hkv, Nk, D), (..., Hkv, Nk, Dv) -> (..., H, Nq, Dv) softmax attention with JVP and
+    backward rules. ``bias`` is additive, broadcastable to (..., H, Nq, Nk), and constant; H % Hkv == 0 (GQA).
+    ``backend`` defaults to the one ``jvp_attention`` set (else "auto")."""
+    lead = tuple(q.shape[:-3])
+    q4, k4, v4 = _as_4d(q, lead), _as_4d(k, lead), _as_4d(v, lead)
+    if bias is not None:  # (..., H | 1, Nq | 1, Nk): its leading axes fold the same way as the inputs'
+        bias = _as_4d(bias, lead)
+    scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    resolved = resolve_backend(backend or _backend.get(), q4, bias)
+    out = AttentionFunction.apply(q4, k4, v4, bias, scale, causal, resolved)[0]
+    return out.reshape(*q.shape[:-1], v.shape[-1])
 
 
-def _mask_to_bias(attn_mask: Tensor | None, is_causal: bool, q: Tensor, k: Tensor) -> Tensor | None:
-    """SDPA's boolean (True = attend) or additive mask, and is_causal, as one additive bias."""
-    bias = None
-    if attn_mask is not None:
-        bias = torch.zeros_like(attn_mask, dtype=q.dtype).masked_fill(~attn_mask, float("-inf")) if (
-            attn_mask.dtype == torch.bool) else attn_mask.to(q.dtype)  # fmt: skip
-    if is_causal:
-        causal = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
-        causal_bias = torch.zeros(causal.shape, dtype=q.dtype, device=q.device).masked_fill(~causal, float("-inf"))
-        bias = causal_bias if bias is None else bias + causal_bias
-    return bias
+def _mask_to_bias(attn_mask: Tensor | None, q: Tensor) -> Tensor | None:
+    """SDPA's boolean mask (True = attend) as an additive bias (-inf hides a key); a float mask is already one."""
+    if attn_mask is None or attn_mask.dtype != torch.bool:
+        return attn_mask
+    bias = torch.zeros(attn_mask.shape, dtype=torch.promote_types(q.dtype, torch.float32), device=attn_mask.device)
+    return bias.masked_fill_(~attn_mask, float("-inf"))
 
 
 def sdpa_with_jvp(
@@ -99,21 +78,28 @@ def sdpa_with_jvp(
     scale: float | None = None,
     enable_gqa: bool = False,
 ) -> Tensor:
-    """Drop-in for ``F.scaled_dot_product_attention`` (same arguments) computed by ``AttentionJVP``."""
+    """Drop-in for ``F.scaled_dot_product_attention`` (same arguments) computed by ``AttentionFunction``.
+
+    Boolean and float masks that vary only along batch and keys (padding masks, the usual diffusers case) stay on
+    the fused kernels; masks that vary per query or head go to the chunked path. Key/value heads may be fewer than
+    query heads whenever they divide them (GQA/MQA), with or without ``enable_gqa``.
+    """
     if dropout_p != 0.0:
         raise ValueError("attention dropout has no place in distillation; set it to 0")
-    if enable_gqa and key.shape[-3] != query.shape[-3]:
-        repeat = query.shape[-3] // key.shape[-3]
-        key, value = key.repeat_interleave(repeat, dim=-3), value.repeat_interleave(repeat, dim=-3)
-    return attention_jvp(query, key, value, _mask_to_bias(attn_mask, is_causal, query, key), scale)
+    return attention_jvp(query, key, value, _mask_to_bias(attn_mask, query), scale, causal=is_causal)
 
 
 @contextmanager
-def jvp_attention() -> Iterator[None]:
-    """Within the block, every ``F.scaled_dot_product_attention`` call (all diffusers processors) uses AttentionJVP."""
+def jvp_attention(backend: Backend = "auto") -> Iterator[None]:
+    """Within the block, every ``F.scaled_dot_product_attention`` call (all diffusers processors) runs on
+    ``AttentionFunction`` with ``backend``: "auto" (Triton on CUDA, chunked elsewhere; $FEWSTEP_ATTENTION_BACKEND
+    overrides), "triton", "chunked" or "reference"."""
+    resolve_backend(backend, torch.empty(0))  # fail early on a misspelt backend
+    token = _backend.set(backend)
     original = F.scaled_dot_product_attention
     F.scaled_dot_product_attention = sdpa_with_jvp  # type: ignore[assignment]
     try:
         yield
     finally:
         F.scaled_dot_product_attention = original  # type: ignore[assignment]
+        _backend.reset(token)
