@@ -34,6 +34,7 @@ from ..sampling import SamplingPlan
 from ..schedules import TrigFlow, append_dims, velocity
 from ..tangent import Method, directional_derivative
 from ..teacher import Denoiser, guidance_condition
+from ..time_embedding import smooth_time_embedding
 from ..train import TrainConfig
 from .base import Batch, OptimizerSpec, Recipe
 
@@ -56,6 +57,7 @@ class SCMConfig:
     adv_weight: float = 0.0  # LADD-style adversarial term on frozen teacher features (SANA-Sprint); 0 = off
     adv_lr: float = 1e-4  # the discriminator heads' learning rate
     adv_block_every: int = 1  # read every k-th teacher block
+    time_max_freq: float | None = None  # smooth the student's time embedding (``time_embedding``); None: keep all
     plan_mid: float = 1.3  # the 2-step plan's second time (rad): SANA-Sprint's default (diffusers SCMScheduler)
     plan_steps: tuple[int, ...] = (1, 2, 4)  # other counts than 2 are uniform in angle, as SCMScheduler spaces them
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -90,6 +92,8 @@ class SCM(Recipe):
         self.teacher.model.requires_grad_(False).eval()
         # eval mode while training: no dropout and, for DiT, no per-block random label dropping (../shared/DIGITS.md)
         student_model = copy.deepcopy(teacher.model).requires_grad_(True).eval()
+        if cfg.time_max_freq is not None:
+            smooth_time_embedding(student_model, cfg.time_max_freq)
         self.student = Denoiser(student_model, teacher.native, teacher.prediction, self.trig, teacher.backbone)
         self.logvar = LogVar()
         self.nets = nn.ModuleDict({"model": student_model, "logvar": self.logvar})
