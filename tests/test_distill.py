@@ -1,0 +1,59 @@
+"""distill's bench step: the teacher's rows are measured once per (teacher, settings, machine) and then reused."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import fewstep.bench
+from fewstep import distill
+
+
+@pytest.fixture
+def fake_bench(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[tuple[str, ...]]:
+    """run_bench replaced by one that records its sources and writes a row per source, merging like the real one."""
+    calls: list[tuple[str, ...]] = []
+
+    def run_bench(sources: Any, report_dir: Path, cfg: Any, text: Any = None) -> dict[str, Any]:
+        calls.append(tuple(sources))
+        report_dir.mkdir(parents=True, exist_ok=True)
+        path = report_dir / "report.json"
+        rows = json.loads(path.read_text())["rows"] if path.is_file() else []
+        rows += [{"source": s, "steps": list(cfg.steps), "measured": len(calls)} for s in sources]
+        path.write_text(json.dumps({"rows": rows}))
+        return {"rows": rows}
+
+    monkeypatch.setattr(fewstep.bench, "run_bench", run_bench)
+    monkeypatch.setenv("FEWSTEP_CACHE", str(tmp_path / "cache"))
+    return calls
+
+
+def test_teacher_rows_are_measured_once_then_copied(fake_bench: list, random_digits: Path, tmp_path: Path) -> None:
+    teacher = str(random_digits)
+    distill.bench_student(tmp_path / "s1", teacher, [1, 2], tmp_path / "bench1")
+    distill.bench_student(tmp_path / "s2", teacher, [1, 2], tmp_path / "bench2")
+    assert fake_bench == [(teacher,), (str(tmp_path / "s1"),), (str(tmp_path / "s2"),)]
+    first = json.loads((tmp_path / "bench1" / "report.json").read_text())["rows"]
+    second = json.loads((tmp_path / "bench2" / "report.json").read_text())["rows"]
+    assert first[0] == second[0] and first[0]["steps"] == [1, 2, 50]  # the teacher's row, from the cache
+    assert second[1]["source"] == str(tmp_path / "s2")
+
+
+def test_other_step_counts_or_teacher_weights_are_measured_anew(
+    fake_bench: list, random_digits: Path, tmp_path: Path
+) -> None:
+    teacher = str(random_digits)
+    distill.bench_student(tmp_path / "s", teacher, [1, 2], tmp_path / "a")
+    distill.bench_student(tmp_path / "s", teacher, [1, 4], tmp_path / "b")
+    assert fake_bench.count((teacher,)) == 2
+    key = distill.teacher_bench_key(teacher, fewstep.bench.BenchConfig(steps=(1, 4, 50)))
+    config = random_digits / "transformer" / "config.json"
+    original = config.read_text()
+    try:
+        config.write_text(original.replace("}", ', "extra": 1}', 1))
+        assert distill.teacher_bench_key(teacher, fewstep.bench.BenchConfig(steps=(1, 4, 50))) != key
+    finally:
+        config.write_text(original)
