@@ -18,6 +18,8 @@ from fewstep_kernels import (
     attention_jvp,
     attention_jvp_chunked,
     attention_jvp_reference,
+    attention_tangent_chunked,
+    attention_tangent_reference,
     resolve_backend,
 )
 from torch import Tensor
@@ -186,6 +188,25 @@ def test_central_difference_float64(case: tuple) -> None:
     assert max_err(o_dot, fd) <= 1e-7 * (1 + float(fd.abs().max()))
 
 
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_tangent_from_saved_lse(case: tuple) -> None:
+    """What AttentionFunction.jvp runs: o_dot from the forward's (o, lse), chunked and reference, equals the
+    one-pass o_dot (float64), including None tangents."""
+    args = attention_inputs(case, torch.float64)
+    names, bias, scale = ("q", "k", "v", "q_dot", "k_dot", "v_dot"), key_bias(args), case[5] ** -0.5
+    o, o_dot, lse = attention_jvp_reference(*(args[n] for n in names), bias, scale, case[7])
+    for tangent, blocks in (
+        (attention_tangent_chunked, {"block_q": 64, "block_k": 48}),
+        (attention_tangent_reference, {}),
+    ):
+        from_lse = tangent(args["q"], args["k"], args["v"], o, lse, args["q_dot"], args["k_dot"], args["v_dot"], bias,
+                           scale, case[7], **blocks)  # fmt: skip
+        torch.testing.assert_close(from_lse, o_dot, rtol=1e-11, atol=1e-11)
+        q_only = tangent(args["q"], args["k"], args["v"], o, lse, args["q_dot"], None, None, bias, scale, case[7])
+        expected = attention_jvp_reference(*(args[n] for n in names[:4]), None, None, bias, scale, case[7])[1]
+        torch.testing.assert_close(q_only, expected, rtol=1e-11, atol=1e-11)
+
+
 BackwardFn = Callable[..., tuple[Tensor, Tensor, Tensor]]
 
 
@@ -297,7 +318,18 @@ def test_custom_ops_have_fake_kernels() -> None:
     )  # fmt: skip
     o, o_dot, lse = torch.ops.fewstep_kernels.attention_fwd_jvp(q, k, v, q, None, None, None, 0.1, False, "chunked")
     assert o.shape == o_dot.shape == (2, 4, 7, 24) and lse.shape == (2, 4, 7) and lse.dtype == torch.float32
+    assert (
+        torch.ops.fewstep_kernels.attention_tangent(q, k, v, o, lse, q, None, None, None, 0.1, False, "chunked").shape
+        == o.shape
+    )
+    real = [torch.randn(x.shape, dtype=torch.float64) for x in (q, k, v, q, k, v)]
+    torch.library.opcheck(torch.ops.fewstep_kernels.attention_fwd_jvp.default, (*real, None, 0.1, True, "chunked"))
+    o, _, lse = torch.ops.fewstep_kernels.attention_fwd_jvp(*real, None, 0.1, True, "chunked")
     torch.library.opcheck(
-        torch.ops.fewstep_kernels.attention_fwd_jvp.default,
-        tuple(torch.randn(x.shape, dtype=torch.float64) for x in (q, k, v, q, k, v)) + (None, 0.1, True, "chunked"),
+        torch.ops.fewstep_kernels.attention_tangent.default, (*real[:3], o, lse, *real[3:], None, 0.1, True, "chunked")
+    )
+    torch.library.opcheck(torch.ops.fewstep_kernels.attention_fwd.default, (*real[:3], None, 0.1, False, "reference"))
+    torch.library.opcheck(
+        torch.ops.fewstep_kernels.attention_bwd.default,
+        (torch.randn_like(o), *real[:3], o, lse, None, 0.1, True, "chunked"),
     )

@@ -109,18 +109,21 @@ def test_triton_backward_flash_rule(case: tuple, dtype: torch.dtype) -> None:
 @pytest.mark.parametrize("case", [CASES[2], CASES[5], CASES[6]], ids=[CASE_IDS[2], CASE_IDS[5], CASE_IDS[6]])
 def test_triton_small_tiles(case: tuple, blocks: tuple[int, int]) -> None:
     """Small tiles cross many key blocks (online rescaling), the causal diagonal at many offsets, and ragged edges;
-    forward, tangent and backward against the float64 reference, fp32."""
+    forward, tangent (one pass and from the saved lse) and backward against the float64 reference, fp32."""
     args = attention_inputs(case, torch.float32)
     q, k, v, q_dot, k_dot, v_dot = (on_device(args)[n] for n in ("q", "k", "v", "q_dot", "k_dot", "v_dot"))
     bias, scale, causal = key_bias(on_device(args)), case[5] ** -0.5, case[7]
     o, o_dot, lse = triton_jvp.attention_jvp_triton(q, k, v, q_dot, k_dot, v_dot, bias, scale, causal, blocks=blocks)
     args64 = [args[n].double() for n in ("q", "k", "v", "q_dot", "k_dot", "v_dot")]
     o_ref, o_dot_ref, lse_ref = attention_jvp_reference(*args64, key_bias(args), scale, causal)
+    from_lse = triton_jvp.attention_tangent_triton(q, k, v, o, lse, q_dot, k_dot, v_dot, bias, scale, causal, blocks)
     o_bar = torch.randn_like(o_ref)
     o_bar_f = o_bar.float().to(DEVICE)
     grads = triton_bwd.attention_backward_triton(o_bar_f, q, k, v, o, lse, bias, scale, causal, blocks)
     grads_ref = attention_backward_reference(o_bar, *args64[:3], o_ref, lse_ref, key_bias(args), scale, causal)
-    for x, ref in zip((o, o_dot, lse, *grads), (o_ref, o_dot_ref, lse_ref, *grads_ref), strict=True):
+    for x, ref in zip(
+        (o, o_dot, lse, from_lse, *grads), (o_ref, o_dot_ref, lse_ref, o_dot_ref, *grads_ref), strict=True
+    ):
         torch.testing.assert_close(x.cpu().double(), ref, rtol=0, atol=2e-5 * (1 + float(ref.abs().max())))
 
 

@@ -9,7 +9,7 @@ Backends: "triton" (CUDA, or CPU under TRITON_INTERPRET=1), "chunked" (pure PyTo
 overrides). The math is in kernels/README.md.
 """
 
-from .chunked import attention_backward_chunked, attention_jvp_chunked
+from .chunked import attention_backward_chunked, attention_jvp_chunked, attention_tangent_chunked
 from .ops import (
     BACKEND_ENV,
     AttentionFunction,
@@ -21,7 +21,7 @@ from .ops import (
     resolve_backend,
     triton_available,
 )
-from .reference import attention_backward_reference, attention_jvp_reference
+from .reference import attention_backward_reference, attention_jvp_reference, attention_tangent_reference
 
 __all__ = [
     "BACKEND_ENV",
@@ -34,6 +34,8 @@ __all__ = [
     "attention_jvp",
     "attention_jvp_chunked",
     "attention_jvp_reference",
+    "attention_tangent_chunked",
+    "attention_tangent_reference",
     "is_key_bias",
     "resolve_backend",
     "triton_available",

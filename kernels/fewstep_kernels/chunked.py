@@ -57,6 +57,46 @@ def _masked_scores(q_c: Tensor, k_c: Tensor, bias: Tensor | None, causal: bool, 
     return s
 
 
+def _add_tangent(
+    g: Tensor,
+    r: Tensor,
+    p: Tensor,
+    q_c: Tensor,
+    q_dot_c: Tensor | None,
+    k_c: Tensor,
+    k_dot_c: Tensor | None,
+    v_c: Tensor,
+    v_dot_c: Tensor | None,
+) -> None:
+    """G~ += P~ V_dot + H V and r += rowsum H, where H = P~ * S_dot and S_dot = Q_dot K^T + Q K_dot^T (Q and Q_dot
+    pre-scaled). None tangents skip their matmuls; with S_dot = 0 there is no H at all."""
+    if q_dot_c is not None or k_dot_c is not None:
+        s_dot = torch.matmul(q_dot_c, k_c.transpose(-1, -2)) if q_dot_c is not None else None
+        if k_dot_c is not None:
+            qk_dot = torch.matmul(q_c, k_dot_c.transpose(-1, -2))
+            s_dot = qk_dot if s_dot is None else s_dot.add_(qk_dot)
+        assert s_dot is not None
+        h = s_dot.mul_(p)  # H = P~ * S_dot, in place of S_dot; hidden keys have P~ = 0
+        r.add_(h.sum(-1, keepdim=True))
+        g.add_(torch.matmul(h, v_c))
+    if v_dot_c is not None:
+        g.add_(torch.matmul(p, v_dot_c))
+
+
+def _grouped_inputs(
+    q: Tensor, k: Tensor, v: Tensor, q_dot: Tensor | None, k_dot: Tensor | None, v_dot: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """Queries as (B, Hkv, G, N, D) views; keys and values upcast with a singleton group axis that broadcasts
+    against the G query heads sharing them."""
+    h_kv, ct = k.shape[1], compute_dtype(q.dtype)
+
+    def kv(x: Tensor | None) -> Tensor | None:
+        return x.to(ct).unsqueeze(2) if x is not None else None
+
+    q_dot5 = _grouped(q_dot, h_kv) if q_dot is not None else None
+    return _grouped(q, h_kv), k.to(ct).unsqueeze(2), v.to(ct).unsqueeze(2), q_dot5, kv(k_dot), kv(v_dot)
+
+
 def attention_jvp_chunked(
     q: Tensor,
     k: Tensor,
@@ -76,30 +116,24 @@ def attention_jvp_chunked(
     h_kv, n_k, d_v = k.shape[1], k.shape[2], v.shape[-1]
     ct = compute_dtype(q.dtype)
     bq, bk = _blocks(b * h, n_q, n_k, block_q, block_k)
-    s_tangent = with_tangent and (q_dot is not None or k_dot is not None)  # else S_dot = 0: skip two matmuls
-    v_tangent = with_tangent and v_dot is not None
-
+    if not with_tangent:
+        q_dot = k_dot = v_dot = None
+    q5, k5, v5, q_dot5, k_dot5, v_dot5 = _grouped_inputs(q, k, v, q_dot, k_dot, v_dot)
+    bias5 = _grouped_bias(bias, h_kv, ct)
     o = q.new_empty(b, h, n_q, d_v)
     o_dot = torch.zeros_like(o) if with_tangent else None
     lse = torch.empty(b, h, n_q, dtype=ct, device=q.device)
-    q5, o5, lse5 = _grouped(q, h_kv), _grouped(o, h_kv), _grouped(lse, h_kv)
-    q_dot5 = _grouped(q_dot, h_kv) if s_tangent and q_dot is not None else None
+    o5, lse5 = _grouped(o, h_kv), _grouped(lse, h_kv)
     o_dot5 = _grouped(o_dot, h_kv) if o_dot is not None else None
-    bias5 = _grouped_bias(bias, h_kv, ct)
-    # Keys and values get a singleton group axis that broadcasts against the G query heads sharing them.
-    k5, v5 = k.to(ct).unsqueeze(2), v.to(ct).unsqueeze(2)
-    k_dot5 = k_dot.to(ct).unsqueeze(2) if s_tangent and k_dot is not None else None
-    v_dot5 = v_dot.to(ct).unsqueeze(2) if v_tangent and v_dot is not None else None
 
     for i0 in range(0, n_q, bq):
         rows = slice(i0, min(n_q, i0 + bq))
         q_c = q5[..., rows, :].to(ct) * scale  # folding the scale into Q (and Q_dot) saves a pass over each tile
         q_dot_c = q_dot5[..., rows, :].to(ct) * scale if q_dot5 is not None else None
         m = torch.full((*q_c.shape[:-1], 1), float("-inf"), dtype=ct, device=q.device)
-        l, r = torch.zeros_like(m), torch.zeros_like(m)
+        l, r, m_use = torch.zeros_like(m), torch.zeros_like(m), torch.zeros_like(m)
         acc = q_c.new_zeros(*q_c.shape[:-1], d_v)
-        g = torch.zeros_like(acc) if with_tangent else None
-        m_use = torch.zeros_like(m)
+        g = torch.zeros_like(acc)
         for j0 in range(0, min(n_k, rows.stop) if causal else n_k, bk):
             cols = slice(j0, min(n_k, j0 + bk))
             s = _masked_scores(q_c, k5[..., cols, :], bias5, causal, rows, cols)
@@ -109,27 +143,70 @@ def attention_jvp_chunked(
             p = s.sub_(m_use).exp_()  # P~, in place of S
             l.mul_(alpha).add_(p.sum(-1, keepdim=True))
             acc.mul_(alpha).add_(torch.matmul(p, v5[..., cols, :]))
-            if g is not None:
+            if o_dot5 is not None:
                 g.mul_(alpha)
-            if s_tangent and g is not None:
-                s_dot = torch.matmul(q_dot_c, k5[..., cols, :].transpose(-1, -2)) if q_dot_c is not None else None
-                if k_dot5 is not None:
-                    qk_dot = torch.matmul(q_c, k_dot5[..., cols, :].transpose(-1, -2))
-                    s_dot = qk_dot if s_dot is None else s_dot.add_(qk_dot)
-                assert s_dot is not None
-                h_tile = s_dot.mul_(p)  # H = P~ * S_dot, in place of S_dot; masked keys have P~ = 0
-                r.mul_(alpha).add_(h_tile.sum(-1, keepdim=True))
-                g.add_(torch.matmul(h_tile, v5[..., cols, :]))
-            if v_tangent and g is not None and v_dot5 is not None:
-                g.add_(torch.matmul(p, v_dot5[..., cols, :]))
+                r.mul_(alpha)
+                _add_tangent(g, r, p, q_c, q_dot_c, k5[..., cols, :], _tile(k_dot5, cols), v5[..., cols, :],
+                             _tile(v_dot5, cols))  # fmt: skip
             m = m_new
         l_safe = l.masked_fill(l == 0, 1.0)  # a row that saw no key: o = o_dot = 0, lse = -inf
         o_c = acc / l_safe
         o5[..., rows, :] = o_c.to(q.dtype)
         lse5[..., rows] = (m_use + torch.log(l)).squeeze(-1)
-        if o_dot5 is not None and g is not None:
+        if o_dot5 is not None:
             o_dot5[..., rows, :] = (g / l_safe - (r / l_safe) * o_c).to(q.dtype)
     return o, o_dot, lse
+
+
+def _tile(x: Tensor | None, cols: slice) -> Tensor | None:
+    return x[..., cols, :] if x is not None else None
+
+
+def attention_tangent_chunked(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    o: Tensor,
+    lse: Tensor,
+    q_dot: Tensor | None,
+    k_dot: Tensor | None,
+    v_dot: Tensor | None,
+    bias: Tensor | None,
+    scale: float,
+    causal: bool,
+    block_q: int | None = None,
+    block_k: int | None = None,
+) -> Tensor:
+    """o_dot (B, H, Nq, Dv) from a forward's saved o and lse: with P = exp(S - lse) already normalized there is no
+    running max and no P V product, so the tangent costs 5 tile matmuls (what AttentionFunction.jvp runs after
+    AttentionFunction.forward has produced o):
+        mu = rowsum(P * S_dot),   O_dot = P V_dot + (P * S_dot) V - mu O.
+    """
+    b, h, n_q, _ = q.shape
+    h_kv, n_k, d_v = k.shape[1], k.shape[2], v.shape[-1]
+    ct = compute_dtype(q.dtype)
+    bq, bk = _blocks(b * h, n_q, n_k, block_q, block_k)
+    q5, k5, v5, q_dot5, k_dot5, v_dot5 = _grouped_inputs(q, k, v, q_dot, k_dot, v_dot)
+    bias5 = _grouped_bias(bias, h_kv, ct)
+    o5, lse5 = _grouped(o, h_kv), _grouped(safe_lse(lse.to(ct)), h_kv)
+    o_dot = q.new_zeros(b, h, n_q, d_v)
+    o_dot5 = _grouped(o_dot, h_kv)
+    if q_dot is None and k_dot is None and v_dot is None:
+        return o_dot
+
+    for i0 in range(0, n_q, bq):
+        rows = slice(i0, min(n_q, i0 + bq))
+        q_c = q5[..., rows, :].to(ct) * scale
+        q_dot_c = q_dot5[..., rows, :].to(ct) * scale if q_dot5 is not None else None
+        g = q_c.new_zeros(*q_c.shape[:-1], d_v)
+        mu = q_c.new_zeros(*q_c.shape[:-1], 1)
+        for j0 in range(0, min(n_k, rows.stop) if causal else n_k, bk):
+            cols = slice(j0, min(n_k, j0 + bk))
+            p = _masked_scores(q_c, k5[..., cols, :], bias5, causal, rows, cols).sub_(lse5[..., rows, None]).exp_()
+            _add_tangent(g, mu, p, q_c, q_dot_c, k5[..., cols, :], _tile(k_dot5, cols), v5[..., cols, :],
+                         _tile(v_dot5, cols))  # fmt: skip
+        o_dot5[..., rows, :] = (g - mu * o5[..., rows, :].to(ct)).to(q.dtype)
+    return o_dot
 
 
 def attention_backward_chunked(

@@ -97,6 +97,38 @@ def attention_jvp_reference(
     return o.to(q.dtype), o_dot.to(q.dtype), lse
 
 
+def attention_tangent_reference(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    o: Tensor,
+    lse: Tensor,
+    q_dot: Tensor | None,
+    k_dot: Tensor | None,
+    v_dot: Tensor | None,
+    bias: Tensor | None,
+    scale: float,
+    causal: bool,
+) -> Tensor:
+    """o_dot from a forward's saved o and lse: p = exp(s - lse), o_dot = p v_dot + (p s_dot) v - mu o."""
+    heads = q.shape[1]
+    qf, qf_dot, of = _upcast(q, q_dot, o)
+    kf, vf, kf_dot, vf_dot = _upcast(k, v, k_dot, v_dot, heads=heads)
+    assert qf is not None and kf is not None and vf is not None and of is not None
+    p = torch.exp(_scores(qf, kf, bias, scale, causal) - safe_lse(lse.to(qf.dtype))[..., None])
+    o_dot = torch.zeros_like(of)
+    if qf_dot is not None or kf_dot is not None:
+        s_dot = torch.zeros_like(p)
+        if qf_dot is not None:
+            s_dot = s_dot + torch.matmul(qf_dot, kf.transpose(-1, -2)) * scale
+        if kf_dot is not None:
+            s_dot = s_dot + torch.matmul(qf, kf_dot.transpose(-1, -2)) * scale
+        o_dot = torch.matmul(p * s_dot, vf) - (p * s_dot).sum(-1, keepdim=True) * of
+    if vf_dot is not None:
+        o_dot = o_dot + torch.matmul(p, vf_dot)
+    return o_dot.to(q.dtype)
+
+
 def attention_backward_reference(
     o_bar: Tensor,
     q: Tensor,

@@ -45,9 +45,11 @@ def attention_jvp_kernel(
     H, GROUP, N_Q, N_K, scale,
     HEAD_DK: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_Q_DOT: tl.constexpr, HAS_K_DOT: tl.constexpr,
-    HAS_V_DOT: tl.constexpr, WITH_TANGENT: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_V_DOT: tl.constexpr, WITH_TANGENT: tl.constexpr, FROM_LSE: tl.constexpr, HAS_BIAS: tl.constexpr,
+    CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
+    """Writes O, LSE and (WITH_TANGENT) O_DOT; with FROM_LSE it reads O and LSE of an earlier forward instead and
+    writes only O_DOT: P = exp(S - lse) is then final, so there is no running max and no P V product."""
     start_m = tl.program_id(0)
     off_bh = tl.program_id(1)
     off_b = off_bh // H
@@ -69,7 +71,11 @@ def attention_jvp_kernel(
     k_dot_base = K_DOT + off_b * stride_kdb + off_hk * stride_kdh
     v_dot_base = V_DOT + off_b * stride_vdb + off_hk * stride_vdh
 
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running row max of S, base 2
+    if FROM_LSE:  # the final row max: lse in base 2 (+inf for rows that see no key, so their P is 0)
+        lse_row = tl.load(LSE + off_bh * N_Q + offs_m, mask=offs_m < N_Q, other=float("-inf"))
+        m_i = tl.where(lse_row == float("-inf"), float("inf"), lse_row * LOG2E)
+    else:
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running row max of S, base 2
     l_i = tl.zeros([BLOCK_M], tl.float32)  # running sum of P~
     r_i = tl.zeros([BLOCK_M], tl.float32)  # running sum of P~ S_dot
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)  # O~
@@ -89,14 +95,20 @@ def attention_jvp_kernel(
         if CAUSAL:
             visible = visible & (cols[None, :] <= offs_m[:, None])
         s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # no visible key yet: keep exp2 away from inf - inf
-        alpha = tl.math.exp2(m_i - m_use)
-        p = tl.math.exp2(s - m_use[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+        if FROM_LSE:
+            p = tl.math.exp2(s - m_i[:, None])
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # no visible key yet: keep exp2 off inf - inf
+            alpha = tl.math.exp2(m_i - m_use)
+            p = tl.math.exp2(s - m_use[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+            if WITH_TANGENT:  # the same alpha rescales the tangent state
+                g = g * alpha[:, None]
+                r_i = r_i * alpha
+            m_i = m_new
         if WITH_TANGENT:
-            g = g * alpha[:, None]
             if HAS_Q_DOT or HAS_K_DOT:  # S_dot = scale (Q_dot K^T + Q K_dot^T); it is never exponentiated
                 s_dot = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
                 if HAS_Q_DOT:
@@ -105,26 +117,29 @@ def attention_jvp_kernel(
                     k_dot = load_tile(k_dot_base, cols, offs_dk, stride_kdn, N_K, HEAD_DK, UPCAST)
                     s_dot = tl.dot(q, tl.trans(k_dot), s_dot, input_precision=PRECISION)
                 h = p * (s_dot * scale)  # H = P~ S_dot; zero wherever the key is hidden (P~ = 0)
-                r_i = r_i * alpha + tl.sum(h, 1)
+                r_i += tl.sum(h, 1)
                 g = tl.dot(h.to(v.dtype), v, g, input_precision=PRECISION)
             if HAS_V_DOT:
                 v_dot = load_tile(v_dot_base, cols, offs_dv, stride_vdn, N_K, HEAD_DV, UPCAST)
                 g = tl.dot(p.to(v_dot.dtype), v_dot, g, input_precision=PRECISION)
-        m_i = m_new
 
     row_ok = offs_m < N_Q
     out_mask = row_ok[:, None] & (offs_dv[None, :] < HEAD_DV)
-    l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # a row that sees no key: O = O_dot = 0, lse = -inf
-    o = acc / l_safe[:, None]
     o_ptrs = O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :]
-    tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=out_mask)
-    lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)
-    tl.store(LSE + off_bh * N_Q + offs_m, lse, mask=row_ok)
-    if WITH_TANGENT:
-        mu = r_i / l_safe  # mu = sum_j p_j s_dot_j
-        o_dot = g / l_safe[:, None] - mu[:, None] * o
-        od_ptrs = O_DOT + off_b * stride_odb + off_h * stride_odh + offs_m[:, None] * stride_odm + offs_dv[None, :]
-        tl.store(od_ptrs, o_dot.to(O_DOT.dtype.element_ty), mask=out_mask)
+    od_ptrs = O_DOT + off_b * stride_odb + off_h * stride_odh + offs_m[:, None] * stride_odm + offs_dv[None, :]
+    if FROM_LSE:  # P was normalized already: mu = r, O_dot = G - mu O
+        o = tl.load(o_ptrs, mask=out_mask, other=0.0).to(tl.float32)
+        tl.store(od_ptrs, (g - r_i[:, None] * o).to(O_DOT.dtype.element_ty), mask=out_mask)
+    else:
+        l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # a row that sees no key: O = O_dot = 0, lse = -inf
+        o = acc / l_safe[:, None]
+        tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=out_mask)
+        lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)
+        tl.store(LSE + off_bh * N_Q + offs_m, lse, mask=row_ok)
+        if WITH_TANGENT:
+            mu = r_i / l_safe  # mu = sum_j p_j s_dot_j
+            o_dot = g / l_safe[:, None] - mu[:, None] * o
+            tl.store(od_ptrs, o_dot.to(O_DOT.dtype.element_ty), mask=out_mask)
 
 
 def interpreted() -> bool:
@@ -172,6 +187,45 @@ def kernel_flags(x: Tensor) -> dict[str, object]:
     return {"UPCAST": upcast, "PRECISION": "ieee"}  # ieee: fp32 inputs get fp32 (not TF32) products
 
 
+def _launch(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    q_dot: Tensor | None,
+    k_dot: Tensor | None,
+    v_dot: Tensor | None,
+    bias: Tensor | None,
+    scale: float,
+    causal: bool,
+    o: Tensor,
+    o_dot: Tensor | None,
+    lse: Tensor,
+    from_lse: bool,
+    blocks: tuple[int, int] | None,
+) -> None:
+    b, h, n_q, d_k = q.shape
+    h_kv, n_k, d_v = k.shape[1], k.shape[2], v.shape[-1]
+    q, k, v = unit_stride(q), unit_stride(k), unit_stride(v)
+    q_dot, k_dot, v_dot = (unit_stride(t) if t is not None else None for t in (q_dot, k_dot, v_dot))
+    flat_bias, stride_bias_b = key_bias(bias, n_k)
+    config = launch_config(q, n_q, n_k, d_k, blocks)
+    grid = (triton.cdiv(n_q, config["BLOCK_M"]), b * h)
+    attention_jvp_kernel[grid](
+        q, k, v, q_dot if q_dot is not None else q, k_dot if k_dot is not None else k,
+        v_dot if v_dot is not None else v, flat_bias if flat_bias is not None else q, o,
+        o_dot if o_dot is not None else o, lse,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+        *(q_dot if q_dot is not None else q).stride()[:3], *(k_dot if k_dot is not None else k).stride()[:3],
+        *(v_dot if v_dot is not None else v).stride()[:3], *o.stride()[:3],
+        *(o_dot if o_dot is not None else o).stride()[:3], stride_bias_b,
+        h, h // h_kv, n_q, n_k, scale,
+        HEAD_DK=d_k, HEAD_DV=d_v, BLOCK_DK=max(16, triton.next_power_of_2(d_k)),
+        BLOCK_DV=max(16, triton.next_power_of_2(d_v)), HAS_Q_DOT=q_dot is not None, HAS_K_DOT=k_dot is not None,
+        HAS_V_DOT=v_dot is not None, WITH_TANGENT=o_dot is not None, FROM_LSE=from_lse,
+        HAS_BIAS=flat_bias is not None, CAUSAL=causal, **kernel_flags(q), **config,
+    )  # fmt: skip
+
+
 def attention_jvp_triton(
     q: Tensor,
     k: Tensor,
@@ -187,31 +241,37 @@ def attention_jvp_triton(
 ) -> tuple[Tensor, Tensor | None, Tensor]:
     """(o (B, H, Nq, Dv), o_dot or None when ``with_tangent`` is False, lse (B, H, Nq) float32) in one launch.
     ``blocks`` = (BLOCK_M, BLOCK_N) overrides the launch configuration (tests use it to cross many tiles)."""
-    b, h, n_q, d_k = q.shape
-    h_kv, n_k, d_v = k.shape[1], k.shape[2], v.shape[-1]
-    has_tangent = with_tangent and any(t is not None for t in (q_dot, k_dot, v_dot))
-    q, k, v = unit_stride(q), unit_stride(k), unit_stride(v)
-    q_dot, k_dot, v_dot = (unit_stride(t) if t is not None and has_tangent else None for t in (q_dot, k_dot, v_dot))
-    o = torch.empty(b, h, n_q, d_v, dtype=q.dtype, device=q.device)
-    o_dot = torch.empty_like(o) if has_tangent else None
+    b, h, n_q, _ = q.shape
+    o = torch.empty(b, h, n_q, v.shape[-1], dtype=q.dtype, device=q.device)
     lse = torch.empty(b, h, n_q, dtype=torch.float32, device=q.device)
-    flat_bias, stride_bias_b = key_bias(bias, n_k)
-    config = launch_config(q, n_q, n_k, d_k, blocks)
-    grid = (triton.cdiv(n_q, config["BLOCK_M"]), b * h)
-    attention_jvp_kernel[grid](
-        q, k, v, q_dot if q_dot is not None else q, k_dot if k_dot is not None else k,
-        v_dot if v_dot is not None else v, flat_bias if flat_bias is not None else q, o,
-        o_dot if o_dot is not None else o, lse,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-        *(q_dot if q_dot is not None else q).stride()[:3], *(k_dot if k_dot is not None else k).stride()[:3],
-        *(v_dot if v_dot is not None else v).stride()[:3], *o.stride()[:3],
-        *(o_dot if o_dot is not None else o).stride()[:3], stride_bias_b,
-        h, h // h_kv, n_q, n_k, scale,
-        HEAD_DK=d_k, HEAD_DV=d_v, BLOCK_DK=max(16, triton.next_power_of_2(d_k)),
-        BLOCK_DV=max(16, triton.next_power_of_2(d_v)), HAS_Q_DOT=q_dot is not None, HAS_K_DOT=k_dot is not None,
-        HAS_V_DOT=v_dot is not None, WITH_TANGENT=has_tangent, HAS_BIAS=flat_bias is not None, CAUSAL=causal,
-        **kernel_flags(q), **config,
-    )  # fmt: skip
+    has_tangent = with_tangent and any(t is not None for t in (q_dot, k_dot, v_dot))
+    o_dot = torch.empty_like(o) if has_tangent else None
+    if not has_tangent:
+        q_dot = k_dot = v_dot = None
+    _launch(q, k, v, q_dot, k_dot, v_dot, bias, scale, causal, o, o_dot, lse, False, blocks)
     if with_tangent and o_dot is None:
         o_dot = torch.zeros_like(o)  # every tangent None: exactly zero, no tangent work at all
     return o, o_dot, lse
+
+
+def attention_tangent_triton(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    o: Tensor,
+    lse: Tensor,
+    q_dot: Tensor | None,
+    k_dot: Tensor | None,
+    v_dot: Tensor | None,
+    bias: Tensor | None,
+    scale: float,
+    causal: bool,
+    blocks: tuple[int, int] | None = None,
+) -> Tensor:
+    """o_dot from a forward's saved o and lse (the kernel's FROM_LSE mode; 5 matmuls per tile instead of 6)."""
+    o_dot = torch.empty_like(o, memory_format=torch.contiguous_format)
+    if q_dot is None and k_dot is None and v_dot is None:
+        return o_dot.zero_()
+    lse = lse.to(torch.float32).contiguous()
+    _launch(q, k, v, q_dot, k_dot, v_dot, bias, scale, causal, unit_stride(o), o_dot, lse, True, blocks)
+    return o_dot
