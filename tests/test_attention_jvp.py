@@ -22,6 +22,7 @@ from fewstep_kernels import (
     attention_tangent_reference,
     resolve_backend,
 )
+from fewstep_kernels.chunked import TILE_ELEMENTS
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -286,16 +287,21 @@ class _LargestTensor(TorchDispatchMode):
 
 
 def test_chunked_never_materializes_the_score_matrix() -> None:
+    """The chunked functions are called directly (a dispatch mode does not see inside a custom op): with explicit
+    blocks no tensor exceeds the inputs; with the default blocks no tensor exceeds the tile budget."""
     args = attention_inputs((1, 2, 2, 1000, 1000, 64, 64, True, True), torch.float32)
     with _LargestTensor() as largest:
-        chunked(args, block_q=128, block_k=128)
-        o, _, lse = attention_jvp(**{k: v for k, v in args.items() if not k.endswith("_dot")}, backend="chunked")
+        o, _, lse = chunked(args, block_q=128, block_k=128)
         attention_backward_chunked(o, args["q"], args["k"], args["v"], o, lse, key_bias(args), 0.125, True,
                                    block_q=128, block_k=128)  # fmt: skip
     assert largest.numel <= 2 * 1000 * 64 * 2  # the inputs' size: no 2 x 1000 x 1000 tile
     with _LargestTensor() as largest:
         math_sdpa_jvp(args)
     assert largest.numel >= 2 * 1000 * 1000  # the check sees what math attention allocates
+    args = attention_inputs((1, 2, 2, 3000, 3000, 8, 8, False, False), torch.float32)
+    with _LargestTensor() as largest:
+        attention_jvp_chunked(*(args[n] for n in ("q", "k", "v", "q_dot", "k_dot", "v_dot")), None, 0.3, False)
+    assert largest.numel <= TILE_ELEMENTS < 2 * 3000 * 3000
 
 
 def test_backend_resolution(monkeypatch: pytest.MonkeyPatch) -> None:
