@@ -1,4 +1,5 @@
-"""Adversarial terms on a frozen teacher's features (LADD, Sauer et al. 2024; SANA-Sprint's sCM + LADD).
+"""Adversarial terms on a frozen teacher's features (LADD, Sauer et al. 2024; SANA-Sprint's sCM + LADD; PCM's
+adversarial consistency loss, Wang et al. 2024).
 
 The discriminator is the frozen teacher read at several blocks, each with a small trainable head that scores every
 token; inputs are re-noised (real or generated) x0 at a discriminator time, so the teacher sees what it was trained
@@ -12,6 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .schedules import NoiseSchedule
 from .teacher import Denoiser, block_channels, block_tokens, feature_blocks
 
 
@@ -58,3 +60,34 @@ def hinge_critic_loss(real_logits: Tensor, fake_logits: Tensor) -> Tensor:
 
 def hinge_generator_loss(fake_logits: Tensor) -> Tensor:
     return -fake_logits.mean()
+
+
+def discriminator_times(schedule: NoiseSchedule, n: int, p_mean: float, p_std: float) -> Tensor:
+    """(n,) re-noising times t_D in ``schedule``'s units with a log-normal noise-to-signal ratio, sigma/alpha =
+    exp(N(p_mean, p_std^2)) (SANA-Sprint's discriminator proposal, written through the ratio so that it means the same
+    on every schedule)."""
+    ratio = torch.exp(p_mean + p_std * torch.randn(n, dtype=torch.float64))
+    return schedule.time_at_ratio(ratio).clamp(schedule.t_min, schedule.t_max).float()
+
+
+def ladd_losses(
+    disc: TeacherDiscriminator, x0_fake: Tensor, x0_real: Tensor, t_d: Tensor, cond: dict[str, Any]
+) -> tuple[Tensor, Tensor]:
+    """(generator loss, critic loss): fake and real x0 re-noised at t_D (the discriminator teacher's schedule) and
+    scored on its features. The fake's features are computed once: the critic reads them detached (the teacher is
+    frozen, so they equal the features of the detached fake), and the real ones need no graph."""
+    schedule = disc.teacher.schedule
+    fake = schedule.add_noise(x0_fake, torch.randn_like(x0_fake), t_d)
+    real = schedule.add_noise(x0_real, torch.randn_like(x0_real), t_d)
+    fake_features = disc.features(fake, t_d, cond)
+    with torch.no_grad():
+        real_features = disc.features(real, t_d, cond)
+    generator = hinge_generator_loss(disc.heads(fake_features))
+    critic = hinge_critic_loss(disc.heads(real_features), disc.heads([f.detach() for f in fake_features]))
+    return generator, critic
+
+
+def with_largest_time(t: Tensor, t_max: float, prob: float) -> Tensor:
+    """t with each entry replaced by t_max with probability ``prob`` (SANA-Sprint's train_largest_timestep: the
+    one-step generator from pure noise gets a share of the adversarial signal)."""
+    return torch.where(torch.rand(t.shape) < prob, torch.full_like(t, t_max), t)

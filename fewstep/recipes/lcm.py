@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from ..adversarial import TeacherDiscriminator, discriminator_times, ladd_losses, with_largest_time
 from ..data import DataConfig
 from ..errors import FewstepError
 from ..lora import add_lora
@@ -46,6 +47,14 @@ class LCMConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     plan_steps: tuple[int, ...] = (1, 2, 4)
     gamma: float = 1.0  # re-noising of multistep sampling: 1 = fresh noise (LCM's multistep sampler)
+    # PCM's adversarial consistency term (Wang et al., 2024, Sec. 4.3; its discriminator reads a frozen teacher, as
+    # LADD): the student's x0 against real x0, both re-noised, scored by heads on teacher features; 0 = off (LCM)
+    adv_weight: float = 0.0
+    adv_lr: float = 1e-4  # the discriminator heads' learning rate
+    adv_block_every: int = 1  # read every k-th teacher block
+    adv_p_mean: float = -0.6  # log-normal noise-to-signal ratio of the re-noising time t_D (SANA-Sprint's LADD)
+    adv_p_std: float = 1.0
+    adv_largest_t_prob: float = 0.5  # share of generator samples from pure noise (the one-step generator)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
 
@@ -95,11 +104,14 @@ class LCM(Recipe):
         self.target_model = self.model if cfg.lora_rank > 0 else copy.deepcopy(self.model).requires_grad_(False)
         self.target = Denoiser(self.target_model, teacher.native, teacher.prediction, backbone=teacher.backbone)
         self.grid = skipping_grid(teacher.native, cfg.num_ddim_timesteps)  # t_max ... t_min, descending
+        self.disc = TeacherDiscriminator(teacher, cfg.adv_block_every) if cfg.adv_weight > 0 else None
 
     def trainable(self) -> dict[str, nn.Module]:
-        return {"student": self.model}
+        return {"student": self.model, **({"critic": self.disc.heads} if self.disc is not None else {})}
 
     def optimizer(self, name: str) -> OptimizerSpec:
+        if name == "critic":
+            return OptimizerSpec(lr=self.cfg.adv_lr, betas=(0.0, 0.99))
         return OptimizerSpec(lr=self.cfg.lr, betas=self.cfg.betas)
 
     def f(self, denoiser: Denoiser, x: Tensor, t: Tensor, cond: dict[str, Any]) -> Tensor:
@@ -128,7 +140,15 @@ class LCM(Recipe):
             x_s = ddim_step(x0_teacher, x_t, c_t, c_s)
             target = self.f(self.target, x_s, s, cond)
         pred = self.f(self.student, x_t, t, cond)
-        return {"student": pseudo_huber(pred, target, cfg.huber_c).mean()}
+        loss = pseudo_huber(pred, target, cfg.huber_c).mean()
+        if self.disc is None:
+            return {"student": loss}
+        # the adversarial term: the student's x0 at a grid time, or from pure noise for a share of the batch
+        t_g = with_largest_time(t, float(self.grid[0]), cfg.adv_largest_t_prob)
+        x_g = native.add_noise(x0, torch.randn_like(x0), t_g)
+        t_d = discriminator_times(native, b, cfg.adv_p_mean, cfg.adv_p_std)
+        generator, critic = ladd_losses(self.disc, self.f(self.student, x_g, t_g, cond), x0, t_d, batch.cond)
+        return {"student": loss + cfg.adv_weight * generator, "critic": critic}
 
     @torch.no_grad()
     def after_step(self, step: int) -> None:

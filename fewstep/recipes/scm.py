@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..adversarial import TeacherDiscriminator, hinge_critic_loss, hinge_generator_loss
+from ..adversarial import TeacherDiscriminator, discriminator_times, ladd_losses, with_largest_time
 from ..data import DataConfig
 from ..errors import FewstepError
 from ..losses import (
@@ -57,6 +57,10 @@ class SCMConfig:
     adv_weight: float = 0.0  # LADD-style adversarial term on frozen teacher features (SANA-Sprint); 0 = off
     adv_lr: float = 1e-4  # the discriminator heads' learning rate
     adv_block_every: int = 1  # read every k-th teacher block
+    adv_p_mean: float = -0.6  # log-normal proposal of the discriminator's re-noising time t_D (SANA-Sprint: -0.6, 1.0)
+    adv_p_std: float = 1.0
+    adv_largest_t_prob: float = 0.5  # share of generator samples drawn from pure noise at pi/2 (SANA-Sprint's
+    # train_largest_timestep), so the one-step generator itself gets the adversarial signal
     time_max_freq: float | None = None  # smooth the student's time embedding (``time_embedding``); None: keep all
     plan_mid: float = 1.3  # the 2-step plan's second time (rad): SANA-Sprint's default (diffusers SCMScheduler)
     plan_steps: tuple[int, ...] = (1, 2, 4)  # other counts than 2 are uniform in angle, as SCMScheduler spaces them
@@ -139,14 +143,17 @@ class SCM(Recipe):
         loss = adaptive_weighted_loss(F_theta, target, logvar, trigflow_weight(t, cfg.sigma_data)).mean()
         if self.disc is None:
             return {"student": loss}
-        # LADD: the student's x0 and a real x0, both re-noised at a discriminator time, scored on teacher features
-        x0_theta = c_t.alpha * x_t - c_t.sigma * F_theta  # Lu & Song, Eq. 4
-        t_d = trigflow_time_proposal(x0.shape[0], cfg.p_mean, cfg.p_std, cfg.sigma_data).clamp(1e-3, math.pi / 2)
-        fake = self.trig.add_noise(x0_theta, torch.randn_like(x0), t_d)
-        real = self.trig.add_noise(x0, torch.randn_like(x0), t_d)
-        loss = loss + cfg.adv_weight * hinge_generator_loss(self.disc(fake, t_d, batch.cond))
-        critic = hinge_critic_loss(self.disc(real, t_d, batch.cond), self.disc(fake.detach(), t_d, batch.cond))
-        return {"student": loss, "critic": critic}
+        # LADD (SANA-Sprint): the student's x0 from a fresh time (pure noise at pi/2 for a share of the batch) against
+        # a real x0, both re-noised at a discriminator time and scored on frozen teacher features
+        b = x0.shape[0]
+        t_g = trigflow_time_proposal(b, cfg.p_mean, cfg.p_std, cfg.sigma_data).clamp(1e-3, math.pi / 2)
+        t_g = with_largest_time(t_g, math.pi / 2, cfg.adv_largest_t_prob)
+        x_g = self.trig.add_noise(x0, torch.randn_like(x0), t_g)
+        c_g = self.trig.coeffs(append_dims(t_g, x0.ndim))
+        x0_theta = c_g.alpha * x_g - c_g.sigma * self.F(x_g, t_g, cond)  # Lu & Song, Eq. 4
+        t_d = discriminator_times(self.trig, b, cfg.adv_p_mean, cfg.adv_p_std)
+        generator, critic = ladd_losses(self.disc, x0_theta, x0, t_d, batch.cond)
+        return {"student": loss + cfg.adv_weight * generator, "critic": critic}
 
     def export_module(self, student: nn.Module) -> nn.Module:
         assert isinstance(student, nn.ModuleDict)  # {"model", "logvar"}: the logvar head is training-only
