@@ -3,6 +3,7 @@ student; at initialisation the student's TrigFlow velocity equals the teacher's,
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -12,12 +13,13 @@ from fewstep.recipes.scm import SCM, SCMConfig
 from fewstep.sampling import plan_in
 from fewstep.schedules import Flow, append_dims, velocity
 from fewstep.teacher import load_denoiser
+from fewstep.time_embedding import time_input_layers
 from fewstep.train import TrainConfig, Trainer
 
 
 def test_student_starts_as_the_teacher(random_digits: Path) -> None:
     teacher, _ = load_denoiser(str(random_digits))
-    recipe = SCM(teacher, SCMConfig())
+    recipe = SCM(teacher, SCMConfig(time_max_freq=math.inf))  # no time smoothing: the very same function
     x, labels = torch.randn(4, 1, 8, 8), torch.arange(4)
     t = torch.tensor([0.2, 0.7, 1.2, 1.5])
     cond = {"class_labels": labels}
@@ -25,6 +27,21 @@ def test_student_starts_as_the_teacher(random_digits: Path) -> None:
         dxt_dt = velocity(recipe.teacher(x, t, cond), x, recipe.trig.coeffs(append_dims(t, x.ndim)))
         F = recipe.F(x, t, cond)
     torch.testing.assert_close(recipe.cfg.sigma_data * F, dxt_dt, rtol=1e-4, atol=1e-4)  # dx/dt = sd F
+
+
+def test_default_student_differs_from_the_teacher_only_in_fast_time_channels(random_digits: Path) -> None:
+    teacher, _ = load_denoiser(str(random_digits))
+    recipe = SCM(teacher, SCMConfig())
+    changed = {
+        name
+        for (name, a), b in zip(teacher.model.named_parameters(), recipe.student.model.parameters(), strict=True)
+        if not torch.equal(a, b)
+    }
+    assert changed and all(name.endswith("timestep_embedder.linear_1.weight") for name in changed)
+    for linear, freqs in time_input_layers(teacher.model):  # the teacher keeps its fast columns
+        assert torch.all(linear.weight[:, freqs > recipe.cfg.time_max_freq].abs().sum(0) > 0)
+    for linear, freqs in time_input_layers(recipe.student.model):
+        assert torch.all(linear.weight[:, freqs > recipe.cfg.time_max_freq] == 0)
 
 
 def test_training_steps_move_only_the_student(random_digits: Path, tmp_path: Path) -> None:

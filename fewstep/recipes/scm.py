@@ -61,7 +61,9 @@ class SCMConfig:
     adv_p_std: float = 1.0
     adv_largest_t_prob: float = 0.5  # share of generator samples drawn from pure noise at pi/2 (SANA-Sprint's
     # train_largest_timestep), so the one-step generator itself gets the adversarial signal
-    time_max_freq: float | None = None  # smooth the student's time embedding (``time_embedding``); None: keep all
+    # the student's time embedding keeps sinusoid channels up to this frequency (rad per timestep unit): our analogue
+    # of SANA-Sprint's dense time embedding without retraining the teacher (``time_embedding.py``); inf keeps all
+    time_max_freq: float = 0.1
     plan_mid: float = 1.3  # the 2-step plan's second time (rad): SANA-Sprint's default (diffusers SCMScheduler)
     plan_steps: tuple[int, ...] = (1, 2, 4)  # other counts than 2 are uniform in angle, as SCMScheduler spaces them
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -96,7 +98,7 @@ class SCM(Recipe):
         self.teacher.model.requires_grad_(False).eval()
         # eval mode while training: no dropout and, for DiT, no per-block random label dropping (../shared/DIGITS.md)
         student_model = copy.deepcopy(teacher.model).requires_grad_(True).eval()
-        if cfg.time_max_freq is not None:
+        if math.isfinite(cfg.time_max_freq):
             smooth_time_embedding(student_model, cfg.time_max_freq)
         self.student = Denoiser(student_model, teacher.native, teacher.prediction, self.trig, teacher.backbone)
         self.logvar = LogVar()
