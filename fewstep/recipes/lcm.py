@@ -7,7 +7,9 @@ Each step (LCM Alg. 1, in the teacher's own time t):
   f(x, t) = c_skip(t) x + c_out(t) x0_theta(x, t) (boundary scalings, LCMScheduler's form),
   loss = pseudo-Huber(f_theta(x_{t_{n+k}}, t_{n+k}, w), sg f_target(x_{t_n}, t_n, w)),
 with the target an EMA of the student (mu = 0.95). With ``lora_rank`` > 0 the student is a LoRA on the teacher, w is
-not embedded, and the target is the student itself without gradient (LCM-LoRA).
+not embedded, and the target is the student itself without gradient (LCM-LoRA). With ``adv_weight`` > 0, PCM's
+adversarial consistency term (Wang et al., 2024) joins: hinge heads on frozen teacher features score the student's
+x0 (from pure noise for a share of the batch) against real x0, both re-noised (``adversarial.py``).
 """
 
 from __future__ import annotations
