@@ -40,7 +40,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False  # recompute activations in backward, where the backbone supports it
     lr_warmup_steps: int = 0  # linear warm-up of every learning rate from 0
     lr_decay: Literal["constant", "cosine"] = "constant"  # cosine: down to 0 at max_steps
-    ema_decay: float = 0.999
+    ema_decay: float = 0.999  # bias-corrected (ema_decay_at): the EMA never holds the initial weights
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
     nan_patience: int = 10
@@ -69,6 +69,13 @@ class DataStream:
         positions = torch.arange(index * self.batch_size, (index + 1) * self.batch_size)
         idx = torch.stack([self._perm(int(p) // n)[int(p) % n] for p in positions])
         return tuple(t[idx] for t in self.tensors)
+
+
+def ema_decay_at(decay: float, n: int) -> float:
+    """The decay of the n-th EMA update (n >= 1) that makes the EMA the bias-corrected average of the trained weights,
+    sum_i decay^(n-i) theta_i / sum_i decay^(n-i), as Adam corrects its moments: the first update copies, and a run cut
+    short by its time budget exports no share of the initial (teacher) weights."""
+    return 1.0 - (1.0 - decay) / (1.0 - decay**n)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -241,10 +248,11 @@ class Trainer:
 
     @torch.no_grad()
     def _update_ema(self) -> None:
+        decay = ema_decay_at(self.cfg.ema_decay, self.step + 1)
         for name, ema in self.ema.items():
             live = self.accelerator.unwrap_model(self.nets[name]).parameters()
             for p_ema, p in zip(ema.parameters(), live, strict=True):
-                p_ema.lerp_(p.detach().to(p_ema.dtype), 1 - self.cfg.ema_decay)
+                p_ema.lerp_(p.detach().to(p_ema.dtype), 1 - decay)
 
     def fit(self) -> list[dict[str, float]]:
         """Train until ``max_steps`` or the wall-time budget; checkpoint on the way and at the end."""

@@ -13,7 +13,7 @@ from torch import nn
 from fewstep.checkpoint import list_checkpoints, load_checkpoint
 from fewstep.errors import FewstepError
 from fewstep.recipes.base import OptimizerSpec, Recipe
-from fewstep.train import DataStream, TrainConfig, Trainer
+from fewstep.train import DataStream, TrainConfig, Trainer, ema_decay_at
 
 
 class Toy(Recipe):
@@ -111,6 +111,27 @@ def test_ema_is_kept_apart_from_trained_weights(tmp_path: Path) -> None:
     ema = list(trainer.ema["student"].parameters())
     assert not any(p.requires_grad for p in ema)
     assert all(not torch.equal(e, p) and not torch.equal(e, s) for e, p, s in zip(ema, live, start, strict=True))
+
+
+def test_ema_is_the_bias_corrected_average_of_the_trained_weights(tmp_path: Path) -> None:
+    d = 0.9
+    trainer = Trainer(Toy(), cfg(max_steps=5, ema_decay=d), tmp_path, data().batch)
+    history = []
+    for _ in range(5):
+        trainer.train_step()
+        trainer.step += 1
+        history.append([p.detach().clone() for p in trainer.nets["student"].parameters()])
+    n = len(history)
+    w = torch.tensor([d ** (n - 1 - i) for i in range(n)], dtype=torch.float64)
+    for j, e in enumerate(trainer.ema["student"].parameters()):
+        expected = sum(wi * h[j].double() for wi, h in zip(w, history, strict=True)) / w.sum()
+        torch.testing.assert_close(e.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_ema_decay_at_copies_first_then_tends_to_the_decay() -> None:
+    assert ema_decay_at(0.99, 1) == 0.0
+    assert ema_decay_at(0.99, 2) == pytest.approx(0.99 / 1.99)
+    assert ema_decay_at(0.99, 10_000) == pytest.approx(0.99)
 
 
 def test_gradient_accumulation_matches_the_full_batch(tmp_path: Path) -> None:
