@@ -66,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one config value")
     p.add_argument("--resume", nargs="?", const="", metavar="DIR", help="continue from the last checkpoint")
     p.add_argument("--prompts", help="prompt file (text, JSONL or parquet) for text-to-image teachers")
+    p.add_argument("--data", metavar="DIR", help="text-to-image: captioned real images, encoded by the teacher's VAE")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
 
     p = sub.add_parser("sample", help="sample a model at any step count and save a grid")
@@ -120,6 +121,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
         raise FewstepError(f"recipe {args.recipe!r} has no Config dataclass")
     preset = find_preset(args.recipe, args.preset) if args.preset else _default_preset(args.recipe, args.teacher)
     sets = [*args.set, *([f"data.prompts={json.dumps(str(args.prompts))}"] if args.prompts else [])]
+    sets += [f"data.images={json.dumps(str(args.data))}"] if args.data else []
     cfg = resolve_config(default(), preset, args.config, sets)
     if args.dry_run:
         print(f"# fewstep distill --recipe {args.recipe} --teacher {args.teacher}: resolved config")

@@ -2,11 +2,13 @@
 
 - ``DigitsBatches``: the embedded digits train split with class labels; the unconditional branch is DiT's null class.
 - ``PromptBatches``: cached prompt conditions of a text-to-image teacher, each with an x0 latent. Image-free by
-  default: the x0 are the teacher's own samples for those prompts (its Euler sampler, computed once and cached).
+  default: the x0 are the teacher's own samples for those prompts (its Euler sampler, computed once and cached);
+  with ``data.images`` (``--data DIR``) they are captioned real images encoded by the teacher's VAE (image_data.py).
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,7 @@ class DataConfig:
     """Where a text-to-image run's conditions and x0 come from (the digits world ignores it)."""
 
     prompts: str | None = None  # text file, JSONL or parquet (``prompt_field``)
+    images: str | None = None  # a folder of captioned images (``--data``): real x0 instead of the teacher's samples
     prompt_field: str = "prompt"
     negative_prompt: str = ""  # the unconditional branch of guidance
     image_free: bool = False  # digits: train on the teacher's own samples instead of the train split
@@ -90,8 +93,10 @@ class PromptBatches:
         from .prompts import read_prompts
         from .text import cache_key, cached_prompt_conditions, latent_shape
 
+        if cfg.images is not None:
+            return cls.for_images(pipe, teacher, source, cfg, batch_size, seed, cache_dir)
         if cfg.prompts is None:
-            raise FewstepError(f"{type(pipe).__name__} is a text-to-image teacher: pass --prompts FILE")
+            raise FewstepError(f"{type(pipe).__name__} is a text-to-image teacher: pass --prompts FILE or --data DIR")
         prompts = read_prompts(cfg.prompts, cfg.prompt_field)
         cond, uncond = cached_prompt_conditions(pipe, source, prompts, cfg.negative_prompt, cache_dir)
         settings = f"{cfg.negative_prompt}|{cfg.teacher_steps}|{cfg.teacher_guidance}|{cfg.seed}"
@@ -102,6 +107,26 @@ class PromptBatches:
             lambda: {"x0": teacher_samples(teacher, cond, uncond, shape, cfg.teacher_guidance, cfg.teacher_steps,
                                            cfg.seed)},
         )["x0"]  # fmt: skip
+        return cls(x0, cond, uncond, batch_size, seed)
+
+    @classmethod
+    def for_images(
+        cls, pipe: Any, teacher: Denoiser, source: str, cfg: DataConfig, batch_size: int, seed: int, cache_dir: Path
+    ) -> PromptBatches:
+        """Captioned real images: x0 from the teacher's VAE, conditions from the captions (both cached)."""
+        from .image_data import encode_images, folder_digest, read_captioned_images
+        from .io import cached_tensors
+        from .text import cached_prompt_conditions, latent_shape
+
+        assert cfg.images is not None
+        pairs = read_captioned_images(cfg.images, cfg.prompt_field)
+        paths, captions = [p for p, _ in pairs], [c for _, c in pairs]
+        cond, uncond = cached_prompt_conditions(pipe, source, captions, cfg.negative_prompt, cache_dir)
+        shape = latent_shape(teacher.model)
+        key = hashlib.sha256(f"{source}|{folder_digest(pairs)}|{cfg.seed}".encode()).hexdigest()[:16]
+        x0 = cached_tensors(
+            cache_dir / f"image-latents-{key}.safetensors", lambda: {"x0": encode_images(pipe, paths, shape, cfg.seed)}
+        )["x0"]
         return cls(x0, cond, uncond, batch_size, seed)
 
     @classmethod
