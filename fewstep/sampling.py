@@ -79,19 +79,27 @@ def sample_plan(
     denoise: Denoise, plan: SamplingPlan, noise: Tensor, generator: torch.Generator | None = None
 ) -> Tensor:
     """Run ``plan`` from pure noise (B, ...) and return the final x0 estimate."""
+    x = plan_state(denoise, plan, noise, plan.steps - 1, generator)
+    return denoise(x, torch.full((x.shape[0],), plan.times[-1], dtype=x.dtype, device=x.device))
+
+
+def plan_state(
+    denoise: Denoise, plan: SamplingPlan, noise: Tensor, k: int, generator: torch.Generator | None = None
+) -> Tensor:
+    """x at ``plan.times[k]`` after the first k steps of ``plan`` from pure noise: the student's own intermediate
+    input, as backward simulation feeds it (DMD2, Yin et al. 2024, Sec. 4.5); k = 0 is the initial noise."""
+    if not 0 <= k < plan.steps:
+        raise ValueError(f"step index {k} outside the {plan.steps}-step plan")
     schedule = plan.schedule
     x = initial_noise(schedule, plan.times[0], noise)
-    for i, t in enumerate(plan.times):
+    for t, t_next in zip(plan.times[:k], plan.times[1 : k + 1], strict=True):
         t_b = torch.full((x.shape[0],), t, dtype=x.dtype, device=x.device)
         x0 = denoise(x, t_b)
-        if i + 1 == plan.steps:
-            return x0
-        t_next = plan.times[i + 1]
         c_t = schedule.coeffs(append_dims(t_b, x.ndim))
         c_next = schedule.coeffs(append_dims(torch.full_like(t_b, t_next), x.ndim))
         z = None if plan.gamma == 0 else torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
         x = renoise(x0, x, c_t, c_next, plan.gamma, z)
-    raise AssertionError("unreachable")
+    return x
 
 
 def euler_times(
