@@ -29,7 +29,7 @@ from .schedules import NoiseSchedule
 
 Denoise = Callable[[Tensor, Tensor], Tensor]  # (x_t, t (B,)) -> x0
 GuidanceConvention = Literal["ho", "dmd2"]
-Weighting = Literal["x0", "eps"]
+Weighting = Literal["x0", "eps", "v"]
 
 
 def ho_scale(w: float, convention: GuidanceConvention) -> float:
@@ -86,7 +86,8 @@ def fake_score_loss(
     """Denoising score matching of the fake score on detached student samples: w(t) ||D_fake(x_t, t) - x0_G||^2.
 
     ``weighting``: "x0" is w = 1 (x0 regression, as TDM's fake LoRA); "eps" is w = SNR = alpha^2 / sigma^2, the
-    epsilon-prediction loss written in x0 (DMD2's fake score; rCM's 1 / sin^2 t in TrigFlow with sigma_d = 1).
+    epsilon-prediction loss written in x0 (DMD2's fake score); "v" is w = 1 / sigma^2, the velocity (flow) or F
+    (TrigFlow) loss written in x0, up to a constant (rCM's ||x0_G - x0_fake||^2 / sin^2 t_D).
     ``snr_clip`` caps the SNR weight (TDM clips at 5)."""
     x0 = x0_gen.detach()
     eps = torch.randn_like(x0) if eps is None else eps
@@ -97,8 +98,10 @@ def fake_score_loss(
     elif weighting == "eps":
         c = schedule.coeffs(t)
         weight = (c.alpha / c.sigma) ** 2
+    elif weighting == "v":
+        weight = schedule.coeffs(t).sigma ** -2
     else:
-        raise ValueError(f"unknown weighting {weighting!r} (x0 or eps)")
+        raise ValueError(f"unknown weighting {weighting!r} (x0, eps or v)")
     if snr_clip is not None:
         weight = weight.clamp_max(snr_clip)
     return (weight.to(err) * err).mean()

@@ -91,7 +91,7 @@ def test_generator_trained_by_dmd_reaches_the_teacher() -> None:
     assert (mu_g.detach() - mu_r).norm() < 0.05 * start
 
 
-@pytest.mark.parametrize("weighting", ["x0", "eps"])
+@pytest.mark.parametrize("weighting", ["x0", "eps", "v"])
 def test_fake_score_converges_to_the_posterior_mean_of_fixed_student_samples(weighting: str) -> None:
     """A per-time affine denoiser fit by fake_score_loss on a fixed student's samples reaches E[x0 | x_t]."""
     torch.manual_seed(0)
@@ -129,8 +129,12 @@ def test_fake_score_weighting_and_clip() -> None:
     plain = fake_score_loss(x0, t, schedule, zero, eps)
     snr = fake_score_loss(x0, t, schedule, zero, eps, weighting="eps")
     clipped = fake_score_loss(x0, t, schedule, zero, eps, weighting="eps", snr_clip=5.0)
+    velocity = fake_score_loss(x0, t, schedule, zero, eps, weighting="v")
     err = x0.pow(2).mean(1)
     c = schedule.coeffs(t)
+    # on flow, x0_hat - x0 = -t (v_hat - v): the "v" weight 1 / t^2 makes it the velocity loss itself
+    v_err = ((eps - x0) - (schedule.add_noise(x0, eps, t) - zero(x0, t)) / t[:, None]).pow(2).mean(1)
+    torch.testing.assert_close(velocity, v_err.mean())
     torch.testing.assert_close(plain, err.mean())
     torch.testing.assert_close(snr, ((c.alpha / c.sigma) ** 2 * err).mean())
     torch.testing.assert_close(clipped, ((c.alpha / c.sigma) ** 2).clamp_max(5.0).mul(err).mean())

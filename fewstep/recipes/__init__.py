@@ -16,6 +16,7 @@ ENTRY_POINT_GROUP = "fewstep.recipes"
 BUILTIN: dict[str, str] = {
     "lcm": "fewstep.recipes.lcm:LCM",
     "scm": "fewstep.recipes.scm:SCM",
+    "rcm": "fewstep.recipes.rcm:RCM",
 }
 
 
