@@ -66,6 +66,7 @@ class Row:
     num_samples: int
     fid_train: float | None = None
     accuracy: float | None = None
+    diversity: float | None = None  # per-class mean pairwise feature distance (digits)
     clip_score: float | None = None
     fid_floor: float | None = None  # real-vs-real floor at this row's sample count
     fid_seeds: list[float] = field(default_factory=list)
@@ -137,6 +138,7 @@ def bench_model(
                     num_samples=cfg.num,
                     fid_train=_mean(per_seed.get("fid_train", [])),
                     accuracy=_mean(per_seed.get("accuracy", [])),
+                    diversity=_mean(per_seed.get("diversity", [])),
                     clip_score=_mean(per_seed.get("clip_score", [])),
                     fid_seeds=fids,
                     fid_train_seeds=per_seed.get("fid_train", []),

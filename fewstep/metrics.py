@@ -74,6 +74,18 @@ class DigitsMetrics:
         logits = torch.cat([self.evaluator(chunk * 2 - 1) for chunk in images.float().split(1000)])
         return float((logits.argmax(1).cpu() == labels.cpu()).float().mean())
 
+    @torch.no_grad()
+    def diversity(self, images: Tensor, labels: Tensor) -> float:
+        """Per-class sample diversity: the mean pairwise distance between evaluator features of samples of one class,
+        averaged over classes (images in [0, 1]). Mode collapse lowers it; it does not depend on any reference set."""
+        features = torch.cat([self._features(chunk) for chunk in images.split(1000)]).double()
+        means = []
+        for c in labels.unique():
+            f = features[labels.cpu() == c]
+            if len(f) > 1:
+                means.append(torch.cdist(f, f).sum() / (len(f) * (len(f) - 1)))
+        return float(torch.stack(means).mean()) if means else 0.0
+
     def floor(self, num: int, subsets: int = 3, seed: int = 0) -> tuple[float, float, int]:
         """Real-vs-real FID: ``num`` random train images against the held-out split, mean and std over subsets.
 

@@ -129,6 +129,12 @@ def _intro(ref: dict[str, Any]) -> str:
             f"{ref.get('real_fid_floor_subsets')} subsets). Held-out vs the whole train split: "
             f"{_fmt(ref.get('held_out_vs_train_fid'))}. FIDs are means over noise seeds (std after +-); "
             "differences under ~0.5 are noise at these counts."
+            + (
+                " Diversity: mean pairwise distance of evaluator features within a class, averaged over classes "
+                f"(the train split: {ref['real_diversity']:.2f})."
+                if ref.get("real_diversity") is not None
+                else ""
+            )
         )
     return (
         f"Prompts: {ref.get('prompts')} ({ref.get('num_prompts')}); CLIP: {ref.get('clip') or '-'}; FID reference: "
@@ -144,8 +150,9 @@ def _table_row(r: dict[str, Any], floor: float | None) -> str:
     grid = f"[png]({r['grid']})" if r.get("grid") else "-"
     cells = [
         r["model"], r["steps"], r["nfe"], _fmt(r.get("guidance"), 1), fid, _fmt(ratio), _fmt(r.get("fid_train")),
-        _fmt(acc, 1), _fmt(r.get("clip_score")), f"{r['latency_ms']:.1f} ({r['latency_ms_p90']:.1f})",
-        _fmt(r.get("latency_ms_per_image"), 3), f"{r['peak_mem_mb']:.0f}", r["num_samples"], grid,
+        _fmt(acc, 1), _fmt(r.get("diversity")), _fmt(r.get("clip_score")),
+        f"{r['latency_ms']:.1f} ({r['latency_ms_p90']:.1f})", _fmt(r.get("latency_ms_per_image"), 3),
+        f"{r['peak_mem_mb']:.0f}", r["num_samples"], grid,
     ]  # fmt: skip
     return "| " + " | ".join(str(c) for c in cells) + " |"
 
@@ -158,9 +165,9 @@ def markdown(report: dict[str, Any], plots: list[str]) -> str:
         "",
         _intro(ref),
         "",
-        "| model | steps | NFE | w | FID | FID / floor | FID train | accuracy | CLIP | latency ms (p90) "
+        "| model | steps | NFE | w | FID | FID / floor | FID train | accuracy | diversity | CLIP | latency ms (p90) "
         "| ms / image | peak MB | samples | grid |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
         *[_table_row(r, ref.get("real_fid_floor")) for r in rows],
         "",
         *[f"![{p}]({p})" for p in plots],

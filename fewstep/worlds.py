@@ -1,7 +1,8 @@
 """What a bench measures quality against. Each world generates ``num`` samples for one (steps, guidance, seed),
 scores them, and says how to call the pipeline for a latency batch:
 
-- ``DigitsWorld``: class-balanced conditional samples; FID against the held-out and the train split, class accuracy.
+- ``DigitsWorld``: class-balanced conditional samples; FID against the held-out and the train split, class accuracy,
+  per-class diversity.
 - ``TextWorld``: prompts from a file; CLIP score (open_clip, local weights) and FID against a reference folder.
 """
 
@@ -54,6 +55,7 @@ class DigitsWorld:
             "fid": self.metrics.fid_held_out(images),
             "fid_train": self.metrics.fid_train(images),
             "accuracy": self.metrics.accuracy(images, labels),
+            "diversity": self.metrics.diversity(images, labels),
         }
         return Scored(values, by_class(images, labels, NUM_CLASSES), nrow=NUM_CLASSES, upscale=4)
 
@@ -62,12 +64,14 @@ class DigitsWorld:
 
     def reference(self, num: int, subsets: int) -> dict[str, Any]:
         floor, floor_std, floor_count = self.metrics.floor(num, subsets=subsets)
+        train = load_split("train")
         return {
             "real_fid_floor": floor,
             "real_fid_floor_std": floor_std,
             "real_fid_floor_subsets": subsets,
             "floor_num_samples": floor_count,
             "held_out_vs_train_fid": self.metrics.fid_train(to_unit(load_split("held_out").images)),
+            "real_diversity": self.metrics.diversity(to_unit(train.images), train.labels),
             "evaluator": "digits CNN, 128-d penultimate features",
         }
 

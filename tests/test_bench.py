@@ -44,8 +44,9 @@ def test_bench_writes_every_report_file(random_digits: Path, tmp_path: Path) -> 
         assert row["nfe"] == row["steps"] * (1 if row["guidance"] == 1.0 else 2)  # CFG counted
         assert len(row["fid_seeds"]) == 2 and row["fid"] == pytest.approx(sum(row["fid_seeds"]) / 2)
         assert row["latency_ms_p90"] >= row["latency_ms"] > 0
-        assert 0.0 <= row["accuracy"] <= 1.0
+        assert 0.0 <= row["accuracy"] <= 1.0 and row["diversity"] > 0.0
     assert isinstance(on_disk["reference"]["real_fid_floor"], float)
+    assert on_disk["reference"]["real_diversity"] > 0.0
     assert on_disk["env"]["torch"] == torch.__version__
     assert "| random-digits | 2 |" in (report_dir / "report.md").read_text()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folders left

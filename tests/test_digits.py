@@ -64,6 +64,30 @@ def test_evaluator_reads_real_digits(metrics: DigitsMetrics) -> None:
     assert metrics.accuracy(to_unit(held_out.images), shuffled) < 0.3
 
 
+def test_diversity_identities(metrics: DigitsMetrics) -> None:
+    """Zero for a collapsed sampler (one image per class repeated), equal to the mean pairwise feature distance
+    within classes (a loop over pairs here), and lower for a sampler that covers half of each class."""
+    held_out = load_split("held_out")
+    images, labels = to_unit(held_out.images), held_out.labels
+    collapsed = torch.cat([images[labels == c][:1].expand(5, -1, -1, -1) for c in range(10)])
+    assert metrics.diversity(collapsed, torch.arange(10).repeat_interleave(5)) == pytest.approx(0.0, abs=1e-6)
+    few, few_labels = images[:40], labels[:40]
+    feats = metrics._features(few).double()
+    per_class = []
+    for c in few_labels.unique():
+        f = feats[few_labels == c]
+        pairs = [float((f[i] - f[j]).norm()) for i in range(len(f)) for j in range(len(f)) if i != j]
+        if pairs:
+            per_class.append(sum(pairs) / len(pairs))
+    assert metrics.diversity(few, few_labels) == pytest.approx(sum(per_class) / len(per_class), rel=1e-6)
+    full = metrics.diversity(images, labels)
+    half = torch.cat([images[labels == c][: int((labels == c).sum()) // 4].repeat(2, 1, 1, 1) for c in range(10)])
+    half_labels = torch.arange(10).repeat_interleave(
+        torch.tensor([2 * (int((labels == c).sum()) // 4) for c in range(10)])
+    )
+    assert metrics.diversity(half, half_labels) < full
+
+
 def test_floor_uses_requested_count(metrics: DigitsMetrics) -> None:
     mean, std, count = metrics.floor(200, subsets=2)
     assert count == 200 and mean > 0 and std >= 0
