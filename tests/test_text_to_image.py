@@ -1,5 +1,5 @@
-"""Both consistency recipes on tiny text-to-image pipelines built in-process: distill a few steps from prompts
-(image-free: the teacher's own samples), export, reload with stock diffusers, sample at 1, 2 and 4 steps."""
+"""The consistency recipes (and rCM) on tiny text-to-image pipelines built in-process: distill a few steps from
+prompts (image-free: the teacher's own samples), export, reload with stock diffusers, sample at 1, 2 and 4 steps."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import torch
 from fewstep.config import merge_into
 from fewstep.distill import run_distill
 from fewstep.recipes.lcm import LCM, LCMConfig
+from fewstep.recipes.rcm import RCM, RCMConfig
 from fewstep.recipes.scm import SCM, SCMConfig
 
 PROMPTS = ["a red circle", "the blue square", "a green line", "the yellow dot"]
@@ -41,6 +42,8 @@ def _sample_all_steps(pipe: Any, **kwargs: Any) -> None:
         (LCM, LCMConfig(w_min=1.0, w_max=1.0), "sd3_folder"),
         (SCM, SCMConfig(), "sd_folder"),  # a VP epsilon teacher answering in TrigFlow time
         (SCM, SCMConfig(), "sd3_folder"),
+        (RCM, RCMConfig(dmd_start=1, student_update_freq=1), "sd_folder"),  # sCM, then DMD with a fake UNet
+        (RCM, RCMConfig(dmd_start=1, student_update_freq=1, guidance=2.0), "sd3_folder"),
     ],
 )
 def test_distill_export_reload_and_sample(
