@@ -63,3 +63,15 @@ def test_distill_trains_student_and_fake_and_resumes_exactly(random_digits: Path
     ]  # fmt: skip
     assert [(h.get("student"), h.get("fake")) for h in a] == [(h.get("student"), h.get("fake")) for h in b]
     assert (straight / "student" / "model_index.json").is_file()
+
+
+def test_dmd_alone_when_the_consistency_weight_is_zero(random_digits: Path) -> None:
+    """scm_weight = 0 and dmd_start = 0: the student's loss is the DMD term alone (the ablation baseline)."""
+    teacher, _ = load_denoiser(str(random_digits))
+    recipe = RCM(teacher, RCMConfig(dmd_start=0, scm_weight=0.0, plan_steps=(1,)))
+    data = DigitsBatches(null_class_of(teacher.model), batch_size=4)
+    calls = []
+    recipe.scm.loss = lambda *a: calls.append(a) or {}  # type: ignore[method-assign]
+    out = recipe.loss(data(0), 0)
+    assert sorted(out) == ["fake", "student"] and not calls
+    assert float(out["student"]) == 0.0  # the fake score starts as the teacher: DMD's first gradient is zero

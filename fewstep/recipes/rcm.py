@@ -26,6 +26,7 @@ from .scm import SCM, SCMConfig
 @dataclass(frozen=True)
 class RCMConfig(SCMConfig):
     dmd_weight: float = 1.0  # rCM's loss_scale_dmd
+    scm_weight: float = 1.0  # the consistency term's weight; 0 with dmd_start = 0 is DMD alone (the ablation baseline)
     dmd_start: int = 1000  # sCM-only steps before the DMD term starts (rCM's 1000-iteration warm-up)
     student_update_freq: int = 5  # one student step per this many iterations; the fake score steps on every one
     fake_lr: float = 4e-7  # rCM's fake-score lr (the student's is 2e-6 there); presets set their own
@@ -80,7 +81,7 @@ class RCM(Recipe):
         b = batch.x0.shape[0]
         cond = {**batch.cond, **guidance_condition(self.scm.student.model, torch.full((b,), cfg.guidance))}
         student_step = (step - cfg.dmd_start) % cfg.student_update_freq == 0
-        out = self.scm.loss(batch, step) if student_step else {}
+        out = self.scm.loss(batch, step) if student_step and cfg.scm_weight > 0 else {}
         if student_step:
             x0_G = self.student_sample(cond, b, batch.x0)
         else:
@@ -92,7 +93,7 @@ class RCM(Recipe):
             fake = lambda x, t: self.fake(x, t, batch.cond)  # noqa: E731
             t_d = uniform_times(native, b, cfg.dmd_t_min, cfg.dmd_t_max)
             dmd, _ = distribution_matching_loss(x0_G, t_d, native, real, fake)
-            out["student"] = out["student"] + cfg.dmd_weight * dmd
+            out["student"] = cfg.scm_weight * out.get("student", 0.0) + cfg.dmd_weight * dmd
         t_f = uniform_times(native, b, cfg.dmd_t_min, cfg.dmd_t_max)
         fake_denoise = lambda x, t: self.fake(x, t, batch.cond)  # noqa: E731
         out["fake"] = fake_score_loss(x0_G, t_f, native, fake_denoise, weighting=cfg.fake_weighting)
