@@ -105,6 +105,7 @@ def teacher_bench_key(teacher: str, cfg: Any) -> str:
     from dataclasses import asdict
 
     from . import __version__
+    from .bench import Row
     from .teacher import resolve_source
 
     digest = hashlib.sha256()
@@ -112,10 +113,8 @@ def teacher_bench_key(teacher: str, cfg: Any) -> str:
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         digest.update(str(path.relative_to(folder)).encode())
         digest.update(path.read_bytes())
-    from .bench import Row
-
     env = [__version__, torch.__version__, str(torch.get_num_threads()), platform.machine(), platform.node()]
-    env.append(",".join(Row.__dataclass_fields__))  # a row gaining a column invalidates old rows
+    env.append(",".join(Row.__dataclass_fields__))  # a row gaining a column invalidates cached rows
     digest.update(json.dumps([asdict(cfg), env], sort_keys=True, default=str).encode())
     return digest.hexdigest()[:16]
 

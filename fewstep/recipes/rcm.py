@@ -59,18 +59,16 @@ class RCM(Recipe):
             return OptimizerSpec(lr=self.cfg.fake_lr, betas=self.cfg.fake_betas)
         return self.scm.optimizer(name)
 
-    def ema(self) -> list[str]:
-        return ["student"]
-
-    def student_sample(self, cond: dict[str, Any], batch: int, like: Tensor) -> Tensor:
+    def student_sample(self, cond: dict[str, Any], like: Tensor) -> Tensor:
         """x0_G by backward simulation: the student's n-step plan (n drawn from ``plan_steps``) run to its last time
-        without gradient, then the last step with gradient (the student's output at the times its sampler visits)."""
+        without gradient, then the last step (with gradient where the caller records one): the student's output at
+        the times its sampler visits."""
         steps = self.cfg.plan_steps
         plan = self.scm.plan()[steps[int(torch.randint(len(steps), ()))]]
         denoise = lambda x, t: self.scm.student(x, t, cond)  # noqa: E731
         with torch.no_grad():
-            x = plan_state(denoise, plan, torch.randn_like(like[:batch]), plan.steps - 1)
-        t = torch.full((batch,), plan.times[-1], dtype=x.dtype, device=x.device)
+            x = plan_state(denoise, plan, torch.randn_like(like), plan.steps - 1)
+        t = torch.full((x.shape[0],), plan.times[-1], dtype=x.dtype, device=x.device)
         return denoise(x, t)
 
     def loss(self, batch: Batch, step: int) -> dict[str, Tensor]:
@@ -81,22 +79,18 @@ class RCM(Recipe):
         b = batch.x0.shape[0]
         cond = {**batch.cond, **guidance_condition(self.scm.student.model, torch.full((b,), cfg.guidance))}
         student_step = (step - cfg.dmd_start) % cfg.student_update_freq == 0
-        out = self.scm.loss(batch, step) if student_step and cfg.scm_weight > 0 else {}
-        if student_step:
-            x0_G = self.student_sample(cond, b, batch.x0)
-        else:
-            with torch.no_grad():
-                x0_G = self.student_sample(cond, b, batch.x0)
         native = self.real.schedule
+        fake = lambda x, t: self.fake(x, t, batch.cond)  # noqa: E731
+        out = self.scm.loss(batch, step) if student_step and cfg.scm_weight > 0 else {}
+        with torch.set_grad_enabled(student_step):
+            x0_G = self.student_sample(cond, batch.x0)
         if student_step:
             real = lambda x, t: self.real.guided(x, t, batch.cond, batch.uncond, cfg.guidance)  # noqa: E731
-            fake = lambda x, t: self.fake(x, t, batch.cond)  # noqa: E731
             t_d = uniform_times(native, b, cfg.dmd_t_min, cfg.dmd_t_max)
             dmd, _ = distribution_matching_loss(x0_G, t_d, native, real, fake)
             out["student"] = cfg.scm_weight * out.get("student", 0.0) + cfg.dmd_weight * dmd
         t_f = uniform_times(native, b, cfg.dmd_t_min, cfg.dmd_t_max)
-        fake_denoise = lambda x, t: self.fake(x, t, batch.cond)  # noqa: E731
-        out["fake"] = fake_score_loss(x0_G, t_f, native, fake_denoise, weighting=cfg.fake_weighting)
+        out["fake"] = fake_score_loss(x0_G, t_f, native, fake, weighting=cfg.fake_weighting)
         return out
 
     def export_module(self, student: nn.Module) -> nn.Module:
