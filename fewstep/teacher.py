@@ -65,7 +65,12 @@ BACKBONES: dict[str, Backbone] = {
 
 
 def backbone_for(model: nn.Module) -> Backbone:
-    """The call convention of ``model``'s class (or of the nearest supported base class)."""
+    """The call convention of ``model``'s class (or of the nearest supported base class); a ``TimestepExperts``
+    is called as its experts are."""
+    from .experts import TimestepExperts  # lazily: experts imports this module
+
+    if isinstance(model, TimestepExperts):
+        model = model.experts[0]
     for cls in type(model).__mro__:
         if cls.__name__ in BACKBONES:
             return BACKBONES[cls.__name__]
@@ -348,6 +353,7 @@ def load_pipeline(source: str, device: str | torch.device | None = None, dtype: 
     from diffusers.utils import logging as diffusers_logging
 
     # diffusers loads components only from libraries already imported: make fewstep's own classes known first
+    from . import experts as _experts  # noqa: F401  (Phased DMD's per-phase experts)
     from . import scheduling_fewstep as _scheduler  # noqa: F401
     from .digits import pipeline as _digits  # noqa: F401  (also registers DigitsPipeline with diffusers)
 
