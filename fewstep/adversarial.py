@@ -1,5 +1,6 @@
 """Adversarial terms on a frozen teacher's features (LADD, Sauer et al. 2024; SANA-Sprint's sCM + LADD; PCM's
-adversarial consistency loss, Wang et al. 2024).
+adversarial consistency loss, Wang et al. 2024), and on a fake score's own features (DMD2, Yin et al. 2024b, Sec.
+4.4; SiDA's Diffusion-GAN, Zhou et al. 2024).
 
 The discriminator is the frozen teacher read at several blocks, each with a small trainable head that scores every
 token; inputs are re-noised (real or generated) x0 at a discriminator time, so the teacher sees what it was trained
@@ -11,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .schedules import NoiseSchedule
@@ -91,3 +93,18 @@ def with_largest_time(t: Tensor, t_max: float, prob: float) -> Tensor:
     """t with each entry replaced by t_max with probability ``prob`` (SANA-Sprint's train_largest_timestep: the
     one-step generator from pure noise gets a share of the adversarial signal)."""
     return torch.where(torch.rand(t.shape) < prob, torch.full_like(t, t_max), t)
+
+
+def score_gan_losses(
+    disc: TeacherDiscriminator, x0_fake: Tensor, x0_real: Tensor, t_d: Tensor, cond: dict[str, Any]
+) -> tuple[Tensor, Tensor]:
+    """(generator loss, critic loss) of DMD2's GAN: heads on a *trainable* fake score's features (``disc.teacher``
+    is the fake Denoiser), non-saturating logistic losses on re-noised x0. Unlike ``ladd_losses`` the critic's
+    features are recomputed with their graph, so the critic loss trains the heads and the fake score's backbone
+    together (DMD2 adds it to the fake score's denoising loss); the generator's reaches x0_fake."""
+    schedule = disc.teacher.schedule
+    fake = schedule.add_noise(x0_fake, torch.randn_like(x0_fake), t_d)
+    real = schedule.add_noise(x0_real, torch.randn_like(x0_real), t_d)
+    generator = F.softplus(-disc(fake, t_d, cond)).mean()
+    critic = F.softplus(disc(fake.detach(), t_d, cond)).mean() + F.softplus(-disc(real, t_d, cond)).mean()
+    return generator, critic

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .schedules import NoiseSchedule
+from .schedules import Coeffs, NoiseSchedule
 
 Denoise = Callable[[Tensor, Tensor], Tensor]  # (x_t, t (B,)) -> x0
 GuidanceConvention = Literal["ho", "dmd2"]
@@ -63,15 +63,34 @@ def dmd_generator_loss(x0_gen: Tensor, grad: Tensor) -> Tensor:
 
 
 def distribution_matching_loss(
-    x0_gen: Tensor, t: Tensor, schedule: NoiseSchedule, real: Denoise, fake: Denoise, eps: Tensor | None = None
+    x0_gen: Tensor,
+    t: Tensor,
+    schedule: NoiseSchedule,
+    real: Denoise,
+    fake: Denoise,
+    eps: Tensor | None = None,
+    x_t: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(generator loss, grad) for student samples x0_G re-noised at t; ``real`` is the (guided) teacher, ``fake``
-    the fake score. Neither network receives a gradient from this loss."""
-    eps = torch.randn_like(x0_gen) if eps is None else eps
+    the fake score. Neither network receives a gradient from this loss. ``x_t`` replaces the plain re-noising
+    alpha_t x0_G + sigma_t eps where a recipe noises its samples its own way (TDM: along the student's trajectory)."""
     with torch.no_grad():
-        x_t = schedule.add_noise(x0_gen.detach(), eps, t)
+        if x_t is None:
+            x_t = schedule.add_noise(x0_gen.detach(), torch.randn_like(x0_gen) if eps is None else eps, t)
         grad = dmd_gradient(x0_gen.detach(), real(x_t, t), fake(x_t, t))
     return dmd_generator_loss(x0_gen, grad), grad
+
+
+def subinterval_mean(x0: Tensor, x_t: Tensor, c_s: Coeffs, c_t: Coeffs) -> Tensor:
+    """E[x_s | x_t] for s < t when the x0 estimate at x_t is ``x0``: the score (alpha_t x0 - x_t) / sigma_t^2 through
+    the subinterval forward x_t = a x_s + b z (``forward_transition``), i.e. (x_t + b^2 score) / a, which is the
+    DDPM posterior mean (a sigma_s^2 x_t + alpha_s b^2 x0) / sigma_t^2. At s = 0 it is x0 itself.
+
+    Phased DMD scores the samples x_s a phase ends on with this: the teacher's and the fake's x0 turned into the
+    subinterval target, so each phase's fake score is trained and read within its own subinterval."""
+    a = c_t.alpha / c_s.alpha
+    b2 = (c_t.sigma**2 - (a * c_s.sigma) ** 2).clamp_min(0)
+    return (x_t + b2 * (c_t.alpha * x0 - x_t) / c_t.sigma**2) / a
 
 
 def fake_score_loss(
@@ -82,16 +101,16 @@ def fake_score_loss(
     eps: Tensor | None = None,
     weighting: Weighting = "x0",
     snr_clip: float | None = None,
+    x_t: Tensor | None = None,
 ) -> Tensor:
     """Denoising score matching of the fake score on detached student samples: w(t) ||D_fake(x_t, t) - x0_G||^2.
 
     ``weighting``: "x0" is w = 1 (x0 regression, as TDM's fake LoRA); "eps" is w = SNR = alpha^2 / sigma^2, the
     epsilon-prediction loss written in x0 (DMD2's fake score); "v" is w = 1 / sigma^2, the velocity (flow) or F
     (TrigFlow) loss written in x0, up to a constant (rCM's ||x0_G - x0_fake||^2 / sin^2 t_D).
-    ``snr_clip`` caps the SNR weight (TDM clips at 5)."""
+    ``snr_clip`` caps the SNR weight (TDM clips at 5). ``x_t``: the noised input when the recipe builds it itself."""
     x0 = x0_gen.detach()
-    eps = torch.randn_like(x0) if eps is None else eps
-    x_t = schedule.add_noise(x0, eps, t)
+    x_t = schedule.add_noise(x0, torch.randn_like(x0) if eps is None else eps, t) if x_t is None else x_t.detach()
     err = (fake(x_t, t) - x0).pow(2).flatten(1).mean(1)
     if weighting == "x0":
         weight = torch.ones_like(t)
@@ -116,3 +135,20 @@ def fake_score_network(model: nn.Module, lora_rank: int = 0) -> nn.Module:
 
         return add_lora(fake, lora_rank)
     return fake.requires_grad_(True)
+
+
+def sid_generator_loss(
+    x0_gen: Tensor, x0_real: Tensor, x0_fake: Tensor, alpha: float = 1.2, tiny: float = 1e-8
+) -> Tensor:
+    """Score identity distillation's generator loss (Zhou et al. 2024, SiD Eq. 20, as SiD-LSG computes it):
+
+        (x0_real - x0_fake) . ((x0_real - x0_G) - alpha (x0_real - x0_fake)) / mean|x0_G - x0_real|
+
+    per sample (mean over elements here, a constant factor from SiD's sum), averaged over the batch. Unlike DMD,
+    x0_real and x0_fake keep their graph to x0_G: the gradient runs through both networks' inputs (their weights are
+    frozen for this step). alpha = 1 is (x0_real - x0_fake) . (x0_fake - x0_G); SiD's default is 1.2."""
+    dims = tuple(range(1, x0_gen.ndim))
+    diff = x0_real - x0_fake
+    per_sample = (diff * ((x0_real - x0_gen) - alpha * diff)).mean(dim=dims)
+    scale = (x0_gen - x0_real).detach().abs().mean(dim=dims).clamp_min(tiny)
+    return (per_sample / scale).mean()

@@ -16,6 +16,7 @@ from fewstep.adversarial import (
     hinge_critic_loss,
     hinge_generator_loss,
     ladd_losses,
+    score_gan_losses,
     with_largest_time,
 )
 from fewstep.data import DigitsBatches, null_class_of
@@ -121,3 +122,35 @@ def test_adversarial_term_trains_heads_and_student_apart(
     assert any(not torch.equal(a, b) for a, b in zip(student, recipe.trainable()["student"].parameters(), strict=True))
     assert set(trainer.ema) == {"student"}
     assert math.isfinite(history[-1]["critic"])
+
+
+def test_score_gan_critic_trains_the_fake_score_and_its_heads(random_digits: Path) -> None:
+    """DMD2's GAN: logistic losses on a trainable fake score's features. The critic loss reaches the heads and the
+    fake backbone but not the generator's sample; the generator loss reaches the sample."""
+    from fewstep.dmd import fake_score_network
+
+    teacher, _ = load_denoiser(str(random_digits))
+    fake = Denoiser(fake_score_network(teacher.model).eval(), teacher.native, teacher.prediction)
+    disc = TeacherDiscriminator(fake)
+    x0_fake = torch.randn(4, 1, 8, 8, requires_grad=True)
+    x0_real, t_d, cond = (
+        torch.randn(4, 1, 8, 8),
+        torch.tensor([0.1, 0.4, 0.7, 0.95]),
+        {"class_labels": torch.arange(4)},
+    )
+    torch.manual_seed(0)
+    generator, critic = score_gan_losses(disc, x0_fake, x0_real, t_d, cond)
+    torch.manual_seed(0)
+    fake_t = teacher.native.add_noise(x0_fake, torch.randn_like(x0_fake), t_d)
+    real_t = teacher.native.add_noise(x0_real, torch.randn_like(x0_real), t_d)
+    softplus = torch.nn.functional.softplus
+    torch.testing.assert_close(generator, softplus(-disc(fake_t, t_d, cond)).mean())
+    expected = softplus(disc(fake_t.detach(), t_d, cond)).mean() + softplus(-disc(real_t, t_d, cond)).mean()
+    torch.testing.assert_close(critic, expected)
+    backbone, heads = list(fake.model.parameters()), list(disc.heads.parameters())
+    grads = torch.autograd.grad(critic, [x0_fake, *backbone, *heads], allow_unused=True)
+    assert grads[0] is None
+    assert any(g is not None and g.abs().sum() > 0 for g in grads[1 : 1 + len(backbone)])
+    assert all(g is not None for g in grads[1 + len(backbone) :])
+    (grad,) = torch.autograd.grad(generator, x0_fake)
+    assert grad.abs().sum() > 0
