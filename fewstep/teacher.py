@@ -96,6 +96,19 @@ def unpack_2x2(packed: Tensor, shape: torch.Size) -> Tensor:
     return packed.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
 
 
+def expand_cond(cond: Cond, batch: int, shared: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A condition with its per-sample tensors of batch 1 expanded to ``batch`` (one negative prompt run alone)."""
+    out: dict[str, Any] = {}
+    for key, v in cond.items():
+        if isinstance(v, Mapping):
+            out[key] = expand_cond(v, batch, shared)
+        elif key not in shared and isinstance(v, Tensor) and v.ndim > 0 and v.shape[0] == 1:
+            out[key] = v.expand(batch, *v.shape[1:])
+        else:
+            out[key] = v
+    return out
+
+
 def concat_cond(a: Cond, b: Cond, batch: int, shared: tuple[str, ...] = ()) -> dict[str, Any]:
     """Stack two condition mappings along the batch for one CFG forward.
 
@@ -230,7 +243,7 @@ class Denoiser(nn.Module):
         elif guidance == 1.0:
             return self(x_t, t, cond)
         elif guidance == 0.0:
-            return self(x_t, t, uncond)
+            return self(x_t, t, expand_cond(uncond, x_t.shape[0], self.backbone.shared))
         batch = x_t.shape[0]
         t = torch.as_tensor(t, device=x_t.device).expand(batch)
         both = concat_cond(cond, uncond, batch, self.backbone.shared)

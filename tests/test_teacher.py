@@ -13,7 +13,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from fewstep.errors import FewstepError
 from fewstep.schedules import VP, Flow, TrigFlow, append_dims, ddim_step, from_x0, schedule_from_diffusers_config
-from fewstep.teacher import Backbone, Denoiser, concat_cond, load_pipeline, resolve_source
+from fewstep.teacher import Backbone, Denoiser, concat_cond, expand_cond, load_pipeline, resolve_source
 
 STEP_INDEX = 3
 
@@ -151,6 +151,14 @@ def test_guidance_batches_both_branches() -> None:
     torch.testing.assert_close(
         denoiser.guided(x, t, cond, uncond, 3.0), x0_u + 3.0 * (x0_c - x0_u), atol=1e-5, rtol=1e-5
     )
+
+
+def test_expand_cond_broadcasts_one_negative_prompt() -> None:
+    """The unconditional branch alone (guidance 0) gets the shared negative-prompt row expanded to the batch."""
+    uncond = {"e": torch.ones(1, 4), "ids": torch.zeros(1, 3), "added": {"t": torch.ones(1, 1)}, "flag": True}
+    out = expand_cond(uncond, batch=3, shared=("ids",))
+    assert out["e"].shape == (3, 4) and out["added"]["t"].shape == (3, 1) and out["flag"] is True
+    assert out["ids"].shape == (1, 3)
 
 
 def test_concat_cond_expands_and_shares() -> None:
