@@ -1,5 +1,5 @@
-"""The consistency recipes (and rCM) on tiny text-to-image pipelines built in-process: distill a few steps from
-prompts (image-free: the teacher's own samples), export, reload with stock diffusers, sample at 1, 2 and 4 steps."""
+"""Every recipe on tiny text-to-image pipelines built in-process: distill a few steps from prompts (image-free: the
+teacher's own samples, or data-free), export, reload with stock diffusers, sample at each step count of the plan."""
 
 from __future__ import annotations
 
@@ -12,8 +12,11 @@ import torch
 from fewstep.config import merge_into
 from fewstep.distill import run_distill
 from fewstep.recipes.lcm import LCM, LCMConfig
+from fewstep.recipes.phased_dmd import PhasedDMD, PhasedDMDConfig
 from fewstep.recipes.rcm import RCM, RCMConfig
 from fewstep.recipes.scm import SCM, SCMConfig
+from fewstep.recipes.sid import SiD, SiDConfig
+from fewstep.recipes.tdm import TDM, TDMConfig
 
 PROMPTS = ["a red circle", "the blue square", "a green line", "the yellow dot"]
 TINY_RUN = {
@@ -29,8 +32,8 @@ def prompts(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def _sample_all_steps(pipe: Any, **kwargs: Any) -> None:
-    for steps in (1, 2, 4):
+def _sample_all_steps(pipe: Any, counts: tuple[int, ...] = (1, 2, 4), **kwargs: Any) -> None:
+    for steps in counts:
         images = pipe(prompt=PROMPTS[:2], num_inference_steps=steps, output_type="pt", **kwargs).images
         assert images.shape == (2, 3, 16, 16) and torch.isfinite(images).all()
 
@@ -44,6 +47,11 @@ def _sample_all_steps(pipe: Any, **kwargs: Any) -> None:
         (SCM, SCMConfig(), "sd3_folder"),
         (RCM, RCMConfig(dmd_start=1, student_update_freq=1), "sd_folder"),  # sCM, then DMD with a fake UNet
         (RCM, RCMConfig(dmd_start=1, student_update_freq=1, guidance=2.0), "sd3_folder"),
+        (SiD, SiDConfig(guidance=2.0), "sd3_folder"),  # through both networks' inputs, data-free
+        (SiD, SiDConfig(guidance_mode="zero"), "sd_folder"),  # Zero-CFG: the fake UNet reads the empty prompt
+        (TDM, TDMConfig(fake_lora_rank=4), "sd3_folder"),  # the fake score a LoRA on the flow transformer
+        (TDM, TDMConfig(fake_lora_rank=4, guidance=2.0), "sd_folder"),
+        (PhasedDMD, PhasedDMDConfig(phase_steps=1, fake_steps=1), "sd3_folder"),  # two experts, one per phase
     ],
 )
 def test_distill_export_reload_and_sample(
@@ -59,7 +67,7 @@ def test_distill_export_reload_and_sample(
     pipe.set_progress_bar_config(disable=True)
     if recipe is LCM and teacher == "sd_folder":  # a VP teacher: the plan is LCMScheduler's own (999, 759, 499, 259)
         assert type(pipe.scheduler).__name__ == "LCMScheduler"
-    _sample_all_steps(pipe, guidance_scale=1.0)
+    _sample_all_steps(pipe, tuple(sorted(cfg.plan_steps)), guidance_scale=1.0)
     if (pipe.unet if hasattr(pipe, "unet") else pipe.transformer).config.get("time_cond_proj_dim"):
         _sample_all_steps(pipe, guidance_scale=8.0)  # the embedded w: one evaluation per step, no CFG batch
 

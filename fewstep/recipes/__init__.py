@@ -17,6 +17,9 @@ BUILTIN: dict[str, str] = {
     "lcm": "fewstep.recipes.lcm:LCM",
     "scm": "fewstep.recipes.scm:SCM",
     "rcm": "fewstep.recipes.rcm:RCM",
+    "phased_dmd": "fewstep.recipes.phased_dmd:PhasedDMD",
+    "sid": "fewstep.recipes.sid:SiD",
+    "tdm": "fewstep.recipes.tdm:TDM",
 }
 
 

@@ -1,0 +1,192 @@
+"""Phased DMD: distribution matching within SNR subintervals, one expert per phase (Fan et al. 2025; LightX2V).
+
+The teacher's time range is cut at ``boundaries`` into K phases [s_{p+1}, s_p] (s_0 = t_max, s_K = t_min). Expert p
+(a copy of the teacher) carries the sampler through phase p: from x at s_p, through its share of the plan's steps,
+to the phase's end x_s at s = s_{p+1} (the last phase ends on x0). Training is progressive toward higher SNR: phase p
+trains from step p * ``phase_steps`` on, its input made by the earlier, finished experts (no gradient). Each step:
+  x_s: expert p's steps with gradient through all of them (no stochastic truncation within a phase)
+  t ~ U(s, s_p), x_t = a x_s + b z                        the subinterval forward (``forward_transition``)
+  m = E[x_s | x_t] from an x0 estimate (``dmd.subinterval_mean``; m = x0 at s = t_min)
+  student: 1/2 ||x_s - sg(x_s - grad)||^2, grad = (m_fake - m_real) / mean|x_s - m_real|
+  fake p:  ||m_fake - sg(x_s)||^2 / b^2                    score matching within the subinterval (rCM's 1/sigma^2
+                                                           weighting at s = 0)
+The exported backbone is a ``TimestepExperts`` that switches expert per phase at the same boundaries.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from ..data import DataConfig
+from ..dmd import dmd_generator_loss, fake_score_network, subinterval_mean
+from ..errors import FewstepError
+from ..generator import student_network
+from ..sampling import SamplingPlan, initial_noise, renoise
+from ..schedules import append_dims, forward_transition
+from ..teacher import Denoiser
+from ..train import TrainConfig, ema_decay_at
+from .base import Batch, OptimizerSpec, Recipe
+
+
+@dataclass(frozen=True)
+class PhasedDMDConfig:
+    boundaries: tuple[float, ...] = (0.5,)  # phase edges as fractions of the teacher's time range, descending
+    # (LightX2V's Wan2.1 config: two experts split at timestep 500 of 1000)
+    phase_steps: int = 500  # iterations per phase before the next (higher-SNR) phase starts; the last runs on
+    train_steps: tuple[int, ...] = (4,)  # plan step counts trained (each a multiple of the number of phases)
+    plan_steps: tuple[int, ...] = (2, 4)  # exported plans: 4 steps is [1000, 750, 500, 250] on a 1000-step grid
+    gamma: float = 1.0  # re-noising between steps (fresh noise)
+    guidance: float = 1.0  # the teacher's Ho-Salimans scale (LightX2V trains Wan at 5.0)
+    lr: float = 1e-5  # the experts (presets set their own)
+    fake_lr: float = 1e-5
+    betas: tuple[float, float] = (0.0, 0.999)
+    fake_steps: int = 5  # fake-score steps per expert step (LightX2V's fake_update_ratio)
+    fake_lora_rank: int = 0  # 0: each phase's fake score is a full copy of the teacher
+    lora_rank: int = 0  # > 0: experts as LoRA adapters (not exportable as one folder yet)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+
+class PhasedDMD(Recipe):
+    name = "phased_dmd"
+    paper: ClassVar[str] = "Phased DMD, distribution matching within SNR subintervals (Fan et al. 2025)"
+    Config: ClassVar[type] = PhasedDMDConfig
+
+    def __init__(self, teacher: Denoiser, cfg: PhasedDMDConfig = PhasedDMDConfig()):
+        b = cfg.boundaries
+        if any(not 0 < x < 1 for x in b) or any(x <= y for x, y in zip(b, b[1:], strict=False)):
+            raise FewstepError(f"phased_dmd: boundaries must be strictly decreasing in (0, 1), got {b}")
+        k = len(b) + 1
+        if any(n % k for n in (*cfg.train_steps, *cfg.plan_steps)) or not set(cfg.train_steps) <= set(cfg.plan_steps):
+            raise FewstepError(f"phased_dmd: step counts must be multiples of the {k} phases, train_steps among plans")
+        if cfg.lora_rank > 0:
+            raise FewstepError("phased_dmd: LoRA experts cannot be exported yet; use full experts (lora_rank = 0)")
+        self.cfg = cfg
+        self.teacher = teacher
+        native = teacher.native
+        teacher.model.requires_grad_(False).eval()
+        span = native.t_max - native.t_min
+        self.edges = [native.t_max, *(native.t_min + x * span for x in b), native.t_min]  # s_0 > ... > s_K
+        self.experts = nn.ModuleList(student_network(teacher.model) for _ in range(k))
+        self.ema_experts = copy.deepcopy(self.experts).requires_grad_(False)  # one bias-corrected EMA per expert
+        self.ema_count = [0] * k
+        self.students = [self.denoiser_of(m) for m in self.experts]
+        self.fakes = [self.denoiser_of(fake_score_network(teacher.model, cfg.fake_lora_rank).eval()) for _ in range(k)]
+
+    def denoiser_of(self, model: nn.Module) -> Denoiser:
+        t = self.teacher
+        return Denoiser(model, t.native, t.prediction, backbone=t.backbone)
+
+    @property
+    def phases(self) -> int:
+        return len(self.experts)
+
+    def phase_of(self, t: float) -> int:
+        """The phase a time belongs to; a boundary time opens the next (lower-noise) phase."""
+        return sum(t <= s for s in self.edges[1:-1])
+
+    def phase_at(self, step: int) -> int:
+        return min(step // self.cfg.phase_steps, self.phases - 1)
+
+    def trainable(self) -> dict[str, nn.Module]:
+        return {"student": self.experts, **{f"fake_{p}": f.model for p, f in enumerate(self.fakes)}}
+
+    def ema(self) -> list[str]:
+        return []  # each expert keeps its own EMA here, counted over its own phase only
+
+    def optimizer(self, name: str) -> OptimizerSpec:
+        lr = self.cfg.fake_lr if name.startswith("fake") else self.cfg.lr
+        return OptimizerSpec(lr=lr, betas=self.cfg.betas)
+
+    def coeffs(self, t: Tensor, like: Tensor) -> Any:
+        return self.teacher.native.coeffs(append_dims(t.to(like), like.ndim))
+
+    def run_steps(self, cond: dict[str, Any], x: Tensor, times: list[float], end: float) -> Tensor:
+        """The sampler from x at times[0] through ``times`` to ``end`` (x0 when end is t_min), each time's expert."""
+        b = x.shape[0]
+        for i, t in enumerate(times):
+            t_b = torch.full((b,), t, dtype=x.dtype, device=x.device)
+            x0 = self.students[self.phase_of(t)](x, t_b, cond)
+            t_next = times[i + 1] if i + 1 < len(times) else end
+            if i + 1 == len(times) and end == self.teacher.native.t_min:
+                return x0
+            c_t, c_next = self.coeffs(t_b, x), self.coeffs(torch.full_like(t_b, t_next), x)
+            x = renoise(x0, x, c_t, c_next, self.cfg.gamma, torch.randn_like(x))
+        return x
+
+    def loss(self, batch: Batch, step: int) -> dict[str, Tensor]:
+        cfg, native = self.cfg, self.teacher.native
+        if batch.x0 is None:
+            raise FewstepError("phased_dmd needs a batch shape: x0 gives it; their values are unused")
+        p = self.phase_at(step)
+        start, s = self.edges[p], self.edges[p + 1]
+        n = cfg.train_steps[int(torch.randint(len(cfg.train_steps), ()))]
+        times = list(self.plan()[n].times)
+        before = [t for t in times if self.phase_of(t) < p]
+        within = [t for t in times if self.phase_of(t) == p]
+        x = initial_noise(native, times[0], torch.randn_like(batch.x0))
+        with torch.no_grad():  # the finished experts bring x to the phase's start
+            x = self.run_steps(batch.cond, x, before, start) if before else x
+        student_step = step % cfg.fake_steps == 0
+        with torch.set_grad_enabled(student_step):
+            x_s = self.run_steps(batch.cond, x, within, s)
+        b = x_s.shape[0]
+        s_b = torch.full((b,), s, dtype=x_s.dtype)
+        t = s_b + (start - s_b) * torch.rand(b, dtype=x_s.dtype)
+        c_s, c_t = self.coeffs(s_b, x_s), self.coeffs(t, x_s)
+        x_t = forward_transition(x_s.detach(), c_s, c_t, torch.randn_like(x_s))
+        fake = self.fakes[p]
+        m_fake = subinterval_mean(fake(x_t, t, batch.cond), x_t, c_s, c_t)
+        b2 = (c_t.sigma**2 - (c_t.alpha / c_s.alpha * c_s.sigma) ** 2).flatten(1)[:, 0]
+        err = (m_fake - x_s.detach()).pow(2).flatten(1).mean(1)
+        out = {f"fake_{p}": (err / b2.clamp_min(1e-8)).mean()}
+        if not student_step:
+            return out
+        with torch.no_grad():
+            x0_real = self.teacher.guided(x_t, t, batch.cond, batch.uncond, cfg.guidance)
+            m_real = subinterval_mean(x0_real, x_t, c_s, c_t)
+            scale = (x_s - m_real).abs().flatten(1).mean(1).clamp_min(1e-8)
+            grad = (m_fake.detach() - m_real) / append_dims(scale, x_s.ndim)
+        out["student"] = dmd_generator_loss(x_s, grad)
+        return out
+
+    @torch.no_grad()
+    def after_step(self, step: int) -> None:
+        p = self.phase_at(step)
+        self.ema_count[p] += 1
+        decay = ema_decay_at(self.cfg.train.ema_decay, self.ema_count[p])
+        for p_ema, p_live in zip(self.ema_experts[p].parameters(), self.experts[p].parameters(), strict=True):
+            p_ema.lerp_(p_live.detach().to(p_ema.dtype), 1 - decay)
+        if self.phase_at(step + 1) != p:  # the phase is done: its expert is frozen at its EMA for the later phases
+            self.experts[p].load_state_dict(self.ema_experts[p].state_dict())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"ema_experts": self.ema_experts.state_dict(), "ema_count": list(self.ema_count)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.ema_experts.load_state_dict(state["ema_experts"])
+        self.ema_count = list(state["ema_count"])
+
+    def export_module(self, student: nn.Module) -> nn.Module:
+        """The experts' EMAs in one backbone that switches expert at the phase boundaries (model timesteps)."""
+        from ..experts import TimestepExperts
+
+        native = self.teacher.native
+        cuts = [float(native.to_model_timestep(torch.tensor(s, dtype=torch.float64))) for s in self.edges[1:-1]]
+        return TimestepExperts.from_experts(list(self.ema_experts), cuts)
+
+    def plan(self) -> dict[int, SamplingPlan]:
+        """n / K times per phase, uniform within it (4 steps: 1, 0.75, 0.5, 0.25 of the range for two phases)."""
+        plans = {}
+        for n in self.cfg.plan_steps:
+            m = n // self.phases
+            times = [
+                hi - j * (hi - lo) / m for hi, lo in zip(self.edges, self.edges[1:], strict=False) for j in range(m)
+            ]
+            plans[n] = SamplingPlan(self.teacher.native, tuple(times), self.cfg.gamma)
+        return plans

@@ -1,0 +1,148 @@
+"""SiD, few-step: data-free score identity distillation (Zhou et al. 2024; few-step, Zhou et al. 2025).
+
+The generator starts as the teacher and samples with an n-step plan (predict x0, re-noise with fresh noise). Each
+iteration (SiD Alg. 1 with the few-step uniform mixture):
+  k ~ U{0..n-1}: x0_G = G(x_{t_k}, t_k) with x_{t_k} from the generator's own first k steps (no gradient)
+  fake score:  denoising score matching on sg(x0_G) (``dmd.fake_score_loss``)
+  generator:   t ~ U[t_min, t_max], x_t = alpha_t x0_G + sigma_t eps (graph kept), x0_real and x0_fake at x_t,
+               loss = (x0_real - x0_fake) . ((x0_real - x0_G) - alpha (x0_real - x0_fake)) / mean|x0_G - x0_real|
+No image is read: batches give conditions only (and real x0 to the optional Diffusion-GAN term).
+
+Guidance (``guidance_mode``, Ho-Salimans scales):
+  "cfg":  teacher x0_u + w (x0_c - x0_u) with w = ``guidance``; fake conditional (SiD-LSG's usual setting);
+  "zero": Zero-CFG, teacher conditional without guidance, fake unconditional (the condition removed);
+  "anti": Anti-CFG, teacher conditional, fake guided with the negative scale ``anti_guidance``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import Tensor, nn
+
+from ..adversarial import TeacherDiscriminator, discriminator_times, score_gan_losses
+from ..data import DataConfig
+from ..dmd import Weighting, fake_score_loss, fake_score_network, sid_generator_loss, uniform_times
+from ..errors import FewstepError
+from ..generator import FewStepGenerator, student_network, uniform_plans
+from ..sampling import SamplingPlan
+from ..teacher import Denoiser
+from ..train import TrainConfig
+from .base import Batch, OptimizerSpec, Recipe
+
+GuidanceMode = Literal["cfg", "zero", "anti"]
+
+
+@dataclass(frozen=True)
+class SiDConfig:
+    alpha: float = 1.2  # SiD's alpha (Zhou et al. 2024: 1.2 is the paper's default)
+    train_steps: int = 4  # the generator's n: the uniform mixture is over these steps (few-step SiD)
+    plan_steps: tuple[int, ...] = (1, 2, 4)  # exported plans (1 and 2 reuse times of the 4-step plan)
+    gamma: float = 1.0  # re-noising between steps: fresh noise (x_{t_k+1} = alpha x0_G + sigma z)
+    guidance_mode: GuidanceMode = "cfg"
+    guidance: float = 1.0  # the teacher's Ho-Salimans scale in "cfg" mode (SiD-LSG trains SD at 4.5)
+    anti_guidance: float = -1.0  # the fake score's scale in "anti" mode (ours; the paper's value is not public)
+    lr: float = 1e-5  # the generator (SiD-LSG: 1e-6 for SD at batch 512+); presets set their own
+    fake_lr: float = 1e-5  # the fake score (SiD trains both at one lr)
+    betas: tuple[float, float] = (0.0, 0.999)  # SiD's Adam betas for both networks
+    fake_steps: int = 1  # fake-score steps per generator step (SiD alternates 1:1)
+    fake_lora_rank: int = 0  # 0: the fake score is a full copy of the teacher
+    fake_weighting: Weighting = "eps"  # SiD trains the fake score with the teacher's own DSM weighting
+    lora_rank: int = 0  # > 0: the generator is a LoRA on the teacher (exported as LoRA weights)
+    t_min: float = 0.02  # generator-loss times uniform over this fraction of the teacher's range (SiD-LSG: 20..980)
+    t_max: float = 0.98
+    # the Diffusion-GAN term on the mixture's x0 against real x0 (needs real images): heads on the fake score's own
+    # features, trained with it (SiDA, Zhou et al. 2024; DMD2's classifier branch); 0 = off (data-free)
+    adv_weight: float = 0.0  # the generator's GAN weight (DMD2: gen_cls_loss_weight 3e-3 to 1e-2)
+    adv_critic_weight: float = 1e-2  # the critic's, added to the fake score's loss (DMD2: guidance_cls_loss_weight)
+    adv_block_every: int = 1  # read every k-th block of the fake score
+    adv_p_mean: float = -0.6  # log-normal noise-to-signal ratio of the discriminator's re-noising
+    adv_p_std: float = 1.0
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+
+class SiD(Recipe):
+    name = "sid"
+    paper: ClassVar[str] = "SiD, few-step score identity distillation (Zhou et al. 2024, 2025)"
+    Config: ClassVar[type] = SiDConfig
+
+    def __init__(self, teacher: Denoiser, cfg: SiDConfig = SiDConfig()):
+        if cfg.train_steps not in cfg.plan_steps:
+            raise FewstepError(f"sid: train_steps {cfg.train_steps} must be one of plan_steps {cfg.plan_steps}")
+        if cfg.fake_steps < 1:
+            raise FewstepError("sid: fake_steps must be at least 1")
+        self.cfg = cfg
+        self.teacher = teacher
+        teacher.model.requires_grad_(False).eval()
+        self.generator = FewStepGenerator(
+            teacher,
+            student_network(teacher.model, cfg.lora_rank),
+            uniform_plans(teacher.native, cfg.plan_steps, cfg.gamma),
+        )
+        fake_model = fake_score_network(teacher.model, cfg.fake_lora_rank).eval()
+        self.fake = Denoiser(fake_model, teacher.native, teacher.prediction, backbone=teacher.backbone)
+        self.disc = TeacherDiscriminator(self.fake, cfg.adv_block_every) if cfg.adv_weight > 0 else None
+        heads = {} if self.disc is None else {"heads": self.disc.heads}
+        self.fake_nets = nn.ModuleDict({"model": fake_model, **heads}) if heads else fake_model
+
+    def trainable(self) -> dict[str, nn.Module]:
+        return {"student": self.generator.model, "fake": self.fake_nets}
+
+    def optimizer(self, name: str) -> OptimizerSpec:
+        lr = self.cfg.fake_lr if name == "fake" else self.cfg.lr
+        return OptimizerSpec(lr=lr, betas=self.cfg.betas)
+
+    def scores(self, batch: Batch) -> tuple[Any, Any]:
+        """(real, fake) as (x_t, t) -> x0 under the configured guidance mode."""
+        cfg = self.cfg
+        c, u = batch.cond, batch.uncond
+        if cfg.guidance_mode == "cfg":
+            real_w, fake_w = cfg.guidance, 1.0
+        elif cfg.guidance_mode == "zero":
+            real_w, fake_w = 1.0, 0.0
+        elif cfg.guidance_mode == "anti":
+            real_w, fake_w = 1.0, cfg.anti_guidance
+        else:
+            raise FewstepError(f"sid: unknown guidance_mode {cfg.guidance_mode!r} (cfg, zero or anti)")
+        real = lambda x, t: self.teacher.guided(x, t, c, u, real_w)  # noqa: E731
+        fake = lambda x, t: self.fake.guided(x, t, c, u, fake_w)  # noqa: E731
+        return real, fake
+
+    def loss(self, batch: Batch, step: int) -> dict[str, Tensor]:
+        cfg, native = self.cfg, self.teacher.native
+        if batch.x0 is None:
+            raise FewstepError(
+                "sid needs a batch shape: x0 (real or teacher samples) gives it; their values are unused"
+            )
+        b = batch.x0.shape[0]
+        generator_step = step % cfg.fake_steps == 0
+        real, fake = self.scores(batch)
+        plan, k = self.generator.draw([cfg.train_steps])
+        with torch.set_grad_enabled(generator_step):
+            _, _, x0_G = self.generator.sample(batch.cond, torch.randn_like(batch.x0), plan, k)
+        # the fake score learns the mixture by DSM on its detached samples (conditional, as it is read in "cfg")
+        fake_cond = lambda x, t: self.fake(x, t, batch.cond)  # noqa: E731
+        t_f = uniform_times(native, b, cfg.t_min, cfg.t_max)
+        out = {"fake": fake_score_loss(x0_G, t_f, native, fake_cond, weighting=cfg.fake_weighting)}
+        if not generator_step:
+            return out
+        t = uniform_times(native, b, cfg.t_min, cfg.t_max)
+        x_t = native.add_noise(x0_G, torch.randn_like(x0_G), t)  # keeps the graph to x0_G: SiD differentiates
+        loss = sid_generator_loss(x0_G, real(x_t, t), fake(x_t, t), cfg.alpha)  # through both networks' inputs
+        if self.disc is not None:
+            t_d = discriminator_times(native, b, cfg.adv_p_mean, cfg.adv_p_std)
+            gan, critic = score_gan_losses(self.disc, x0_G, batch.x0, t_d, batch.cond)
+            loss = loss + cfg.adv_weight * gan
+            out["fake"] = out["fake"] + cfg.adv_critic_weight * critic
+        out["student"] = loss
+        return out
+
+    @property
+    def is_lora(self) -> bool:
+        return self.cfg.lora_rank > 0
+
+    def plan(self) -> dict[int, SamplingPlan]:
+        return self.generator.plans

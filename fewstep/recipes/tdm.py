@@ -1,0 +1,122 @@
+"""TDM: trajectory distribution matching (Luo et al. 2025), a data-free few-step student over trajectory segments.
+
+The n-step plan cuts the teacher's time range into n segments [t_{k+1}, t_k] (t_n = t_min). Each iteration:
+  n from ``train_steps`` (sampling-steps-aware: each n has its own segments and targets), k ~ U{0..n-1}
+  x_{t_k} from the student's own first k steps (deterministic DDIM, no gradient); x0_G = G(x_{t_k}, t_k)
+  x_mid = DDIM(x_{t_k} -> t_{k+1} through x0_G)   the student's own ODE to the segment's end (graph kept)
+  x_t = a x_mid + b z,  t ~ U(t_{k+1}, t_k)       forward-noised inside the segment
+  student: loss(x0_G, sg(x0_G - (x0_fake - x0_real))) / mean|x0_G - x0_real|, pseudo-Huber or L2
+  fake:    SNR-weighted (clipped at 5) regression of the detached x0_G at the same x_t, a LoRA on the teacher
+The 4-step sampler is deterministic (gamma = 0: DDIM between plan times).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from ..data import DataConfig
+from ..dmd import dmd_gradient, fake_score_loss, fake_score_network
+from ..errors import FewstepError
+from ..generator import FewStepGenerator, student_network, uniform_plans
+from ..losses import pseudo_huber
+from ..sampling import SamplingPlan
+from ..schedules import append_dims, ddim_step, forward_transition
+from ..teacher import Denoiser
+from ..train import TrainConfig
+from .base import Batch, OptimizerSpec, Recipe
+
+
+@dataclass(frozen=True)
+class TDMConfig:
+    train_steps: tuple[int, ...] = (4,)  # the step counts trained (TDM's demo trains 4 segments of its grid)
+    plan_steps: tuple[int, ...] = (1, 2, 4)  # exported plans
+    gamma: float = 0.0  # deterministic sampling between segments (TDM's 4-step sampler)
+    guidance: float = 4.5  # the teacher's Ho-Salimans scale in the target (TDM: cfg 4.5)
+    huber_c: float | None = 1e-3  # pseudo-Huber c of the student loss (TDM's option); None: L2
+    lr: float = 1e-5  # the student (presets set their own)
+    fake_lr: float = 1e-5
+    betas: tuple[float, float] = (0.0, 0.999)
+    fake_steps: int = 1  # fake-score steps per student step
+    fake_lora_rank: int = 64  # TDM's fake score is a LoRA on the teacher (rank 64 in its demo); 0: full copy
+    snr_clip: float = 5.0  # the fake score's SNR weight is clipped at 5 (TDM)
+    lora_rank: int = 0  # > 0: the student is a LoRA (TDM's demo trains LoRAs; exported as LoRA weights)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+
+class TDM(Recipe):
+    name = "tdm"
+    paper: ClassVar[str] = "TDM, trajectory distribution matching (Luo et al. 2025)"
+    Config: ClassVar[type] = TDMConfig
+
+    def __init__(self, teacher: Denoiser, cfg: TDMConfig = TDMConfig()):
+        if not cfg.train_steps or any(n not in cfg.plan_steps for n in cfg.train_steps):
+            raise FewstepError(f"tdm: train_steps {cfg.train_steps} must be among plan_steps {cfg.plan_steps}")
+        if cfg.fake_steps < 1:
+            raise FewstepError("tdm: fake_steps must be at least 1")
+        self.cfg = cfg
+        self.teacher = teacher
+        teacher.model.requires_grad_(False).eval()
+        self.generator = FewStepGenerator(
+            teacher,
+            student_network(teacher.model, cfg.lora_rank),
+            uniform_plans(teacher.native, cfg.plan_steps, cfg.gamma),
+        )
+        fake_model = fake_score_network(teacher.model, cfg.fake_lora_rank).eval()
+        self.fake = Denoiser(fake_model, teacher.native, teacher.prediction, backbone=teacher.backbone)
+
+    def trainable(self) -> dict[str, nn.Module]:
+        return {"student": self.generator.model, "fake": self.fake.model}
+
+    def optimizer(self, name: str) -> OptimizerSpec:
+        lr = self.cfg.fake_lr if name == "fake" else self.cfg.lr
+        return OptimizerSpec(lr=lr, betas=self.cfg.betas)
+
+    def segment_noise(self, x_k: Tensor, t_k: Tensor, x0_G: Tensor, t_end: float) -> tuple[Tensor, Tensor]:
+        """(x_t, t): x0_G carried along the student's own ODE from t_k to the segment's end, then forward-noised to
+        t ~ U(t_end, t_k) inside the segment (TDM's use_separate)."""
+        native = self.teacher.native
+        nd = x_k.ndim
+        c_k = native.coeffs(append_dims(t_k, nd))
+        end = torch.full_like(t_k, t_end)
+        c_end = native.coeffs(append_dims(end, nd))
+        x_mid = ddim_step(x0_G, x_k, c_k, c_end)
+        t = end + (t_k - end) * torch.rand_like(t_k)
+        return forward_transition(x_mid, c_end, native.coeffs(append_dims(t, nd)), torch.randn_like(x_mid)), t
+
+    def loss(self, batch: Batch, step: int) -> dict[str, Tensor]:
+        cfg, native = self.cfg, self.teacher.native
+        if batch.x0 is None:
+            raise FewstepError(
+                "tdm needs a batch shape: x0 (real or teacher samples) gives it; their values are unused"
+            )
+        student_step = step % cfg.fake_steps == 0
+        plan, k = self.generator.draw(cfg.train_steps)
+        with torch.set_grad_enabled(student_step):
+            x_k, t_k, x0_G = self.generator.sample(batch.cond, torch.randn_like(batch.x0), plan, k)
+        t_end = plan.times[k + 1] if k + 1 < plan.steps else native.t_min
+        x_t, t = self.segment_noise(x_k, t_k, x0_G.detach(), t_end)
+        fake = lambda x, s: self.fake(x, s, batch.cond)  # noqa: E731
+        out = {"fake": fake_score_loss(x0_G, t, native, fake, weighting="eps", snr_clip=cfg.snr_clip, x_t=x_t)}
+        if not student_step:
+            return out
+        with torch.no_grad():
+            x0_real = self.teacher.guided(x_t, t, batch.cond, batch.uncond, cfg.guidance)
+            grad = dmd_gradient(x0_G.detach(), x0_real, fake(x_t, t))
+        target = (x0_G - grad).detach()
+        if cfg.huber_c is None:
+            out["student"] = 0.5 * (x0_G - target).pow(2).mean()
+        else:
+            out["student"] = pseudo_huber(x0_G, target, cfg.huber_c).mean()
+        return out
+
+    @property
+    def is_lora(self) -> bool:
+        return self.cfg.lora_rank > 0
+
+    def plan(self) -> dict[int, SamplingPlan]:
+        return self.generator.plans
