@@ -1,0 +1,324 @@
+"""Train and bench every registered recipe on the digits teacher, then compare them in one table and one plot.
+
+    python benchmarks/compare_recipes.py [--recipes lcm,scm,...] [--output runs/compare] [--reuse] [--threads N]
+
+Runs `fewstep distill --recipe NAME --output OUT/NAME` for each recipe (its digits preset), reads each run's
+bench/report.json and writes OUT/compare.json, OUT/compare.md and OUT/quality_vs_nfe.png. --reuse keeps finished runs
+and resumes unfinished ones. A failed run is a row of the table; the script then exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fewstep.io import atomic_file
+from fewstep.recipes import available
+
+TEACHER = "teacher (Euler)"
+TIMING = "compare_timing.json"
+ROW_KEYS = (
+    "steps", "nfe", "guidance", "fid", "fid_std", "fid_train", "accuracy", "diversity",
+    "latency_ms", "latency_ms_p90", "latency_ms_per_image",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Run:
+    """One recipe's run folder and how its `fewstep distill` went (returncode None: not run, an earlier run reused)."""
+
+    recipe: str
+    folder: Path
+    returncode: int | None = 0
+    train_wall_s: float | None = None  # start -> training.json written (training, export)
+    run_wall_s: float | None = None  # the whole command (training, export, bench)
+    reused: bool = False
+
+
+def has_checkpoints(folder: Path) -> bool:
+    return (folder / "checkpoints").is_dir() and any((folder / "checkpoints").iterdir())
+
+
+def is_finished(folder: Path) -> bool:
+    return (folder / "bench" / "report.json").is_file() and (folder / "training.json").is_file()
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _write_text(path: Path, text: str) -> None:
+    with atomic_file(path) as tmp:  # an interruption leaves the old file or none, never half of one
+        tmp.write_text(text)
+
+
+def _is_teacher(row: dict[str, Any]) -> bool:
+    return row.get("source") == "digits" or row.get("model") == "digits-teacher"
+
+
+def _with_ratios(row: dict[str, Any], recipe: str, teacher_50: dict[str, Any]) -> dict[str, Any]:
+    out = {"recipe": recipe, **{k: row.get(k) for k in ROW_KEYS}}
+    for key in ("fid", "fid_train"):
+        ref = teacher_50.get(key)
+        out[f"{key}_ratio"] = out[key] / ref if out[key] is not None and ref else None
+    return out
+
+
+def aggregate(runs: Sequence[Run]) -> dict[str, Any]:
+    """Every run's bench/report.json -> one comparison: the students' rows with the teacher's 50-step FID ratios,
+    the teacher's Euler rows (first run that has a step count wins: they are the same in every run) and each run's
+    status. Reads files only; trains nothing."""
+    reports = {run.recipe: _read_json(run.folder / "bench" / "report.json") for run in runs}
+    teacher_rows: dict[tuple[int, Any], dict[str, Any]] = {}
+    for report in reports.values():
+        for row in report.get("rows", []):
+            if _is_teacher(row):
+                teacher_rows.setdefault((row["steps"], row.get("guidance")), row)
+    teacher_50 = next((r for (s, g), r in teacher_rows.items() if s == 50 and g in (None, 1.0)), {})
+    rows, statuses = [], []
+    for run in runs:
+        report, training = reports[run.recipe], _read_json(run.folder / "training.json")
+        students = sorted((r for r in report.get("rows", []) if not _is_teacher(r)), key=lambda r: r["steps"])
+        if run.returncode not in (0, None):
+            status = "failed"
+        else:
+            status = "ok" if students else "no bench report"
+        statuses.append(
+            {
+                "recipe": run.recipe,
+                "status": status,
+                "returncode": run.returncode,
+                "folder": str(run.folder),
+                "reused": run.reused,
+                "train_steps": training.get("steps"),
+                "train_wall_s": run.train_wall_s,
+                "run_wall_s": run.run_wall_s,
+            }
+        )
+        if status == "ok":
+            extra = {k: statuses[-1][k] for k in ("train_steps", "train_wall_s", "run_wall_s")}
+            rows += [{**_with_ratios(r, run.recipe, teacher_50), **extra} for r in students]
+    first = next((r for r in reports.values() if r), {})
+    return {
+        "rows": rows,
+        "teacher": [_with_ratios(r, TEACHER, teacher_50) for _, r in sorted(teacher_rows.items(), key=_order)],
+        "teacher_50": {k: teacher_50.get(k) for k in ("fid", "fid_std", "fid_train")} if teacher_50 else None,
+        "runs": statuses,
+        "reference": first.get("reference", {}),
+        "latency_batch": first.get("config", {}).get("latency_batch"),
+        "env": first.get("env", {}),
+    }
+
+
+def _order(item: tuple[tuple[int, Any], dict[str, Any]]) -> tuple[float, int]:
+    (steps, guidance), _ = item
+    return (guidance or 1.0, steps)
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    minutes, secs = divmod(round(seconds), 60)
+    return f"{minutes} min {secs} s" if minutes else f"{secs} s"
+
+
+def _fid_cell(value: float | None, ratio: float | None, std: float | None = None) -> str:
+    if value is None:
+        return "-"
+    spread = "" if std is None else f" +- {std:.2f}"
+    return f"{value:.2f}{spread}" + ("" if ratio is None else f" ({ratio:.2f}x)")
+
+
+def _table_row(r: dict[str, Any], wall: str) -> str:
+    label = r["recipe"] if r.get("guidance") in (None, 1.0) else f"{r['recipe']} (w={r['guidance']:g})"
+    cells = [
+        label,
+        f"{r['steps']} ({r['nfe']})",
+        _fid_cell(r["fid"], r["fid_ratio"], r["fid_std"]),
+        _fid_cell(r["fid_train"], r["fid_train_ratio"]),
+        "-" if r["accuracy"] is None else f"{100 * r['accuracy']:.1f}%",
+        "-" if r["diversity"] is None else f"{r['diversity']:.2f}",
+        "-" if r["latency_ms"] is None else f"{r['latency_ms']:.1f}",
+        wall,
+    ]
+    return "| " + " | ".join(cells) + " |"
+
+
+def markdown(compare: dict[str, Any]) -> str:
+    """The comparison as a Markdown table: the teacher's Euler rows, then one row per recipe and step count."""
+    t50 = compare["teacher_50"] or {}
+    batch = compare.get("latency_batch")
+    lines = [
+        "# fewstep recipes on the digits teacher",
+        "",
+        "FID is the mean over noise seeds (std after +-); the ratio in brackets is to the teacher's own FID at 50 "
+        f"steps (held-out {_fid_cell(t50.get('fid'), None)}, train {_fid_cell(t50.get('fid_train'), None)}). "
+        f"Latency is the median ms per batch of {batch or '?'}. Training wall time runs from the start of "
+        "`fewstep distill` to the exported student (the bench after it not counted).",
+        "",
+        "| recipe | steps (NFE) | FID held-out (x teacher-50) | FID train (x teacher-50) | accuracy | diversity "
+        "| latency ms | training wall time |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    shown = {r["steps"] for r in compare["rows"]} | {50}
+    lines += [_table_row(r, "-") for r in compare["teacher"] if not compare["rows"] or r["steps"] in shown]
+    for run in compare["runs"]:
+        wall = _duration(run["train_wall_s"])
+        wall += f" ({run['train_steps']} steps)" if run["train_steps"] is not None else ""
+        if run["status"] == "ok":
+            lines += [_table_row(r, wall) for r in compare["rows"] if r["recipe"] == run["recipe"]]
+        else:
+            why = f"failed (exit {run['returncode']})" if run["status"] == "failed" else run["status"]
+            lines.append(f"| {run['recipe']} | {why} | - | - | - | - | - | {_duration(run['run_wall_s'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_quality(compare: dict[str, Any], path: Path) -> None:
+    """FID against NFE (log x), held-out and train panels: a line per recipe, the teacher's Euler sampler dashed,
+    and a dotted line at 1.1x the teacher's 50-step FID."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FormatStrFormatter, NullFormatter
+
+    t50 = compare["teacher_50"] or {}
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, key, title in zip(axes, ("fid", "fid_train"), ("FID vs held-out", "FID vs train"), strict=True):
+        nfes: set[int] = set()
+        for name in [TEACHER, *(run["recipe"] for run in compare["runs"])]:
+            rows = compare["teacher"] if name == TEACHER else compare["rows"]
+            pts = [r for r in rows if r["recipe"] == name and r[key] is not None and r["guidance"] in (None, 1.0)]
+            if not pts:
+                continue
+            pts.sort(key=lambda r: r["nfe"])
+            style = "--" if name == TEACHER else "-"
+            xs, ys = [p["nfe"] for p in pts], [p[key] for p in pts]
+            errs = [p["fid_std"] or 0.0 for p in pts] if key == "fid" else None
+            color = "gray" if name == TEACHER else None
+            ax.errorbar(xs, ys, yerr=errs, ls=style, marker="o", capsize=3, color=color, label=name)
+            nfes.update(xs)
+        if t50.get(key):
+            line = 1.1 * t50[key]
+            ax.axhline(line, color="black", ls=":", lw=1, label=f"1.1x teacher at 50 steps ({line:.2f})")
+        ax.set_xscale("log")
+        if nfes:
+            ax.set_yscale("log")
+            ax.set_xticks(sorted(nfes))
+            ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+            ax.xaxis.set_minor_formatter(NullFormatter())
+            ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+            ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
+        ax.set_xlabel("NFE (network evaluations per sample)")
+        ax.set_ylabel(f"{title} (lower is better)")
+        ax.grid(alpha=0.3, which="both")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def write_outputs(compare: dict[str, Any], out_dir: Path) -> str:
+    """compare.json, compare.md and quality_vs_nfe.png into ``out_dir``, each written atomically; returns the table."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table = markdown(compare)
+    plot_quality(compare, out_dir / "quality_vs_nfe.png")
+    _write_text(out_dir / "compare.json", json.dumps(compare, indent=2) + "\n")
+    _write_text(out_dir / "compare.md", table + "\n![quality against NFE](quality_vs_nfe.png)\n")
+    return table
+
+
+def distill_command(recipe: str, folder: Path, resume: bool, sets: Sequence[str]) -> list[str]:
+    cmd = [sys.executable, "-m", "fewstep.cli", "distill", "--recipe", recipe, "--output", str(folder)]
+    return cmd + [f"--set={s}" for s in sets] + (["--resume"] if resume else [])
+
+
+def train(recipe: str, folder: Path, resume: bool, sets: Sequence[str], threads: int | None) -> Run:
+    """One `fewstep distill` in a child process, timed; its timing is kept in the run folder for --reuse."""
+    env = dict(os.environ)
+    if threads is not None:  # torch reads these at start-up for its intra-op pool
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    cmd = distill_command(recipe, folder, resume, sets)
+    print(f"== {recipe}: {' '.join(cmd)}", flush=True)
+    start, t0 = time.time(), time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env)
+    try:
+        returncode = proc.wait()
+    except KeyboardInterrupt:  # the child got the Ctrl-C too: let it checkpoint, then stop
+        proc.wait()
+        raise
+    run_wall = time.perf_counter() - t0
+    done = folder / "training.json"
+    train_wall = done.stat().st_mtime - start if returncode == 0 and done.is_file() else None
+    run = Run(recipe, folder, returncode, train_wall, run_wall)
+    if returncode == 0:
+        timing = {"train_wall_s": train_wall, "run_wall_s": run_wall, "threads": threads, "resumed": resume}
+        _write_text(folder / TIMING, json.dumps(timing) + "\n")
+    return run
+
+
+def reused(recipe: str, folder: Path) -> Run:
+    timing = _read_json(folder / TIMING)
+    return Run(recipe, folder, None, timing.get("train_wall_s"), timing.get("run_wall_s"), reused=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--recipes", help="comma-separated (default: every registered recipe)")
+    parser.add_argument("--output", type=Path, default=Path("runs/compare"))
+    parser.add_argument("--reuse", action="store_true", help="keep finished runs, resume unfinished ones")
+    parser.add_argument("--threads", type=int, help="torch threads of each run (default: torch's own)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="passed to every distill")
+    args = parser.parse_args(argv)
+
+    registry = available()
+    names = [n.strip() for n in args.recipes.split(",") if n.strip()] if args.recipes else list(registry)
+    unknown = [n for n in names if n not in registry]
+    if unknown or not names:
+        what = f"unknown recipe(s) {', '.join(unknown)}" if unknown else "no recipes given"
+        print(f"compare_recipes: error: {what}; registered: {', '.join(sorted(registry))}", file=sys.stderr)
+        return 2
+    if args.threads is not None and args.threads < 1:
+        print(f"compare_recipes: error: --threads must be >= 1, got {args.threads}", file=sys.stderr)
+        return 2
+    folders = {name: args.output / name for name in names}
+    if not args.reuse:  # distill refuses a folder with checkpoints: say so before hours of training, not after
+        taken = ", ".join(str(f) for f in folders.values() if has_checkpoints(f))
+        if taken:
+            print(f"compare_recipes: error: runs already there: {taken}; pass --reuse or remove them", file=sys.stderr)
+            return 2
+
+    runs = []
+    try:
+        for name, folder in folders.items():
+            if args.reuse and is_finished(folder):
+                print(f"== {name}: reusing {folder}")
+                runs.append(reused(name, folder))
+            else:
+                resume = args.reuse and has_checkpoints(folder)
+                runs.append(train(name, folder, resume, args.set, args.threads))
+    except KeyboardInterrupt:
+        print("compare_recipes: interrupted; finished runs are kept (--reuse picks them up)", file=sys.stderr)
+        return 130
+    compare = aggregate(runs)
+    print()
+    print(write_outputs(compare, args.output), end="")
+    print(f"wrote {args.output}/compare.md, compare.json, quality_vs_nfe.png")
+    failed = [r.recipe for r in runs if r.returncode not in (0, None)]
+    if failed:
+        print(f"compare_recipes: failed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
