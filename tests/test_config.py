@@ -87,7 +87,7 @@ def test_literal_fields_accept_only_their_values() -> None:
         resolve_config(SCMConfig(), sets=["jvp=forward"])
 
 
-@pytest.mark.parametrize("recipe", ["lcm", "scm"])
+@pytest.mark.parametrize("recipe", ["lcm", "scm", "rcm", "sid", "tdm", "phased_dmd"])
 def test_digits_presets_are_the_default_for_the_digits_teacher(recipe: str, capsys: pytest.CaptureFixture) -> None:
     assert main(["distill", "--recipe", recipe, "--dry-run"]) == 0
     out = capsys.readouterr().out
@@ -96,3 +96,16 @@ def test_digits_presets_are_the_default_for_the_digits_teacher(recipe: str, caps
     assert f"max_minutes = {float(preset['train']['max_minutes'])}" in out
     assert main(["distill", "--recipe", recipe, "--teacher", "some/hub-id", "--dry-run"]) == 0
     assert "max_minutes" not in capsys.readouterr().out  # other teachers start from the paper defaults
+
+
+def test_every_preset_resolves_against_its_recipe_config() -> None:
+    """Each recipes/<recipe>/<preset>.toml names only fields of its recipe's dataclass, with values of their types."""
+    from fewstep.config import presets_dir
+    from fewstep.recipes import available, resolve
+
+    found = 0
+    for recipe in available():
+        for preset in sorted((presets_dir() / recipe).glob("*.toml")):
+            resolve_config(resolve(recipe).Config(), preset=preset)  # raises on an unknown key or a wrong type
+            found += 1
+    assert found >= 10
