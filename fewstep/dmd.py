@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .schedules import Coeffs, NoiseSchedule
+from .schedules import Coeffs, NoiseSchedule, transition
 
 Denoise = Callable[[Tensor, Tensor], Tensor]  # (x_t, t (B,)) -> x0
 GuidanceConvention = Literal["ho", "dmd2"]
@@ -88,8 +88,7 @@ def subinterval_mean(x0: Tensor, x_t: Tensor, c_s: Coeffs, c_t: Coeffs) -> Tenso
 
     Phased DMD scores the samples x_s a phase ends on with this: the teacher's and the fake's x0 turned into the
     subinterval target, so each phase's fake score is trained and read within its own subinterval."""
-    a = c_t.alpha / c_s.alpha
-    b2 = (c_t.sigma**2 - (a * c_s.sigma) ** 2).clamp_min(0)
+    a, b2 = transition(c_s, c_t)
     return (x_t + b2 * (c_t.alpha * x0 - x_t) / c_t.sigma**2) / a
 
 

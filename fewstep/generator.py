@@ -44,7 +44,7 @@ class FewStepGenerator:
 
     def __init__(self, teacher: Denoiser, model: nn.Module, plans: dict[int, SamplingPlan]):
         self.model = model
-        self.denoiser = Denoiser(model, teacher.native, teacher.prediction, backbone=teacher.backbone)
+        self.denoiser = teacher.with_model(model)
         self.plans = plans
 
     def bind(self, cond: dict[str, Any]) -> Denoise:

@@ -90,15 +90,27 @@ def plan_state(
     input, as backward simulation feeds it (DMD2, Yin et al. 2024, Sec. 4.5); k = 0 is the initial noise."""
     if not 0 <= k < plan.steps:
         raise ValueError(f"step index {k} outside the {plan.steps}-step plan")
-    schedule = plan.schedule
-    x = initial_noise(schedule, plan.times[0], noise)
-    for t, t_next in zip(plan.times[:k], plan.times[1 : k + 1], strict=True):
+    x = initial_noise(plan.schedule, plan.times[0], noise)
+    return advance(denoise, plan.schedule, x, plan.times[: k + 1], plan.gamma, generator)
+
+
+def advance(
+    denoise: Denoise,
+    schedule: NoiseSchedule,
+    x: Tensor,
+    times: Sequence[float],
+    gamma: float,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """x carried from ``times[0]`` to ``times[-1]`` through each time in between: predict x0, then ``renoise`` to the
+    next time (a plan's steps, or part of them from any state)."""
+    for t, t_next in pairwise(times):
         t_b = torch.full((x.shape[0],), t, dtype=x.dtype, device=x.device)
         x0 = denoise(x, t_b)
         c_t = schedule.coeffs(append_dims(t_b, x.ndim))
         c_next = schedule.coeffs(append_dims(torch.full_like(t_b, t_next), x.ndim))
-        z = None if plan.gamma == 0 else torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
-        x = renoise(x0, x, c_t, c_next, plan.gamma, z)
+        z = None if gamma == 0 else torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+        x = renoise(x0, x, c_t, c_next, gamma, z)
     return x
 
 

@@ -313,12 +313,17 @@ def ddim_step(x0: Tensor, x_t: Tensor, c_t: Coeffs, c_s: Coeffs) -> Tensor:
     return c_s.alpha * x0 + c_s.sigma * eps
 
 
-def forward_transition(x_s: Tensor, c_s: Coeffs, c_t: Coeffs, noise: Tensor) -> Tensor:
-    """Sample x_t | x_s for t > s on the same schedule: x_t = a x_s + b z with a = alpha_t/alpha_s and
-    b = sqrt(sigma_t^2 - a^2 sigma_s^2), which keeps the marginal of x_t (the subinterval forward of Phased DMD)."""
+def transition(c_s: Coeffs, c_t: Coeffs) -> tuple[Tensor, Tensor]:
+    """(a, b^2) of x_t | x_s for t > s on the same schedule: x_t = a x_s + b z with a = alpha_t/alpha_s and
+    b^2 = sigma_t^2 - a^2 sigma_s^2, which keeps the marginal of x_t (the subinterval forward of Phased DMD)."""
     a = c_t.alpha / c_s.alpha
-    b = (c_t.sigma**2 - (a * c_s.sigma) ** 2).clamp_min(0).sqrt()
-    return a * x_s + b * noise
+    return a, (c_t.sigma**2 - (a * c_s.sigma) ** 2).clamp_min(0)
+
+
+def forward_transition(x_s: Tensor, c_s: Coeffs, c_t: Coeffs, noise: Tensor) -> Tensor:
+    """Sample x_t | x_s for t > s: x_t = a x_s + b z (``transition``)."""
+    a, b2 = transition(c_s, c_t)
+    return a * x_s + b2.sqrt() * noise
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -181,6 +181,10 @@ class Denoiser(nn.Module):
         other.schedule = schedule
         return other
 
+    def with_model(self, model: nn.Module) -> Denoiser:
+        """Another network of the same kind (a student, a fake score, a target copy) answering as this one does."""
+        return Denoiser(model, self.native, self.prediction, self.schedule, self.backbone)
+
     def model_output(self, x: Tensor, t_native: Tensor, cond: Cond) -> Tensor:
         """The raw network output at native time ``t_native`` (B,), in the model's own prediction type."""
         bb = self.backbone

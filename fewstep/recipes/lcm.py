@@ -101,10 +101,10 @@ class LCM(Recipe):
                 f"lcm: {type(model).__name__} cannot embed the guidance scale; set w_min = w_max (a fixed w)"
             )
         self.model = model.eval()  # eval: no dropout, and DiT drops no labels on its own (../shared/DIGITS.md)
-        self.student = Denoiser(self.model, teacher.native, teacher.prediction, backbone=teacher.backbone)
+        self.student = teacher.with_model(self.model)
         # LCM: an EMA target network; LCM-LoRA: the student itself, without gradient
         self.target_model = self.model if cfg.lora_rank > 0 else copy.deepcopy(self.model).requires_grad_(False)
-        self.target = Denoiser(self.target_model, teacher.native, teacher.prediction, backbone=teacher.backbone)
+        self.target = teacher.with_model(self.target_model)
         self.grid = skipping_grid(teacher.native, cfg.num_ddim_timesteps)  # t_max ... t_min, descending
         self.disc = TeacherDiscriminator(teacher, cfg.adv_block_every) if cfg.adv_weight > 0 else None
 

@@ -23,11 +23,11 @@ import torch
 from torch import Tensor, nn
 
 from ..data import DataConfig
-from ..dmd import dmd_generator_loss, fake_score_network, subinterval_mean
+from ..dmd import dmd_generator_loss, dmd_gradient, fake_score_network, subinterval_mean
 from ..errors import FewstepError
 from ..generator import student_network
-from ..sampling import SamplingPlan, initial_noise, renoise
-from ..schedules import append_dims, forward_transition
+from ..sampling import Denoise, SamplingPlan, advance, plan_state
+from ..schedules import append_dims, forward_transition, transition
 from ..teacher import Denoiser
 from ..train import TrainConfig, ema_decay_at
 from .base import Batch, OptimizerSpec, Recipe
@@ -75,12 +75,17 @@ class PhasedDMD(Recipe):
         self.experts = nn.ModuleList(student_network(teacher.model) for _ in range(k))
         self.ema_experts = copy.deepcopy(self.experts).requires_grad_(False)  # one bias-corrected EMA per expert
         self.ema_count = [0] * k
-        self.students = [self.denoiser_of(m) for m in self.experts]
-        self.fakes = [self.denoiser_of(fake_score_network(teacher.model, cfg.fake_lora_rank).eval()) for _ in range(k)]
+        self.students = [teacher.with_model(m) for m in self.experts]
+        fakes = (fake_score_network(teacher.model, cfg.fake_lora_rank).eval() for _ in range(k))
+        self.fakes = [teacher.with_model(f) for f in fakes]
+        # n / K times per phase, uniform within it (4 steps: 1, 0.75, 0.5, 0.25 of the range for two phases)
+        self.plans = {n: self.phased_plan(n) for n in cfg.plan_steps}
 
-    def denoiser_of(self, model: nn.Module) -> Denoiser:
-        t = self.teacher
-        return Denoiser(model, t.native, t.prediction, backbone=t.backbone)
+    def phased_plan(self, n: int) -> SamplingPlan:
+        m = n // self.phases
+        phases = zip(self.edges, self.edges[1:], strict=False)
+        times = [hi - j * (hi - lo) / m for hi, lo in phases for j in range(m)]
+        return SamplingPlan(self.teacher.native, tuple(times), self.cfg.gamma)
 
     @property
     def phases(self) -> int:
@@ -106,18 +111,9 @@ class PhasedDMD(Recipe):
     def coeffs(self, t: Tensor, like: Tensor) -> Any:
         return self.teacher.native.coeffs(append_dims(t.to(like), like.ndim))
 
-    def run_steps(self, cond: dict[str, Any], x: Tensor, times: list[float], end: float) -> Tensor:
-        """The sampler from x at times[0] through ``times`` to ``end`` (x0 when end is t_min), each time's expert."""
-        b = x.shape[0]
-        for i, t in enumerate(times):
-            t_b = torch.full((b,), t, dtype=x.dtype, device=x.device)
-            x0 = self.students[self.phase_of(t)](x, t_b, cond)
-            t_next = times[i + 1] if i + 1 < len(times) else end
-            if i + 1 == len(times) and end == self.teacher.native.t_min:
-                return x0
-            c_t, c_next = self.coeffs(t_b, x), self.coeffs(torch.full_like(t_b, t_next), x)
-            x = renoise(x0, x, c_t, c_next, self.cfg.gamma, torch.randn_like(x))
-        return x
+    def route(self, cond: dict[str, Any]) -> Denoise:
+        """The sampler's denoiser: each time's own expert (a plan's times all lie in one phase per step)."""
+        return lambda x, t: self.students[self.phase_of(float(t[0]))](x, t, cond)
 
     def loss(self, batch: Batch, step: int) -> dict[str, Tensor]:
         cfg, native = self.cfg, self.teacher.native
@@ -125,16 +121,18 @@ class PhasedDMD(Recipe):
             raise FewstepError("phased_dmd needs a batch shape: x0 gives it; their values are unused")
         p = self.phase_at(step)
         start, s = self.edges[p], self.edges[p + 1]
-        n = cfg.train_steps[int(torch.randint(len(cfg.train_steps), ()))]
-        times = list(self.plan()[n].times)
-        before = [t for t in times if self.phase_of(t) < p]
-        within = [t for t in times if self.phase_of(t) == p]
-        x = initial_noise(native, times[0], torch.randn_like(batch.x0))
+        plan = self.plans[cfg.train_steps[int(torch.randint(len(cfg.train_steps), ()))]]
+        within = [t for t in plan.times if self.phase_of(t) == p]
+        denoise = self.route(batch.cond)
         with torch.no_grad():  # the finished experts bring x to the phase's start
-            x = self.run_steps(batch.cond, x, before, start) if before else x
+            x = plan_state(denoise, plan, torch.randn_like(batch.x0), plan.times.index(start))
         student_step = step % cfg.fake_steps == 0
-        with torch.set_grad_enabled(student_step):
-            x_s = self.run_steps(batch.cond, x, within, s)
+        with torch.set_grad_enabled(student_step):  # the phase's own steps, with gradient through all of them
+            if s == native.t_min:  # the last phase ends on x0
+                x = advance(denoise, native, x, within, cfg.gamma)
+                x_s = denoise(x, torch.full((x.shape[0],), within[-1], dtype=x.dtype, device=x.device))
+            else:
+                x_s = advance(denoise, native, x, [*within, s], cfg.gamma)
         b = x_s.shape[0]
         s_b = torch.full((b,), s, dtype=x_s.dtype)
         t = s_b + (start - s_b) * torch.rand(b, dtype=x_s.dtype)
@@ -142,16 +140,16 @@ class PhasedDMD(Recipe):
         x_t = forward_transition(x_s.detach(), c_s, c_t, torch.randn_like(x_s))
         fake = self.fakes[p]
         m_fake = subinterval_mean(fake(x_t, t, batch.cond), x_t, c_s, c_t)
-        b2 = (c_t.sigma**2 - (c_t.alpha / c_s.alpha * c_s.sigma) ** 2).flatten(1)[:, 0]
+        b2 = transition(c_s, c_t)[1].flatten(1)[:, 0]
         err = (m_fake - x_s.detach()).pow(2).flatten(1).mean(1)
         out = {f"fake_{p}": (err / b2.clamp_min(1e-8)).mean()}
         if not student_step:
             return out
         with torch.no_grad():
-            x0_real = self.teacher.guided(x_t, t, batch.cond, batch.uncond, cfg.guidance)
-            m_real = subinterval_mean(x0_real, x_t, c_s, c_t)
-            scale = (x_s - m_real).abs().flatten(1).mean(1).clamp_min(1e-8)
-            grad = (m_fake.detach() - m_real) / append_dims(scale, x_s.ndim)
+            m_real = subinterval_mean(
+                self.teacher.guided(x_t, t, batch.cond, batch.uncond, cfg.guidance), x_t, c_s, c_t
+            )
+            grad = dmd_gradient(x_s, m_real, m_fake.detach())  # the DMD direction in x_s, normalized per sample
         out["student"] = dmd_generator_loss(x_s, grad)
         return out
 
@@ -181,12 +179,4 @@ class PhasedDMD(Recipe):
         return TimestepExperts.from_experts(list(self.ema_experts), cuts)
 
     def plan(self) -> dict[int, SamplingPlan]:
-        """n / K times per phase, uniform within it (4 steps: 1, 0.75, 0.5, 0.25 of the range for two phases)."""
-        plans = {}
-        for n in self.cfg.plan_steps:
-            m = n // self.phases
-            times = [
-                hi - j * (hi - lo) / m for hi, lo in zip(self.edges, self.edges[1:], strict=False) for j in range(m)
-            ]
-            plans[n] = SamplingPlan(self.teacher.native, tuple(times), self.cfg.gamma)
-        return plans
+        return self.plans

@@ -49,7 +49,7 @@ class RCM(Recipe):
         self.scm = SCM(teacher, cfg)
         self.real = teacher.with_schedule(teacher.native)  # DMD runs in the teacher's own time
         fake_model = fake_score_network(teacher.model, cfg.fake_lora_rank).eval()
-        self.fake = Denoiser(fake_model, teacher.native, teacher.prediction, backbone=teacher.backbone)
+        self.fake = teacher.with_model(fake_model)
 
     def trainable(self) -> dict[str, nn.Module]:
         return {**self.scm.trainable(), "fake": self.fake.model}

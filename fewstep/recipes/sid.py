@@ -83,7 +83,7 @@ class SiD(Recipe):
             uniform_plans(teacher.native, cfg.plan_steps, cfg.gamma),
         )
         fake_model = fake_score_network(teacher.model, cfg.fake_lora_rank).eval()
-        self.fake = Denoiser(fake_model, teacher.native, teacher.prediction, backbone=teacher.backbone)
+        self.fake = teacher.with_model(fake_model)
         self.disc = TeacherDiscriminator(self.fake, cfg.adv_block_every) if cfg.adv_weight > 0 else None
         heads = {} if self.disc is None else {"heads": self.disc.heads}
         self.fake_nets = nn.ModuleDict({"model": fake_model, **heads}) if heads else fake_model

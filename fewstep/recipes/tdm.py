@@ -67,7 +67,7 @@ class TDM(Recipe):
             uniform_plans(teacher.native, cfg.plan_steps, cfg.gamma),
         )
         fake_model = fake_score_network(teacher.model, cfg.fake_lora_rank).eval()
-        self.fake = Denoiser(fake_model, teacher.native, teacher.prediction, backbone=teacher.backbone)
+        self.fake = teacher.with_model(fake_model)
 
     def trainable(self) -> dict[str, nn.Module]:
         return {"student": self.generator.model, "fake": self.fake.model}
