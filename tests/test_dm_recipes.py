@@ -179,3 +179,23 @@ def test_sid_diffusion_gan_trains_heads_on_the_fake_score_with_it(random_digits:
     Trainer(recipe, TrainConfig(max_steps=2, batch_size=4, progress=False), tmp_path, data).fit()
     assert any(not torch.equal(a, b) for a, b in zip(heads, recipe.disc.heads.parameters(), strict=True))  # type: ignore[union-attr]
     assert all(torch.equal(a, b) for a, b in zip(frozen, teacher.model.parameters(), strict=True))
+
+
+@pytest.mark.parametrize("t_floor", [0.0, 0.4])
+def test_phased_reads_the_scores_no_lower_than_its_time_floor(random_digits: Path, t_floor: float) -> None:
+    """The last phase draws its DMD / fake times in [max(t_floor, t_min), its start]; earlier phases are unchanged."""
+    teacher, _ = load_denoiser(str(random_digits))
+    recipe = PhasedDMD(teacher, PhasedDMDConfig(phase_steps=1, fake_steps=1, t_floor=t_floor))
+    data = DigitsBatches(null_class_of(teacher.model), batch_size=64)
+    seen: dict[int, Any] = {}
+    for p, fake in enumerate(recipe.fakes):
+        recipe.fakes[p] = lambda x, t, c, p=p, fake=fake: seen.setdefault(p, t) is not None and fake(x, t, c)
+    for step in (0, 1):
+        recipe.loss(data(step), step)
+    assert bool(((seen[0] >= 0.5) & (seen[0] <= 1.0)).all())
+    last = seen[1]
+    assert bool((last <= 0.5).all())
+    if t_floor > 0:
+        assert bool((last >= t_floor).all())
+    else:
+        assert bool((last < 0.4).any())

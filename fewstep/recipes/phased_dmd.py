@@ -48,6 +48,8 @@ class PhasedDMDConfig:
     fake_steps: int = 5  # fake-score steps per expert step (LightX2V's fake_update_ratio)
     fake_lora_rank: int = 0  # 0: each phase's fake score is a full copy of the teacher
     lora_rank: int = 0  # > 0: experts as LoRA adapters (not exportable as one folder yet)
+    # the lowest DMD / fake-score time, as a fraction of the teacher's range (the last phase reaches t_min otherwise)
+    t_floor: float = 0.0
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
 
@@ -135,7 +137,8 @@ class PhasedDMD(Recipe):
                 x_s = advance(denoise, native, x, [*within, s], cfg.gamma)
         b = x_s.shape[0]
         s_b = torch.full((b,), s, dtype=x_s.dtype)
-        t = s_b + (start - s_b) * torch.rand(b, dtype=x_s.dtype)
+        lo = s_b.clamp_min(native.t_min + cfg.t_floor * (native.t_max - native.t_min))
+        t = lo + (start - lo) * torch.rand(b, dtype=x_s.dtype)
         c_s, c_t = self.coeffs(s_b, x_s), self.coeffs(t, x_s)
         x_t = forward_transition(x_s.detach(), c_s, c_t, torch.randn_like(x_s))
         fake = self.fakes[p]
