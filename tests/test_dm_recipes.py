@@ -188,8 +188,15 @@ def test_phased_reads_the_scores_no_lower_than_its_time_floor(random_digits: Pat
     recipe = PhasedDMD(teacher, PhasedDMDConfig(phase_steps=1, fake_steps=1, t_floor=t_floor))
     data = DigitsBatches(null_class_of(teacher.model), batch_size=64)
     seen: dict[int, Any] = {}
-    for p, fake in enumerate(recipe.fakes):
-        recipe.fakes[p] = lambda x, t, c, p=p, fake=fake: seen.setdefault(p, t) is not None and fake(x, t, c)
+
+    def recording(p: int, fake: Any) -> Any:
+        def read(x: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
+            seen[p] = t
+            return fake(x, t, cond)
+
+        return read
+
+    recipe.fakes = [recording(p, fake) for p, fake in enumerate(recipe.fakes)]
     for step in (0, 1):
         recipe.loss(data(step), step)
     assert bool(((seen[0] >= 0.5) & (seen[0] <= 1.0)).all())
@@ -199,3 +206,5 @@ def test_phased_reads_the_scores_no_lower_than_its_time_floor(random_digits: Pat
         assert bool((last >= t_floor).all())
     else:
         assert bool((last < 0.4).any())
+    with pytest.raises(Exception, match="t_floor"):
+        PhasedDMD(teacher, PhasedDMDConfig(t_floor=0.5))

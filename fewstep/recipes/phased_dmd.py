@@ -74,6 +74,11 @@ class PhasedDMD(Recipe):
         teacher.model.requires_grad_(False).eval()
         span = native.t_max - native.t_min
         self.edges = [native.t_max, *(native.t_min + x * span for x in b), native.t_min]  # s_0 > ... > s_K
+        if not 0 <= cfg.t_floor < b[-1]:
+            raise FewstepError(
+                f"phased_dmd: t_floor must lie in [0, {b[-1]}) (below the last boundary), got {cfg.t_floor}"
+            )
+        self.t_floor = native.t_min + cfg.t_floor * span  # the lowest DMD / fake-score time, in teacher time
         self.experts = nn.ModuleList(student_network(teacher.model) for _ in range(k))
         self.ema_experts = copy.deepcopy(self.experts).requires_grad_(False)  # one bias-corrected EMA per expert
         self.ema_count = [0] * k
@@ -137,7 +142,7 @@ class PhasedDMD(Recipe):
                 x_s = advance(denoise, native, x, [*within, s], cfg.gamma)
         b = x_s.shape[0]
         s_b = torch.full((b,), s, dtype=x_s.dtype)
-        lo = s_b.clamp_min(native.t_min + cfg.t_floor * (native.t_max - native.t_min))
+        lo = s_b.clamp_min(self.t_floor)
         t = lo + (start - lo) * torch.rand(b, dtype=x_s.dtype)
         c_s, c_t = self.coeffs(s_b, x_s), self.coeffs(t, x_s)
         x_t = forward_transition(x_s.detach(), c_s, c_t, torch.randn_like(x_s))
