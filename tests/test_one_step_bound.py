@@ -1,0 +1,54 @@
+"""benchmarks/one_step_bound.py: its ideal consistency student is the teacher's own ODE solver, checked by identity
+on the embedded digits teacher (a few Euler steps, a few samples)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from fewstep.sampling import SamplingPlan, euler_sample, euler_times, sample_plan
+from fewstep.teacher import load_denoiser
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "one_step_bound.py"
+
+
+def load_script() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("one_step_bound", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_ideal_one_step_student_is_the_teachers_euler_sampler() -> None:
+    script = load_script()
+    teacher, _ = load_denoiser("digits")
+    labels = torch.arange(6) % 10
+    eps = torch.randn((6, 1, 8, 8), generator=torch.Generator().manual_seed(0))
+    native = teacher.native
+    with torch.no_grad():
+        ideal = sample_plan(script.ode_map(teacher, labels, 4), SamplingPlan(native, (native.t_max,)), eps)
+        euler = euler_sample(lambda x, t: teacher(x, t, {"class_labels": labels}), native, eps, euler_times(native, 4))
+    torch.testing.assert_close(ideal, euler)
+
+
+def test_the_ideal_student_solves_from_an_intermediate_time_on_the_same_grid_density() -> None:
+    script = load_script()
+    teacher, _ = load_denoiser("digits")
+    native = teacher.native
+    labels = torch.arange(4) % 10
+    x_t = torch.randn((4, 1, 8, 8), generator=torch.Generator().manual_seed(1)) * 0.5
+    t = torch.full((4,), 0.5)
+    with torch.no_grad():
+        got = script.ode_map(teacher, labels, 4)(x_t, t)
+        # 4 steps over the whole range -> 2 Euler steps from t = 0.5, starting at x_t itself
+        x = x_t
+        for a, b in ((0.5, 0.25), (0.25, 0.0)):
+            v = (x - teacher(x, torch.full((4,), a), {"class_labels": labels})) / a  # flow: x0 + t v = x_t
+            x = x + (b - a) * v
+    torch.testing.assert_close(got, x)
