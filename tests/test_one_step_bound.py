@@ -40,7 +40,6 @@ def test_the_ideal_one_step_student_is_the_teachers_euler_sampler() -> None:
 def test_the_ideal_student_solves_from_an_intermediate_time_on_the_same_grid_density() -> None:
     script = load_script()
     teacher, _ = load_denoiser("digits")
-    native = teacher.native
     labels = torch.arange(4) % 10
     x_t = torch.randn((4, 1, 8, 8), generator=torch.Generator().manual_seed(1)) * 0.5
     t = torch.full((4,), 0.5)
