@@ -1,6 +1,7 @@
 """How close can a one-step student of the digits teacher's own network get to the teacher's ODE map at all?
 
     python benchmarks/one_step_bound.py [--pairs 16384] [--steps 3000] [--eval-every 1000] [--output DIR]
+                                        [--plan-recipe scm --plan-steps 2]
 
 Consistency recipes (LCM, sCM) train the student towards the teacher's probability-flow map noise -> x0, so a
 one-step consistency student is at best that map. This script gives the map to a student directly: it draws
@@ -10,6 +11,12 @@ MSE (Luhman & Luhman 2021's knowledge distillation). Every ``--eval-every`` step
 Trainer exports) is scored at one step like `fewstep bench`: 3 seeds x 1,000 samples, FID against the held-out and the
 train split, class accuracy. The table is printed and written to OUT/one_step_bound.json (OUT: runs/one-step-bound by
 default); the pairs are cached in OUT.
+
+With ``--plan-steps N`` (N > 1) the student is instead regressed onto every time of ``--plan-recipe``'s N-step digits
+plan: at the first, noise -> ODE(noise) as above; at each later time t, a pair's x0 re-noised there with fresh noise
+(the plan's own re-noising) -> the ODE's x0 from that point. Each sample of a batch draws one of the plan's times. The
+EMA is scored on the 1-step and the N-step plan: what a student given its plan's exact targets reaches in that many
+steps.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ from fewstep.digits.data import balanced_labels
 from fewstep.io import atomic_file
 from fewstep.metrics import DigitsMetrics, to_unit
 from fewstep.recipes import resolve
-from fewstep.sampling import euler_sample, euler_times, initial_noise, plan_in, sample_plan
+from fewstep.sampling import SamplingPlan, euler_sample, euler_times, initial_noise, plan_in, sample_plan
 from fewstep.schedules import NoiseSchedule
 from fewstep.teacher import Denoiser, load_denoiser
 from fewstep.train import ema_decay_at
@@ -71,6 +78,48 @@ def ode_map(teacher: Denoiser, labels: torch.Tensor, steps: int) -> Any:
     return denoise
 
 
+def plan_pairs(
+    teacher: Denoiser, pairs: dict[str, torch.Tensor], plan: SamplingPlan, steps: int, seed: int, cache: Path
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(x_t, x0 target) at each of ``plan``'s times: pure noise -> the pairs' x0 at the first; a pair's x0 re-noised
+    at each later time with fresh noise -> the ODE's solution from there (cached per time beside ``cache``)."""
+    native = teacher.native
+    out = [(initial_noise(native, plan.times[0], pairs["noise"]), pairs["x0"])]
+    for k, t in enumerate(plan.times[1:], start=1):
+        path = cache.with_name(f"{cache.stem}_t{t:.4f}.pt")
+        if path.is_file():
+            out.append(tuple(torch.load(path)))
+            continue
+        eps = torch.randn(pairs["x0"].shape, generator=torch.Generator().manual_seed(seed + 1000 * k))
+        x_t = native.add_noise(pairs["x0"], eps, torch.full((len(eps),), t))
+        chunks = []
+        with torch.no_grad():
+            for i in tqdm(range(0, len(x_t), 1024), desc=f"ODE from t={t:.3f}", disable=not os.isatty(2)):
+                labels = pairs["labels"][i : i + 1024]
+                chunks.append(ode_map(teacher, labels, steps)(x_t[i : i + 1024], torch.full((len(labels),), t)))
+        out.append((x_t, torch.cat(chunks)))
+        with atomic_file(path) as tmp:
+            torch.save(list(out[-1]), tmp)
+    return out
+
+
+@torch.no_grad()
+def score_plan(denoiser: Any, metrics: DigitsMetrics, plan: SamplingPlan, num: int = 1000) -> dict[str, float]:
+    """``plan`` run with ``denoiser(labels)`` -> (x_t, t) -> x0, scored like `fewstep bench` (3 seeds x ``num``)."""
+    rows = []
+    for seed in range(3):
+        labels = balanced_labels(num)
+        gen = torch.Generator().manual_seed(seed)
+        eps = torch.randn((num, *SHAPE), generator=gen)
+        images = to_unit(sample_plan(denoiser(labels), plan, eps, gen).clamp(-1, 1))
+        rows.append((metrics.fid_held_out(images), metrics.fid_train(images), 100 * metrics.accuracy(images, labels)))
+    return {key: sum(r[i] for r in rows) / 3 for i, key in enumerate(("fid", "fid_train", "accuracy"))}
+
+
+def conditioned(student: Denoiser) -> Any:
+    return lambda labels: lambda x, t: student(x, t, {"class_labels": labels})
+
+
 @torch.no_grad()
 def score_ideal_plans(
     teacher: Denoiser, metrics: DigitsMetrics, recipes: list[str], steps: int
@@ -82,32 +131,12 @@ def score_ideal_plans(
         cfg = resolve_config(cls.Config(), find_preset(name, "digits"))
         for n, plan in cls(teacher, cfg).plan().items():
             plan = plan_in(plan, teacher.native)
-            scores = []
-            for seed in range(3):
-                labels = balanced_labels(1000)
-                gen = torch.Generator().manual_seed(seed)
-                eps = torch.randn((1000, *SHAPE), generator=gen)
-                images = to_unit(sample_plan(ode_map(teacher, labels, steps), plan, eps, gen).clamp(-1, 1))
-                scores.append((metrics.fid_held_out(images), metrics.fid_train(images)))
-            fid, fid_train = (sum(sc[i] for sc in scores) / 3 for i in range(2))
+            scores = score_plan(lambda labels: ode_map(teacher, labels, steps), metrics, plan)
+            fid, fid_train = scores["fid"], scores["fid_train"]
             rows.append({"recipe": name, "steps": n, "times": list(plan.times), "fid": fid, "fid_train": fid_train})
             print(f"ideal {name} {n}-step plan {tuple(round(t, 3) for t in plan.times)}: FID {fid:.2f} / train "
                   f"{fid_train:.2f}", flush=True)  # fmt: skip
     return rows
-
-
-@torch.no_grad()
-def score_one_step(student: Denoiser, metrics: DigitsMetrics, num: int = 1000, seeds: int = 3) -> dict[str, float]:
-    """One-step samples from t_max, scored as `fewstep bench` scores digits (mean over seeds)."""
-    t_max = student.native.t_max
-    rows = []
-    for seed in range(seeds):
-        labels = balanced_labels(num)
-        eps = torch.randn((num, *SHAPE), generator=torch.Generator().manual_seed(seed))
-        x0 = student(initial_noise(student.native, t_max, eps), torch.full((num,), t_max), {"class_labels": labels})
-        images = to_unit(x0.clamp(-1, 1))
-        rows.append((metrics.fid_held_out(images), metrics.fid_train(images), 100 * metrics.accuracy(images, labels)))
-    return {key: sum(r[i] for r in rows) / seeds for i, key in enumerate(("fid", "fid_train", "accuracy"))}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -120,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--ema", type=float, default=0.995)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--plan-recipe", default="scm", help="whose digits plan --plan-steps takes")
+    parser.add_argument("--plan-steps", type=int, default=1, help="regress onto every time of this plan (1: t_max)")
     parser.add_argument("--ideal", default="lcm,scm", help="recipes whose plans run with the exact ODE map ('' none)")
     parser.add_argument("--output", type=Path, default=Path("runs/one-step-bound"))
     args = parser.parse_args(argv)
@@ -130,22 +161,44 @@ def main(argv: list[str] | None = None) -> int:
     teacher.model.requires_grad_(False).eval()
     start = time.perf_counter()
     pairs = ode_pairs(teacher, args.pairs, args.teacher_steps, args.seed, args.output / f"pairs_{args.pairs}.pt")
+
+    one_step = SamplingPlan(teacher.native, (teacher.native.t_max,))
+    plans = {1: one_step}
+    if args.plan_steps > 1:
+        cls = resolve(args.plan_recipe)
+        recipe_plans = cls(teacher, resolve_config(cls.Config(), find_preset(args.plan_recipe, "digits"))).plan()
+        if args.plan_steps not in recipe_plans:
+            raise SystemExit(f"error: {args.plan_recipe}'s digits plans have {sorted(recipe_plans)} steps")
+        plans[args.plan_steps] = plan_in(recipe_plans[args.plan_steps], teacher.native)
+    targets = plan_pairs(
+        teacher, pairs, plans[args.plan_steps], args.teacher_steps, args.seed, args.output / f"pairs_{args.pairs}.pt"
+    )
+    times = torch.tensor(plans[args.plan_steps].times)
+    inputs, outputs = (torch.stack([pair[i] for pair in targets]) for i in range(2))  # (K, N, ...) over plan times
     pair_s = time.perf_counter() - start
 
     metrics = DigitsMetrics.load()
     ideal = score_ideal_plans(teacher, metrics, [r for r in args.ideal.split(",") if r], args.teacher_steps)
+
     model = copy.deepcopy(teacher.model).requires_grad_(True).eval()
     ema = copy.deepcopy(model).requires_grad_(False)
     student, student_ema = teacher.with_model(model), teacher.with_model(ema)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.99))
-    t_max = torch.full((args.batch_size,), teacher.native.t_max)
-    rows: list[dict[str, Any]] = [{"step": 0, "mse": None, **score_one_step(teacher, metrics)}]
+
+    def scores(denoiser: Denoiser) -> dict[str, float]:
+        out = {}
+        for n, plan in plans.items():
+            for key, value in score_plan(conditioned(denoiser), metrics, plan).items():
+                out[key if n == 1 else f"{key}_{n}step"] = value
+        return out
+
+    rows: list[dict[str, Any]] = [{"step": 0, "mse": None, **scores(teacher)}]
     start = time.perf_counter()
     for step in tqdm(range(1, args.steps + 1), desc="regress", disable=not os.isatty(2)):
         idx = torch.randint(0, args.pairs, (args.batch_size,))
-        x_T = initial_noise(teacher.native, teacher.native.t_max, pairs["noise"][idx])
-        x0_theta = student(x_T, t_max, {"class_labels": pairs["labels"][idx]})
-        loss = ((x0_theta - pairs["x0"][idx]) ** 2).mean()
+        k = torch.randint(0, len(targets), (args.batch_size,))
+        x0_theta = student(inputs[k, idx], times[k], {"class_labels": pairs["labels"][idx]})
+        loss = ((x0_theta - outputs[k, idx]) ** 2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -155,18 +208,25 @@ def main(argv: list[str] | None = None) -> int:
             for p_ema, p in zip(ema.parameters(), model.parameters(), strict=True):
                 p_ema.lerp_(p, 1 - decay)
         if step % args.eval_every == 0 or step == args.steps:
-            rows.append({"step": step, "mse": loss.item(), **score_one_step(student_ema, metrics)})
-            print(f"step {step:6d}  mse {loss.item():.4f}  FID {rows[-1]['fid']:.2f} / train "
-                  f"{rows[-1]['fid_train']:.2f}  acc {rows[-1]['accuracy']:.1f}%", flush=True)  # fmt: skip
+            rows.append({"step": step, "mse": loss.item(), **scores(student_ema)})
+            print(f"step {step:6d}  mse {loss.item():.4f}  " + "  ".join(
+                f"{n}-step FID {rows[-1][f'fid{sfx}']:.2f} / train {rows[-1][f'fid_train{sfx}']:.2f}"
+                for n, sfx in ((n, "" if n == 1 else f"_{n}step") for n in plans)), flush=True)  # fmt: skip
     train_s = time.perf_counter() - start
 
+    suffixes = {n: "" if n == 1 else f"_{n}step" for n in plans}
     lines = [
-        "| regression steps | batch MSE | 1-step FID held-out | 1-step FID train | accuracy |",
-        "|---:|---:|---:|---:|---:|",
+        "| regression steps | batch MSE | "
+        + " | ".join(f"{n}-step FID held-out | {n}-step FID train | {n}-step accuracy" for n in plans)
+        + " |",
+        "|---:|---:|" + "---:|---:|---:|" * len(plans),
     ]
     for r in rows:
         mse = "teacher" if r["mse"] is None else f"{r['mse']:.4f}"
-        lines.append(f"| {r['step']} | {mse} | {r['fid']:.2f} | {r['fid_train']:.2f} | {r['accuracy']:.1f}% |")
+        cells = " | ".join(
+            f"{r['fid' + sx]:.2f} | {r['fid_train' + sx]:.2f} | {r['accuracy' + sx]:.1f}%" for sx in suffixes.values()
+        )
+        lines.append(f"| {r['step']} | {mse} | {cells} |")
     print("\n".join(lines))
     result = {
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
@@ -176,9 +236,10 @@ def main(argv: list[str] | None = None) -> int:
         "train_seconds": train_s,
         "threads": torch.get_num_threads(),
     }
-    with atomic_file(args.output / "one_step_bound.json") as tmp:
+    name = "one_step_bound.json" if args.plan_steps == 1 else f"plan_bound_{args.plan_recipe}_{args.plan_steps}.json"
+    with atomic_file(args.output / name) as tmp:
         tmp.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {args.output / 'one_step_bound.json'}")
+    print(f"wrote {args.output / name}")
     return 0
 
 

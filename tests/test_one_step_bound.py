@@ -51,3 +51,31 @@ def test_the_ideal_student_solves_from_an_intermediate_time_on_the_same_grid_den
             v = (x - teacher(x, torch.full((4,), a), {"class_labels": labels})) / a  # flow: x0 + t v = x_t
             x = x + (b - a) * v
     torch.testing.assert_close(got, x)
+
+
+def test_plan_pairs_regress_each_plan_time_onto_the_ode_solution_from_there(tmp_path: Path, monkeypatch) -> None:
+    script = load_script()
+    teacher, _ = load_denoiser("digits")
+    native = teacher.native
+    gen = torch.Generator().manual_seed(2)
+    noise, x0 = torch.randn((2, 5, 1, 8, 8), generator=gen)
+    pairs = {"noise": noise, "labels": torch.arange(5), "x0": x0}
+    plan = SamplingPlan(native, (native.t_max, 0.5))
+    first, later = script.plan_pairs(teacher, pairs, plan, 4, 0, tmp_path / "pairs.pt")
+    torch.testing.assert_close(first[1], pairs["x0"])
+    torch.testing.assert_close(first[0], pairs["noise"] * native.prior_std(torch.tensor(native.t_max)))
+    x_t, target = later
+    # x_t lies on the re-noising line of its pair's x0 at t = 0.5 (flow: x_t = (1 - t) x0 + t eps)
+    eps = (x_t - 0.5 * pairs["x0"]) / 0.5
+    assert eps.std() > 0.5 and not torch.allclose(eps, pairs["noise"])  # fresh noise, not the pair's own
+    with torch.no_grad():
+        expected = script.ode_map(teacher, pairs["labels"], 4)(x_t, torch.full((5,), 0.5))
+    torch.testing.assert_close(target, expected)
+
+    def no_solve(*_args, **_kwargs):
+        raise AssertionError("a cached time was solved again")
+
+    monkeypatch.setattr(script, "ode_map", no_solve)
+    again = script.plan_pairs(teacher, pairs, plan, 4, 0, tmp_path / "pairs.pt")
+    torch.testing.assert_close(again[1][0], x_t)
+    torch.testing.assert_close(again[1][1], target)
