@@ -120,6 +120,18 @@ def conditioned(student: Denoiser) -> Any:
     return lambda labels: lambda x, t: student(x, t, {"class_labels": labels})
 
 
+def digits_plans(teacher: Denoiser, recipe: str) -> dict[int, SamplingPlan]:
+    """``recipe``'s digits-preset sampling plans, in the teacher's native time."""
+    cls = resolve(recipe)
+    plans = cls(teacher, resolve_config(cls.Config(), find_preset(recipe, "digits"))).plan()
+    return {n: plan_in(plan, teacher.native) for n, plan in plans.items()}
+
+
+def suffix(n: int) -> str:
+    """The key suffix of an n-step plan's scores in a result row ("" for the 1-step plan)."""
+    return "" if n == 1 else f"_{n}step"
+
+
 @torch.no_grad()
 def score_ideal_plans(
     teacher: Denoiser, metrics: DigitsMetrics, recipes: list[str], steps: int
@@ -127,10 +139,7 @@ def score_ideal_plans(
     """Each recipe's digits-preset plans run with the teacher's exact ODE map as the student (3 seeds x 1,000)."""
     rows = []
     for name in recipes:
-        cls = resolve(name)
-        cfg = resolve_config(cls.Config(), find_preset(name, "digits"))
-        for n, plan in cls(teacher, cfg).plan().items():
-            plan = plan_in(plan, teacher.native)
+        for n, plan in digits_plans(teacher, name).items():
             scores = score_plan(lambda labels: ode_map(teacher, labels, steps), metrics, plan)
             fid, fid_train = scores["fid"], scores["fid_train"]
             rows.append({"recipe": name, "steps": n, "times": list(plan.times), "fid": fid, "fid_train": fid_train})
@@ -165,11 +174,10 @@ def main(argv: list[str] | None = None) -> int:
     one_step = SamplingPlan(teacher.native, (teacher.native.t_max,))
     plans = {1: one_step}
     if args.plan_steps > 1:
-        cls = resolve(args.plan_recipe)
-        recipe_plans = cls(teacher, resolve_config(cls.Config(), find_preset(args.plan_recipe, "digits"))).plan()
+        recipe_plans = digits_plans(teacher, args.plan_recipe)
         if args.plan_steps not in recipe_plans:
             raise SystemExit(f"error: {args.plan_recipe}'s digits plans have {sorted(recipe_plans)} steps")
-        plans[args.plan_steps] = plan_in(recipe_plans[args.plan_steps], teacher.native)
+        plans[args.plan_steps] = recipe_plans[args.plan_steps]
     targets = plan_pairs(
         teacher, pairs, plans[args.plan_steps], args.teacher_steps, args.seed, args.output / f"pairs_{args.pairs}.pt"
     )
@@ -189,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         out = {}
         for n, plan in plans.items():
             for key, value in score_plan(conditioned(denoiser), metrics, plan).items():
-                out[key if n == 1 else f"{key}_{n}step"] = value
+                out[key + suffix(n)] = value
         return out
 
     rows: list[dict[str, Any]] = [{"step": 0, "mse": None, **scores(teacher)}]
@@ -210,11 +218,10 @@ def main(argv: list[str] | None = None) -> int:
         if step % args.eval_every == 0 or step == args.steps:
             rows.append({"step": step, "mse": loss.item(), **scores(student_ema)})
             print(f"step {step:6d}  mse {loss.item():.4f}  " + "  ".join(
-                f"{n}-step FID {rows[-1][f'fid{sfx}']:.2f} / train {rows[-1][f'fid_train{sfx}']:.2f}"
-                for n, sfx in ((n, "" if n == 1 else f"_{n}step") for n in plans)), flush=True)  # fmt: skip
+                f"{n}-step FID {rows[-1]['fid' + suffix(n)]:.2f} / train {rows[-1]['fid_train' + suffix(n)]:.2f}"
+                for n in plans), flush=True)  # fmt: skip
     train_s = time.perf_counter() - start
 
-    suffixes = {n: "" if n == 1 else f"_{n}step" for n in plans}
     lines = [
         "| regression steps | batch MSE | "
         + " | ".join(f"{n}-step FID held-out | {n}-step FID train | {n}-step accuracy" for n in plans)
@@ -224,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         mse = "teacher" if r["mse"] is None else f"{r['mse']:.4f}"
         cells = " | ".join(
-            f"{r['fid' + sx]:.2f} | {r['fid_train' + sx]:.2f} | {r['accuracy' + sx]:.1f}%" for sx in suffixes.values()
+            f"{r['fid' + sx]:.2f} | {r['fid_train' + sx]:.2f} | {r['accuracy' + sx]:.1f}%" for sx in map(suffix, plans)
         )
         lines.append(f"| {r['step']} | {mse} | {cells} |")
     print("\n".join(lines))
