@@ -192,7 +192,7 @@ def main() -> None:
             print(f"  N={n:>5} {case:>18}: {rows[-1]['ms']:9.1f} ms, {rows[-1]['peak_mib']:8.1f} MiB", flush=True)
     prefix = "triton" if cuda else "chunked"
     report(rows, "math_func_jvp", f"{prefix}_fwd", f"{prefix}_fwd_jvp")
-    from fewstep.measure import environment
+    from fewstep.bench.measure import environment
 
     config = {k: v for k, v in vars(args).items() if k not in ("child", "out")}
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-from fewstep.digits.data import balanced_labels
-from fewstep.measure import environment, measure_speed, percentile
-from fewstep.teacher import load_pipeline
+from fewstep.bench.measure import environment, measure_speed, percentile
+from fewstep.loading import load_pipeline
+from fewstep.worlds.digits.data import balanced_labels
 
 
 def main() -> None:

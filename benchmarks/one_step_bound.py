@@ -32,16 +32,17 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from fewstep.config import find_preset, resolve_config
-from fewstep.data import null_class_of, teacher_samples
-from fewstep.digits.data import balanced_labels
+from fewstep.bench.metrics import DigitsMetrics, to_unit
 from fewstep.io import atomic_file
-from fewstep.metrics import DigitsMetrics, to_unit
+from fewstep.loading import load_denoiser
 from fewstep.recipes import resolve
 from fewstep.sampling import SamplingPlan, euler_sample, euler_times, initial_noise, plan_in, sample_plan
 from fewstep.schedules import NoiseSchedule
-from fewstep.teacher import Denoiser, load_denoiser
-from fewstep.train import ema_decay_at
+from fewstep.teacher import Denoiser
+from fewstep.training.config import find_preset, resolve_config
+from fewstep.training.data import null_class_of, teacher_samples
+from fewstep.training.trainer import ema_decay_at
+from fewstep.worlds.digits.data import balanced_labels
 
 SHAPE = (1, 8, 8)
 

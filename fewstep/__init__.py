@@ -12,11 +12,11 @@ from typing import Any
 __version__ = "0.1.0"
 
 _LAZY = {
-    "FewStepScheduler": "fewstep.scheduling_fewstep",
+    "FewStepScheduler": "fewstep.export.scheduling_fewstep",
     "Denoiser": "fewstep.teacher",
-    "load_pipeline": "fewstep.teacher",
-    "load_denoiser": "fewstep.teacher",
-    "DigitsPipeline": "fewstep.digits.pipeline",
+    "load_pipeline": "fewstep.loading",
+    "load_denoiser": "fewstep.loading",
+    "DigitsPipeline": "fewstep.worlds.digits.pipeline",
     "SamplingPlan": "fewstep.sampling",
 }
 

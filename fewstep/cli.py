@@ -112,8 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
-    from .config import find_preset, resolve_config, to_toml
     from .recipes import resolve
+    from .training.config import find_preset, resolve_config, to_toml
 
     recipe = resolve(args.recipe)  # one-line error for unknown recipes, before anything heavy loads
     default = getattr(recipe, "Config", None)
@@ -130,7 +130,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
         print(to_toml(cfg), end="")
         return 0
     from .distill import run_distill
-    from .teacher import resolve_source
+    from .loading import resolve_source
 
     resolve_source(args.teacher)
     out = args.output or Path("runs") / f"{args.recipe}-{_run_name(args.teacher)}"
@@ -140,7 +140,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 def _default_preset(recipe: str, teacher: str) -> Path | None:
     """The recipe's ``digits`` preset for the embedded teacher, when it has one."""
-    from .config import presets_dir
+    from .training.config import presets_dir
 
     path = presets_dir() / recipe / "digits.toml"
     return path if teacher == "digits" and path.is_file() else None
@@ -151,8 +151,8 @@ def _run_name(teacher: str) -> str:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
+    from .loading import model_label
     from .sample import run_sample
-    from .teacher import model_label
 
     out = args.output or Path("runs") / f"sample-{model_label(args.model)}-{args.steps}steps"
     path = run_sample(args.model, out, args.steps, args.num, args.guidance, args.seed, args.prompt, args.device)
@@ -161,8 +161,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import BenchConfig, run_bench
-    from .worlds import TextOptions
+    from .bench.run import BenchConfig, run_bench
+    from .bench.worlds import TextOptions
 
     cfg = BenchConfig(
         steps=tuple(args.steps),
@@ -174,7 +174,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         repeats=args.repeats,
         device=args.device,
     )
-    from .teacher import model_label
+    from .loading import model_label
 
     report_dir = args.report or Path("runs") / f"bench-{model_label(args.model[0])}"
     text = TextOptions(args.prompts, args.clip, args.reference, args.fid_features)
@@ -214,8 +214,8 @@ def cmd_teacher(args: argparse.Namespace) -> int:
 
         print(describe(args.model))
         return 0
-    from .digits.train import EvaluatorTrainConfig, TeacherTrainConfig, train_evaluator, train_teacher
     from .io import atomic_dir
+    from .worlds.digits.train import EvaluatorTrainConfig, TeacherTrainConfig, train_evaluator, train_teacher
 
     if args.what in ("all", "evaluator"):
         with atomic_dir(args.output / "evaluator", "config.json") as tmp:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from .teacher import Denoiser, load_pipeline
+from .loading import load_pipeline
+from .teacher import Denoiser
 
 
 def describe(source: str) -> str:

@@ -22,8 +22,8 @@ from .teacher import Denoiser
 def training_data(pipe: Any, teacher: Denoiser, source: str, cfg: Any, cache_dir: Path) -> Any:
     """Batches for the teacher's world: digits images with class labels, or cached prompt conditions with the
     teacher's own samples as x0 (image-free)."""
-    from .data import DigitsBatches, PromptBatches, null_class_of
-    from .digits.pipeline import DigitsPipeline
+    from .training.data import DigitsBatches, PromptBatches, null_class_of
+    from .worlds.digits.pipeline import DigitsPipeline
 
     train = cfg.train
     if isinstance(pipe, DigitsPipeline):
@@ -38,7 +38,7 @@ def export_student(
     recipe: Recipe, student: torch.nn.Module, pipe: Any, native: Any, prediction: str, out: Path
 ) -> Path:
     """Write the student with the scheduler that reproduces the recipe's plans in the teacher's own time."""
-    from .export import export_lora, export_pipeline, scheduler_for_plan
+    from .export.pipeline import export_lora, export_pipeline, scheduler_for_plan
     from .io import atomic_dir
     from .sampling import plan_in
 
@@ -61,9 +61,9 @@ def run_distill(
     ``resume``: None starts fresh (refusing a folder that already holds checkpoints), "" continues from the last good
     checkpoint in ``output/checkpoints``, a path continues from that checkpoint.
     """
-    from .config import to_toml
-    from .teacher import load_denoiser
-    from .train import Trainer
+    from .loading import load_denoiser
+    from .training.config import to_toml
+    from .training.trainer import Trainer
 
     ckpt_dir = output / "checkpoints"
     if resume is None and ckpt_dir.is_dir() and any(ckpt_dir.iterdir()):
@@ -105,8 +105,8 @@ def teacher_bench_key(teacher: str, cfg: Any) -> str:
     from dataclasses import asdict
 
     from . import __version__
-    from .bench import Row
-    from .teacher import resolve_source
+    from .bench.run import Row
+    from .loading import resolve_source
 
     digest = hashlib.sha256()
     folder = Path(str(resolve_source(teacher)))
@@ -126,7 +126,7 @@ def bench_student(student: Path, teacher: str, steps: list[int], report: Path) -
     and then copied from the cache (about 1.5 of the 2 minutes a digits bench takes on 2 cores)."""
     import shutil
 
-    from .bench import BenchConfig, run_bench
+    from .bench.run import BenchConfig, run_bench
     from .io import atomic_dir
 
     teacher_cfg = BenchConfig(steps=tuple(sorted({*steps, 50})))

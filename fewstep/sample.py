@@ -10,15 +10,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from .bench.images import save_grid
 from .errors import FewstepError
-from .images import save_grid
 from .io import atomic_dir, check_writable_parent
-from .teacher import load_pipeline, resolve_source
+from .loading import load_pipeline, resolve_source
 
 
 def _digits(pipe: Any, num: int, steps: int, guidance: float, seed: int) -> tuple[torch.Tensor, dict[str, Any]]:
-    from .digits.data import NUM_CLASSES
-    from .worlds import by_class, generate_digits
+    from .bench.worlds import by_class, generate_digits
+    from .worlds.digits.data import NUM_CLASSES
 
     images, labels = generate_digits(pipe, num, steps, guidance, seed, batch=num)
     ordered = by_class(labels[:, None], labels).flatten().tolist()  # the labels in grid order
@@ -52,7 +52,7 @@ def run_sample(
     device: str = "cpu",
 ) -> Path:
     """Write samples.npz (uint8 images), grid.png and meta.json to ``output`` atomically."""
-    from .digits.pipeline import DigitsPipeline
+    from .worlds.digits.pipeline import DigitsPipeline
 
     if steps < 1 or num < 1:
         raise FewstepError(f"--steps and --num must be >= 1, got {steps} and {num}")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -67,10 +66,9 @@ BACKBONES: dict[str, Backbone] = {
 def backbone_for(model: nn.Module) -> Backbone:
     """The call convention of ``model``'s class (or of the nearest supported base class); a ``TimestepExperts``
     is called as its experts are."""
-    from .experts import TimestepExperts  # lazily: experts imports this module
-
-    if isinstance(model, TimestepExperts):
-        model = model.experts[0]
+    experts = getattr(model, "experts", None)  # TimestepExperts (export/experts.py), known by shape, not imported
+    if isinstance(experts, nn.ModuleList) and hasattr(model, "boundaries"):
+        model = experts[0]
     for cls in type(model).__mro__:
         if cls.__name__ in BACKBONES:
             return BACKBONES[cls.__name__]
@@ -326,75 +324,3 @@ def add_guidance_embedding(model: nn.Module, dim: int = 256) -> nn.Module | None
     if unexpected or any("cond_proj" not in key for key in missing):
         raise FewstepError(f"guidance embedding: unexpected weights {unexpected[:3]}, missing {missing[:3]}")
     return student.to(next(model.parameters()).device, next(model.parameters()).dtype)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Loading
-
-
-def embedded_path(name: str = "teacher") -> Any:
-    """Folder of a shipped digits asset ("teacher" or "evaluator")."""
-    from importlib.resources import files
-
-    return files("fewstep") / "assets" / "digits" / name
-
-
-def model_label(source: str) -> str:
-    """A short name for a model: 'digits-teacher' for the embedded teacher, else the folder or hub name."""
-    return "digits-teacher" if source == "digits" else Path(source.rstrip("/")).name or source
-
-
-def resolve_source(source: str) -> str:
-    """``digits`` -> the embedded teacher folder; a local folder is checked to be a diffusers pipeline."""
-    import os
-
-    if source == "digits":
-        return str(embedded_path("teacher"))
-    if os.path.isdir(source):
-        if not os.path.isfile(os.path.join(source, "model_index.json")):
-            raise FewstepError(f"{source} is not a diffusers pipeline folder (no model_index.json)")
-        return source
-    if os.path.exists(source):
-        raise FewstepError(f"{source} is a file, not a diffusers pipeline folder")
-    looks_like_hub_id = source.count("/") == 1 and not source.startswith((".", "/", "~"))
-    if looks_like_hub_id and os.path.isdir(source.split("/")[0]):  # models/teacher with a local models/
-        looks_like_hub_id = False
-    if not looks_like_hub_id:
-        raise FewstepError(f"{source} does not exist (expected a diffusers folder, a hub id or 'digits')")
-    return source
-
-
-def load_pipeline(source: str, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Any:
-    """A diffusers pipeline from ``digits``, a local folder or a hub id (when online), with progress bars off."""
-    from diffusers import DiffusionPipeline
-    from diffusers.utils import logging as diffusers_logging
-
-    # diffusers loads components only from libraries already imported: make fewstep's own classes known first
-    from . import experts as _experts  # noqa: F401  (Phased DMD's per-phase experts)
-    from . import scheduling_fewstep as _scheduler  # noqa: F401
-    from .digits import pipeline as _digits  # noqa: F401  (also registers DigitsPipeline with diffusers)
-
-    path = resolve_source(source)
-    kwargs: dict[str, Any] = {} if dtype is None else {"torch_dtype": dtype}
-    diffusers_logging.disable_progress_bar()  # "Loading pipeline components" on every load is noise
-    try:
-        pipe = DiffusionPipeline.from_pretrained(path, **kwargs)
-    except FewstepError:
-        raise
-    except Exception as err:  # diffusers raises many types; the user needs the reason on one line
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise FewstepError(f"could not load pipeline {source}: {reason}") from None
-    backbone_for(backbone_of(pipe))  # an unsupported network fails here, on one line, for every command
-    if device is not None:
-        try:
-            pipe.to(device)
-        except (RuntimeError, AssertionError, ValueError) as err:  # no CUDA, unknown device string
-            raise FewstepError(f"cannot use device {device!r}: {str(err).splitlines()[0]}") from None
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def load_denoiser(source: str, device: str | torch.device | None = None) -> tuple[Denoiser, Any]:
-    """(Denoiser over the pipeline's backbone, the pipeline) for ``source``."""
-    pipe = load_pipeline(source, device=device)
-    return Denoiser.from_pipeline(pipe), pipe

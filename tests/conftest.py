@@ -390,8 +390,8 @@ def tiny_clip_spec(tmp_path_factory: pytest.TempPathFactory) -> str:
 @pytest.fixture(scope="session")
 def random_digits(tmp_path_factory: pytest.TempPathFactory) -> Any:
     """A digits pipeline folder with a randomly perturbed (untrained) DiT: fast, and not constant in its inputs."""
-    from fewstep.digits.pipeline import DigitsPipeline
-    from fewstep.digits.train import make_teacher_model, teacher_scheduler
+    from fewstep.worlds.digits.pipeline import DigitsPipeline
+    from fewstep.worlds.digits.train import make_teacher_model, teacher_scheduler
 
     torch.manual_seed(0)
     model = make_teacher_model()

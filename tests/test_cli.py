@@ -72,7 +72,7 @@ def test_folder_that_is_not_a_pipeline(tmp_path: Path, capsys: pytest.CaptureFix
 def test_unsupported_model_class(command: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from diffusers import FlowMatchEulerDiscreteScheduler, UNet1DModel
 
-    from fewstep.digits.pipeline import DigitsPipeline
+    from fewstep.worlds.digits.pipeline import DigitsPipeline
 
     folder = tmp_path / "odd"
     unet = UNet1DModel(
@@ -188,7 +188,7 @@ def test_distill_runs_end_to_end_and_refuses_to_overwrite(
     sets = ["--set", "train.max_steps=2", "--set", "train.batch_size=4", "--set", "train.progress=false"]
     code, stdout, _ = run([*base, *sets], capsys)
     assert code == 0 and "wrote" in stdout
-    from fewstep.teacher import load_pipeline
+    from fewstep.loading import load_pipeline
 
     pipe = load_pipeline(str(out / "student"))
     assert type(pipe.scheduler).__name__ == "FewStepScheduler"

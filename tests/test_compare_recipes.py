@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from fewstep.bench import Row
+from fewstep.bench.run import Row
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "compare_recipes.py"

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-import fewstep.bench
+import fewstep.bench.run
 from fewstep import distill
 
 
@@ -26,7 +26,7 @@ def fake_bench(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[tuple[st
         path.write_text(json.dumps({"rows": rows}))
         return {"rows": rows}
 
-    monkeypatch.setattr(fewstep.bench, "run_bench", run_bench)
+    monkeypatch.setattr(fewstep.bench.run, "run_bench", run_bench)
     monkeypatch.setenv("FEWSTEP_CACHE", str(tmp_path / "cache"))
     return calls
 
@@ -49,11 +49,11 @@ def test_other_step_counts_or_teacher_weights_are_measured_anew(
     distill.bench_student(tmp_path / "s", teacher, [1, 2], tmp_path / "a")
     distill.bench_student(tmp_path / "s", teacher, [1, 4], tmp_path / "b")
     assert fake_bench.count((teacher,)) == 2
-    key = distill.teacher_bench_key(teacher, fewstep.bench.BenchConfig(steps=(1, 4, 50)))
+    key = distill.teacher_bench_key(teacher, fewstep.bench.run.BenchConfig(steps=(1, 4, 50)))
     config = random_digits / "transformer" / "config.json"
     original = config.read_text()
     try:
         config.write_text(original.replace("}", ', "extra": 1}', 1))
-        assert distill.teacher_bench_key(teacher, fewstep.bench.BenchConfig(steps=(1, 4, 50))) != key
+        assert distill.teacher_bench_key(teacher, fewstep.bench.run.BenchConfig(steps=(1, 4, 50))) != key
     finally:
         config.write_text(original)

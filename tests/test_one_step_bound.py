@@ -10,8 +10,8 @@ from types import ModuleType
 
 import torch
 
+from fewstep.loading import load_denoiser
 from fewstep.sampling import SamplingPlan, euler_sample, euler_times, sample_plan
-from fewstep.teacher import load_denoiser
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "one_step_bound.py"
 

@@ -40,8 +40,8 @@ def test_installed_wheel_runs(wheel: Path, tmp_path: Path) -> None:
     subprocess.run(pip, check=True, timeout=300)
     code = (
         "import fewstep, fewstep_kernels, torch\n"
-        "from fewstep.config import presets_dir\n"
-        "from fewstep.teacher import load_denoiser\n"
+        "from fewstep.training.config import presets_dir\n"
+        "from fewstep.loading import load_denoiser\n"
         f"assert fewstep.__file__.startswith({str(site)!r}), fewstep.__file__\n"
         "assert (presets_dir() / 'README.md').is_file() and '_presets' in str(presets_dir())\n"
         "den, pipe = load_denoiser('digits')\n"

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fewstep.digits.pipeline import DigitsPipeline
-from fewstep.digits.train import make_teacher_model, teacher_scheduler
 from fewstep.sampling import SamplingPlan, euler_sample, euler_times, renoise, sample_plan
 from fewstep.schedules import VP, Flow, TrigFlow, append_dims
 from fewstep.teacher import Denoiser
+from fewstep.worlds.digits.pipeline import DigitsPipeline
+from fewstep.worlds.digits.train import make_teacher_model, teacher_scheduler
 
 
 def point_mass(x_star: torch.Tensor):

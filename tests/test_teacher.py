@@ -12,8 +12,9 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from fewstep.errors import FewstepError
+from fewstep.loading import load_pipeline, resolve_source
 from fewstep.schedules import VP, Flow, TrigFlow, append_dims, ddim_step, from_x0, schedule_from_diffusers_config
-from fewstep.teacher import Backbone, Denoiser, concat_cond, expand_cond, load_pipeline, resolve_source
+from fewstep.teacher import Backbone, Denoiser, concat_cond, expand_cond
 
 STEP_INDEX = 3
 

@@ -9,7 +9,6 @@ from typing import Any
 import pytest
 import torch
 
-from fewstep.config import merge_into
 from fewstep.distill import run_distill
 from fewstep.recipes.lcm import LCM, LCMConfig
 from fewstep.recipes.phased_dmd import PhasedDMD, PhasedDMDConfig
@@ -17,6 +16,7 @@ from fewstep.recipes.rcm import RCM, RCMConfig
 from fewstep.recipes.scm import SCM, SCMConfig
 from fewstep.recipes.sid import SiD, SiDConfig
 from fewstep.recipes.tdm import TDM, TDMConfig
+from fewstep.training.config import merge_into
 
 PROMPTS = ["a red circle", "the blue square", "a green line", "the yellow dot"]
 TINY_RUN = {
@@ -87,8 +87,8 @@ def test_lcm_lora_loads_with_load_lora_weights(sd_folder: Path, prompts: Path, t
     assert not torch.allclose(before, after)  # the adapter was trained (lr 1e-2) and is applied
 
     # the trained student's own output, rebuilt from the run's last checkpoint, matches the loaded LoRA
-    from fewstep.checkpoint import load_checkpoint
-    from fewstep.teacher import load_denoiser
+    from fewstep.loading import load_denoiser
+    from fewstep.training.checkpoint import load_checkpoint
 
     teacher, _ = load_denoiser(str(sd_folder))
     recipe = LCM(teacher, cfg)
@@ -100,7 +100,7 @@ def test_lcm_lora_loads_with_load_lora_weights(sd_folder: Path, prompts: Path, t
 
     import diffusers
 
-    import fewstep.scheduling_fewstep as fs
+    import fewstep.export.scheduling_fewstep as fs
 
     name = json.loads((out / "scheduler" / "scheduler_config.json").read_text())["_class_name"]
     scheduler_cls = getattr(diffusers, name, None) or getattr(fs, name)

@@ -21,15 +21,15 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..adversarial import TeacherDiscriminator, discriminator_times, ladd_losses, with_largest_time
-from ..data import DataConfig
 from ..errors import FewstepError
-from ..lora import add_lora
-from ..losses import lcm_boundary, pseudo_huber
+from ..objectives.adversarial import TeacherDiscriminator, discriminator_times, ladd_losses, with_largest_time
+from ..objectives.losses import lcm_boundary, pseudo_huber
 from ..sampling import SamplingPlan, euler_times
 from ..schedules import VP, NoiseSchedule, append_dims, ddim_step
 from ..teacher import Denoiser, add_guidance_embedding, guidance_condition
-from ..train import TrainConfig
+from ..training.data import DataConfig
+from ..training.lora import add_lora
+from ..training.trainer import TrainConfig
 from .base import Batch, OptimizerSpec, Recipe
 
 

@@ -22,14 +22,14 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..data import DataConfig
-from ..dmd import dmd_generator_loss, dmd_gradient, fake_score_network, subinterval_mean
 from ..errors import FewstepError
-from ..generator import student_network
+from ..objectives.dmd import dmd_generator_loss, dmd_gradient, fake_score_network, subinterval_mean
+from ..objectives.generator import student_network
 from ..sampling import Denoise, SamplingPlan, advance, plan_state
 from ..schedules import append_dims, forward_transition, transition
 from ..teacher import Denoiser
-from ..train import TrainConfig, ema_decay_at
+from ..training.data import DataConfig
+from ..training.trainer import TrainConfig, ema_decay_at
 from .base import Batch, OptimizerSpec, Recipe
 
 
@@ -180,7 +180,7 @@ class PhasedDMD(Recipe):
 
     def export_module(self, student: nn.Module) -> nn.Module:
         """The experts' EMAs in one backbone that switches expert at the phase boundaries (model timesteps)."""
-        from ..experts import TimestepExperts
+        from ..export.experts import TimestepExperts
 
         native = self.teacher.native
         cuts = [float(native.to_model_timestep(torch.tensor(s, dtype=torch.float64))) for s in self.edges[1:-1]]

@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..dmd import Weighting, distribution_matching_loss, fake_score_loss, fake_score_network, uniform_times
+from ..objectives.dmd import Weighting, distribution_matching_loss, fake_score_loss, fake_score_network, uniform_times
 from ..sampling import plan_state
 from ..teacher import Denoiser, guidance_condition
 from .base import Batch, OptimizerSpec, Recipe

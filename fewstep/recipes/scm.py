@@ -19,10 +19,9 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..adversarial import TeacherDiscriminator, discriminator_times, ladd_losses, with_largest_time
-from ..data import DataConfig
 from ..errors import FewstepError
-from ..losses import (
+from ..objectives.adversarial import TeacherDiscriminator, discriminator_times, ladd_losses, with_largest_time
+from ..objectives.losses import (
     adaptive_weighted_loss,
     normalize_tangent,
     scm_tangent,
@@ -30,12 +29,13 @@ from ..losses import (
     trigflow_time_proposal,
     trigflow_weight,
 )
+from ..objectives.tangent import Method, directional_derivative
 from ..sampling import SamplingPlan
 from ..schedules import TrigFlow, append_dims, velocity
-from ..tangent import Method, directional_derivative
 from ..teacher import Denoiser, guidance_condition
 from ..time_embedding import smooth_time_embedding
-from ..train import TrainConfig
+from ..training.data import DataConfig
+from ..training.trainer import TrainConfig
 from .base import Batch, OptimizerSpec, Recipe
 
 

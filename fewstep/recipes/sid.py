@@ -22,14 +22,14 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
-from ..adversarial import TeacherDiscriminator, discriminator_times, score_gan_losses
-from ..data import DataConfig
-from ..dmd import Weighting, fake_score_loss, fake_score_network, sid_generator_loss, uniform_times
 from ..errors import FewstepError
-from ..generator import FewStepGenerator, student_network, uniform_plans
+from ..objectives.adversarial import TeacherDiscriminator, discriminator_times, score_gan_losses
+from ..objectives.dmd import Weighting, fake_score_loss, fake_score_network, sid_generator_loss, uniform_times
+from ..objectives.generator import FewStepGenerator, student_network, uniform_plans
 from ..sampling import SamplingPlan
 from ..teacher import Denoiser
-from ..train import TrainConfig
+from ..training.data import DataConfig
+from ..training.trainer import TrainConfig
 from .base import Batch, OptimizerSpec, Recipe
 
 GuidanceMode = Literal["cfg", "zero", "anti"]

@@ -18,15 +18,15 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..data import DataConfig
-from ..dmd import dmd_gradient, fake_score_loss, fake_score_network
 from ..errors import FewstepError
-from ..generator import FewStepGenerator, student_network, uniform_plans
-from ..losses import pseudo_huber
+from ..objectives.dmd import dmd_gradient, fake_score_loss, fake_score_network
+from ..objectives.generator import FewStepGenerator, student_network, uniform_plans
+from ..objectives.losses import pseudo_huber
 from ..sampling import SamplingPlan
 from ..schedules import append_dims, ddim_step, forward_transition
 from ..teacher import Denoiser
-from ..train import TrainConfig
+from ..training.data import DataConfig
+from ..training.trainer import TrainConfig
 from .base import Batch, OptimizerSpec, Recipe
 
 

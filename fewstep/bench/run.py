@@ -1,0 +1,192 @@
+"""``fewstep bench``: quality, latency, memory and NFE of any diffusers folder at several step counts.
+
+Every row holds quality as the mean over ``seeds`` noise seeds (FID against the held-out and the train split and class
+accuracy in the digits world; CLIP score and reference FID for text-to-image), latency per batch and per image
+(warm-up, repeats, median and p90; CUDA events on a GPU), peak memory, and NFE counted by a hook on the backbone so
+that CFG's second branch counts. Results merge into an existing report folder, replacing rows of the same model, step
+count and guidance, so students sit next to their teacher.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import FewstepError
+from ..io import atomic_dir, check_writable_parent
+from ..loading import load_pipeline, model_label, resolve_source
+from .images import save_grid
+from .measure import environment, measure_speed, percentile
+from .report import write_report
+from .worlds import DigitsWorld, TextOptions, TextWorld
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    steps: Sequence[int] = (1, 2, 4, 50)
+    guidance: Sequence[float] = (1.0,)
+    num: int = 1000  # generated samples per seed
+    seeds: int = 3
+    batch_size: int = 500  # generation batch for the metrics
+    latency_batch: int = 100
+    warmup: int = 1
+    repeats: int = 5
+    floor_subsets: int = 3
+    device: str = "cpu"
+    progress: bool = True
+
+    def validate(self) -> None:
+        if not self.steps or any(s < 1 for s in self.steps):
+            raise FewstepError(f"step counts must be >= 1, got {list(self.steps)}")
+        if self.num < 1 or self.seeds < 1 or self.repeats < 1 or self.latency_batch < 1:
+            raise FewstepError("--num, --seeds, --repeats and --latency-batch must be >= 1")
+        if any(g < 0 for g in self.guidance):
+            raise FewstepError(f"guidance must be >= 0, got {list(self.guidance)}")
+
+
+@dataclass
+class Row:
+    model: str
+    steps: int
+    nfe: int
+    guidance: float | None
+    fid: float | None
+    fid_std: float
+    latency_ms: float
+    latency_ms_p90: float
+    latency_ms_per_image: float
+    peak_mem_mb: float
+    num_samples: int
+    fid_train: float | None = None
+    accuracy: float | None = None
+    diversity: float | None = None  # per-class mean pairwise feature distance (digits)
+    clip_score: float | None = None
+    fid_floor: float | None = None  # real-vs-real floor at this row's sample count
+    fid_seeds: list[float] = field(default_factory=list)
+    fid_train_seeds: list[float] = field(default_factory=list)
+    grid: str | None = None
+    source: str = ""
+
+
+def source_key(source: str) -> str:
+    """What identifies a model across runs: 'digits', an absolute folder path, or a hub id."""
+    return source if source == "digits" or not Path(source).exists() else str(Path(source).resolve())
+
+
+def unique_labels(keys: Sequence[str], taken: dict[str, str]) -> dict[str, str]:
+    """A short row label per source key: the folder name, or parent-name where two folders share a name.
+
+    taken: label -> source key of rows already in the report (kept as they are).
+    """
+    labels = {}
+    used = dict(taken)
+    for key in keys:
+        reuse = [label for label, k in taken.items() if k == key]
+        label = reuse[0] if reuse else model_label(key)
+        if used.get(label, key) != key:
+            path = Path(key)
+            label = f"{path.parent.name}-{path.name}"
+        used[label] = key
+        labels[key] = label
+    return labels
+
+
+def _mean(values: list[float]) -> float | None:
+    return statistics.mean(values) if values else None
+
+
+def bench_model(
+    pipe: Any, source: str, label: str, world: DigitsWorld | TextWorld, cfg: BenchConfig, out_dir: Path, bar: tqdm
+) -> list[Row]:
+    """One row per (guidance, steps): quality over ``cfg.seeds`` seeds, then speed on one latency batch."""
+    rows = []
+    for guidance in cfg.guidance:
+        for steps in cfg.steps:
+            per_seed: dict[str, list[float]] = {}
+            grid = f"grid_{label}_{steps}steps_w{guidance:g}.png"
+            for seed in range(cfg.seeds):
+                bar.set_postfix_str(f"{label} steps={steps} w={guidance:g} seed={seed}")
+                scored = world.score(pipe, cfg.num, steps, guidance, seed, cfg.batch_size)
+                for key, value in scored.metrics.items():
+                    per_seed.setdefault(key, []).append(value)
+                if seed == 0:
+                    save_grid(scored.grid, out_dir / grid, nrow=scored.nrow, upscale=scored.upscale)
+                bar.update(1)
+            call = world.latency_call(steps, guidance, cfg.latency_batch)
+            speed = measure_speed(pipe, call, cfg.latency_batch, torch.device(cfg.device), cfg.warmup, cfg.repeats)
+            median = statistics.median(speed.times_ms)
+            fids = per_seed.get("fid", [])
+            rows.append(
+                Row(
+                    model=label,
+                    steps=steps,
+                    nfe=speed.nfe,
+                    guidance=guidance,
+                    fid=_mean(fids),
+                    fid_std=statistics.stdev(fids) if len(fids) > 1 else 0.0,
+                    latency_ms=median,
+                    latency_ms_p90=percentile(speed.times_ms, 0.9),
+                    latency_ms_per_image=median / cfg.latency_batch,
+                    peak_mem_mb=speed.peak_mem_mb,
+                    num_samples=cfg.num,
+                    fid_train=_mean(per_seed.get("fid_train", [])),
+                    accuracy=_mean(per_seed.get("accuracy", [])),
+                    diversity=_mean(per_seed.get("diversity", [])),
+                    clip_score=_mean(per_seed.get("clip_score", [])),
+                    fid_seeds=fids,
+                    fid_train_seeds=per_seed.get("fid_train", []),
+                    grid=grid,
+                    source=source,
+                )
+            )
+    return rows
+
+
+def merge_rows(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Old rows not measured again, then the new ones (same source, steps and guidance replace)."""
+    keys = {(r["source"], r["steps"], r["guidance"]) for r in new}
+    return [r for r in old if (r["source"], r["steps"], r["guidance"]) not in keys] + new
+
+
+def run_bench(
+    sources: Sequence[str], report_dir: Path, cfg: BenchConfig, text: TextOptions | None = None
+) -> dict[str, Any]:
+    """Benchmark every source and write report.json, report.md, grids and plots to ``report_dir`` atomically."""
+    from ..worlds.digits.pipeline import DigitsPipeline
+
+    cfg.validate()
+    for source in sources:  # every input checked before any work starts
+        resolve_source(source)
+    check_writable_parent(report_dir, "report.json")
+    pipes = [load_pipeline(source, device=cfg.device) for source in sources]
+    digits = [isinstance(p, DigitsPipeline) for p in pipes]
+    if any(digits) and not all(digits):
+        raise FewstepError("bench either digits-world pipelines or text-to-image pipelines in one report, not both")
+    world = DigitsWorld() if all(digits) else TextWorld.load(pipes[0], text or TextOptions())
+    total = len(sources) * len(cfg.guidance) * len(cfg.steps) * cfg.seeds
+    with atomic_dir(report_dir, "report.json", keep_existing=True) as tmp:
+        old = json.loads((tmp / "report.json").read_text()) if (tmp / "report.json").is_file() else {}
+        keys = [source_key(s) for s in sources]
+        labels = unique_labels(keys, {r["model"]: r["source"] for r in old.get("rows", [])})
+        rows: list[Row] = []
+        with tqdm(total=total, desc="bench", disable=not cfg.progress) as bar:
+            for pipe, key in zip(pipes, keys, strict=True):
+                rows += bench_model(pipe, key, labels[key], world, cfg, tmp, bar)
+        reference = world.reference(cfg.num, cfg.floor_subsets)
+        for row in rows:  # each row keeps the floor of its own sample count
+            row.fid_floor = reference["real_fid_floor"]
+        report = {
+            "rows": merge_rows(old.get("rows", []), [asdict(row) for row in rows]),
+            "reference": reference,
+            "config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()},
+            "env": environment(torch.device(cfg.device)),
+        }
+        write_report(report, tmp)
+    return report

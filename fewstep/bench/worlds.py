@@ -1,0 +1,143 @@
+"""What a bench measures quality against. Each world generates ``num`` samples for one (steps, guidance, seed),
+scores them, and says how to call the pipeline for a latency batch:
+
+- ``DigitsWorld``: class-balanced conditional samples; FID against the held-out and the train split, class accuracy,
+  per-class diversity.
+- ``TextWorld``: prompts from a file; CLIP score (open_clip, local weights) and FID against a reference folder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..errors import FewstepError
+from ..worlds.digits.data import NUM_CLASSES, balanced_labels, load_split
+from .metrics import DigitsMetrics, FeatureFID, to_unit
+
+
+@dataclass
+class Scored:
+    """One seed's samples: metric values, and the images (with their grid layout) to show."""
+
+    metrics: dict[str, float]
+    grid: Tensor
+    nrow: int
+    upscale: int
+
+
+def generate_digits(pipe: Any, num: int, steps: int, guidance: float, seed: int, batch: int) -> tuple[Tensor, Tensor]:
+    """``num`` class-balanced samples (N, 1, 8, 8) in [0, 1] and their labels, one generator per seed."""
+    labels = balanced_labels(num)
+    gen = torch.Generator().manual_seed(seed)
+    images = torch.cat([
+        pipe(class_labels=chunk, num_inference_steps=steps, guidance_scale=guidance, generator=gen).images.cpu()
+        for chunk in labels.split(batch)
+    ])  # fmt: skip
+    return images, labels
+
+
+def by_class(images: Tensor, labels: Tensor, per_class: int | None = None) -> Tensor:
+    """Images reordered class by class (one grid row per class), at most ``per_class`` of each."""
+    return torch.cat([images[labels == c][:per_class] for c in range(NUM_CLASSES)])
+
+
+@dataclass
+class DigitsWorld:
+    metrics: DigitsMetrics = field(default_factory=DigitsMetrics.load)
+
+    def score(self, pipe: Any, num: int, steps: int, guidance: float, seed: int, batch: int) -> Scored:
+        images, labels = generate_digits(pipe, num, steps, guidance, seed, batch)
+        values = {
+            "fid": self.metrics.fid_held_out(images),
+            "fid_train": self.metrics.fid_train(images),
+            "accuracy": self.metrics.accuracy(images, labels),
+            "diversity": self.metrics.diversity(images, labels),
+        }
+        return Scored(values, by_class(images, labels, NUM_CLASSES), nrow=NUM_CLASSES, upscale=4)
+
+    def latency_call(self, steps: int, guidance: float, batch: int) -> dict[str, Any]:
+        return {"class_labels": balanced_labels(batch), "num_inference_steps": steps, "guidance_scale": guidance}
+
+    def reference(self, num: int, subsets: int) -> dict[str, Any]:
+        floor, floor_std, floor_count = self.metrics.floor(num, subsets=subsets)
+        train = load_split("train")
+        return {
+            "real_fid_floor": floor,
+            "real_fid_floor_std": floor_std,
+            "real_fid_floor_subsets": subsets,
+            "floor_num_samples": floor_count,
+            "held_out_vs_train_fid": self.metrics.fid_train(to_unit(load_split("held_out").images)),
+            "real_diversity": self.metrics.diversity(to_unit(train.images), train.labels),
+            "evaluator": "digits CNN, 128-d penultimate features",
+        }
+
+
+@dataclass(frozen=True)
+class TextOptions:
+    """Inputs of a text-to-image bench: prompts file, ``ARCH:CHECKPOINT`` for CLIP, a reference image folder."""
+
+    prompts: str | None = None
+    clip: str | None = None
+    reference: str | None = None
+    fid_features: str = "inception"
+
+
+@dataclass
+class TextWorld:
+    options: TextOptions
+    prompts: list[str]
+    clip: Any = None  # ClipScorer
+    fid: FeatureFID | None = None
+
+    @classmethod
+    def load(cls, pipe: Any, options: TextOptions) -> TextWorld:
+        from ..training.prompts import read_prompts
+        from .clip import ClipScorer
+        from .metrics import reference_fid
+
+        if options.prompts is None:
+            raise FewstepError(f"{type(pipe).__name__} is a text-to-image pipeline: pass --prompts FILE")
+        world = cls(options, read_prompts(options.prompts))
+        if options.clip:
+            world.clip = ClipScorer.load(options.clip)
+        if options.reference:
+            probe = pipe(prompt=world.prompts[:1], num_inference_steps=1, output_type="pt").images
+            world.fid = reference_fid(options.reference, options.fid_features, tuple(probe.shape[-2:]))
+        if world.clip is None and world.fid is None:
+            raise FewstepError("nothing to measure quality with: pass --clip ARCH:CHECKPOINT and/or --reference DIR")
+        return world
+
+    def cycled(self, num: int) -> list[str]:
+        return [self.prompts[i % len(self.prompts)] for i in range(num)]
+
+    def score(self, pipe: Any, num: int, steps: int, guidance: float, seed: int, batch: int) -> Scored:
+        prompts = self.cycled(num)
+        gen = torch.Generator().manual_seed(seed)
+        images = torch.cat([
+            pipe(prompt=prompts[i : i + batch], num_inference_steps=steps, guidance_scale=guidance, generator=gen,
+                 output_type="pt").images.float().cpu()
+            for i in range(0, num, batch)
+        ])  # fmt: skip
+        values = {}
+        if self.fid is not None:
+            values["fid"] = self.fid(images)
+        if self.clip is not None:
+            values["clip_score"] = self.clip(images, prompts)
+        return Scored(values, images[:16], nrow=4, upscale=1)
+
+    def latency_call(self, steps: int, guidance: float, batch: int) -> dict[str, Any]:
+        return {"prompt": self.cycled(batch), "num_inference_steps": steps, "guidance_scale": guidance}
+
+    def reference(self, num: int, subsets: int) -> dict[str, Any]:
+        return {
+            "real_fid_floor": None,  # one reference set gives no real-vs-real floor
+            "reference_dir": self.options.reference,
+            "fid_features": self.options.fid_features if self.options.reference else None,
+            "clip": self.options.clip,
+            "prompts": self.options.prompts,
+            "num_prompts": len(self.prompts),
+        }

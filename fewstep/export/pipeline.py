@@ -1,0 +1,145 @@
+"""Choosing the scheduler an exported pipeline ships: a stock diffusers scheduler when it reproduces the sampling plan
+exactly, else ``FewStepScheduler``, which reproduces any plan.
+
+"Reproduces" is decided numerically, not by a table of rules: both schedulers drive the ordinary diffusers sampling
+loop (``set_timesteps(n)``, then ``step`` per timestep) with the same random model and the same noise, for every step
+count the plan defines, and must end on the same sample.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..sampling import SamplingPlan
+from ..schedules import VP, Flow, NoiseSchedule
+from .scheduling_fewstep import FewStepScheduler
+
+
+def fewstep_scheduler(plans: Mapping[int, SamplingPlan], prediction: str) -> FewStepScheduler:
+    """A FewStepScheduler holding one plan per step count (all on one schedule with one gamma)."""
+    first = next(iter(plans.values()))
+    if any(p.schedule != first.schedule or p.gamma != first.gamma for p in plans.values()):
+        raise ValueError("all plans of one export must share their schedule and gamma")
+    return FewStepScheduler(
+        schedule=first.schedule.config(),
+        prediction_type=prediction,
+        plan={str(n): list(p.times) for n, p in plans.items()},
+        gamma=first.gamma,
+    )
+
+
+class _RandomModel:
+    """A fixed smooth random function of (x, timestep), standing in for any network."""
+
+    def __init__(self, shape: Sequence[int], seed: int = 0):
+        gen = torch.Generator().manual_seed(seed)
+        numel = int(torch.tensor(shape[1:]).prod())
+        self.weight = torch.randn(numel, numel, generator=gen, dtype=torch.float64) / numel**0.5
+        self.freq = torch.randn(numel, generator=gen, dtype=torch.float64)
+
+    def __call__(self, x: Tensor, timestep: Tensor) -> Tensor:
+        flat = x.double().flatten(1)
+        t = torch.as_tensor(timestep, dtype=torch.float64).reshape(-1, 1)
+        return torch.tanh(flat @ self.weight + torch.sin(1e-2 * t * self.freq)).reshape(x.shape)
+
+
+def run_loop(scheduler: Any, steps: int, model: _RandomModel, noise: Tensor, seed: int = 0) -> Tensor:
+    """The plain diffusers sampling loop, as pipelines write it."""
+    scheduler.set_timesteps(steps)
+    x = noise * getattr(scheduler, "init_noise_sigma", 1.0)
+    gen = torch.Generator().manual_seed(seed)
+    for t in scheduler.timesteps:
+        x = scheduler.step(model(x, t), t, x, generator=gen, return_dict=False)[0]
+    return x
+
+
+def reproduces(candidate: Any, reference: Any, step_counts: Iterable[int], atol: float = 1e-4) -> bool:
+    """Whether ``candidate`` ends every sampling loop where ``reference`` does (same model, same noise).
+
+    atol allows for diffusers keeping its alpha tables in float32 (ours are float64).
+    """
+    shape = (2, 1, 3, 3)
+    model = _RandomModel(shape)
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    for n in step_counts:
+        try:
+            out = run_loop(candidate, n, model, noise)
+        except (ValueError, IndexError, RuntimeError):  # e.g. SCMScheduler refuses step counts it has no plan for
+            return False
+        if not torch.allclose(out.double(), run_loop(reference, n, model, noise).double(), atol=atol, rtol=0):
+            return False
+    return True
+
+
+def stock_candidates(schedule: NoiseSchedule, prediction: str, gamma: float) -> list[Any]:
+    """Stock diffusers schedulers that could express a plan on this schedule with this re-noise rule."""
+    import diffusers
+
+    if isinstance(schedule, Flow) and prediction == "flow" and gamma == 0.0:
+        return [diffusers.FlowMatchEulerDiscreteScheduler(shift=schedule.shift)]
+    # SCMScheduler is no candidate: its timesteps end with 0 and only SanaSprintPipeline's loop (timesteps[:-1])
+    # drives it, so it is not a drop-in for the plain loop; TrigFlow plans export FewStepScheduler.
+    if isinstance(schedule, VP) and prediction in ("epsilon", "v_prediction", "sample"):
+        betas = dict(
+            beta_schedule=schedule.beta_schedule,
+            beta_start=schedule.beta_start,
+            beta_end=schedule.beta_end,
+            num_train_timesteps=schedule.num_train_timesteps,
+            prediction_type=prediction,
+        )
+        if gamma == 1.0:  # TCD is no candidate: its gamma is a step() argument the plain loop never passes
+            return [diffusers.LCMScheduler(**betas)]
+        if gamma == 0.0:
+            return [
+                diffusers.DDIMScheduler(**betas, clip_sample=False, set_alpha_to_one=True, timestep_spacing="trailing")
+            ]
+    return []
+
+
+def scheduler_for_plan(plans: Mapping[int, SamplingPlan], prediction: str) -> Any:
+    """The stock scheduler that reproduces every plan exactly, if one does; else a FewStepScheduler."""
+    reference = fewstep_scheduler(plans, prediction)
+    first = next(iter(plans.values()))
+    for candidate in stock_candidates(first.schedule, prediction, first.gamma):
+        if reproduces(candidate, reference, plans):
+            return candidate
+    return reference
+
+
+def export_pipeline(pipe: Any, model: torch.nn.Module, scheduler: Any, output: Any) -> Any:
+    """Write ``pipe`` with its backbone replaced by ``model`` and its scheduler by ``scheduler`` as a plain diffusers
+    folder (``save_pretrained``), atomically; ``DiffusionPipeline.from_pretrained(output)`` loads it back."""
+    from pathlib import Path
+
+    from ..io import atomic_dir
+    from ..teacher import backbone_slot
+
+    slot = backbone_slot(pipe)
+    components = {**pipe.components, slot: model, "scheduler": scheduler}
+    student = type(pipe)(**components)
+    with atomic_dir(Path(output), "model_index.json") as tmp:
+        student.save_pretrained(tmp)
+    return Path(output)
+
+
+def export_lora(pipe: Any, model: torch.nn.Module, output: Any) -> Any:
+    """Write the peft LoRA adapter of ``model`` (the pipeline's unet or transformer) so that
+    ``pipe.load_lora_weights(output)`` on the base pipeline reproduces it."""
+    from pathlib import Path
+
+    from peft.utils import get_peft_model_state_dict
+
+    from ..io import atomic_dir
+    from ..teacher import backbone_slot
+
+    slot = backbone_slot(pipe)
+    layers = get_peft_model_state_dict(model)  # peft key format: load_lora_weights reads it for every layer type
+    if not layers:
+        raise ValueError("the model carries no LoRA adapter to export")
+    with atomic_dir(Path(output), "pytorch_lora_weights.safetensors") as tmp:
+        type(pipe).save_lora_weights(tmp, **{f"{slot}_lora_layers": layers})
+    return Path(output)

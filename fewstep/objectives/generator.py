@@ -1,0 +1,69 @@
+"""The few-step generator the distribution-matching recipes train (SiD, TDM, Phased DMD): a copy of the teacher (or a
+LoRA on it) that predicts x0 in the teacher's own time and is sampled by a plan (predict x0, re-noise).
+
+Training draws the generator's output the way its sampler makes it (backward simulation, DMD2 Sec. 4.5): k steps of
+an n-step plan without gradient, then the k-th x0 with gradient. k uniform over the plan's steps is SiD's uniform
+mixture over the generation steps (Zhou et al. 2025); TDM trains every segment the same way.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..sampling import Denoise, SamplingPlan, euler_times, plan_state
+from ..schedules import NoiseSchedule
+from ..teacher import Denoiser
+
+
+def uniform_plans(schedule: NoiseSchedule, steps: Sequence[int], gamma: float) -> dict[int, SamplingPlan]:
+    """n-step plans at the teacher's n-step Euler times without the final t_min (1, 0.75, 0.5, 0.25 for 4 steps on
+    an unshifted flow; 999, 749.25, ... on a DDPM grid, as TDM's 4 segments of its 1000-step grid)."""
+    return {n: SamplingPlan(schedule, tuple(euler_times(schedule, n)[:-1]), gamma) for n in steps}
+
+
+def student_network(teacher: nn.Module, lora_rank: int = 0) -> nn.Module:
+    """The generator's network, initialized from the teacher's: a trainable full copy in eval mode (no dropout, no
+    DiT label dropping), or (``lora_rank`` > 0) a frozen copy with a fresh LoRA adapter."""
+    model = copy.deepcopy(teacher)
+    if lora_rank > 0:
+        from ..training.lora import add_lora
+
+        model = add_lora(model, lora_rank)
+    else:
+        model.requires_grad_(True)
+    return model.eval()
+
+
+class FewStepGenerator:
+    """A Denoiser of the teacher's kind around a trainable network, with its sampling plans."""
+
+    def __init__(self, teacher: Denoiser, model: nn.Module, plans: dict[int, SamplingPlan]):
+        self.model = model
+        self.denoiser = teacher.with_model(model)
+        self.plans = plans
+
+    def bind(self, cond: dict[str, Any]) -> Denoise:
+        return lambda x, t: self.denoiser(x, t, cond)
+
+    def draw(self, n_choices: Sequence[int] | None = None) -> tuple[SamplingPlan, int]:
+        """A plan (n uniform over ``n_choices``, default every plan) and a step k uniform over its n steps."""
+        choices = list(n_choices or self.plans)
+        plan = self.plans[choices[int(torch.randint(len(choices), ()))]]
+        return plan, int(torch.randint(plan.steps, ()))
+
+    def simulate(self, cond: dict[str, Any], noise: Tensor, plan: SamplingPlan, k: int) -> tuple[Tensor, Tensor]:
+        """(x_{t_k}, t_k): the generator's own input at the plan's k-th time, run without gradient from ``noise``."""
+        with torch.no_grad():
+            x = plan_state(self.bind(cond), plan, noise, k)
+        return x, torch.full((x.shape[0],), plan.times[k], dtype=x.dtype, device=x.device)
+
+    def sample(self, cond: dict[str, Any], noise: Tensor, plan: SamplingPlan, k: int) -> tuple[Tensor, Tensor, Tensor]:
+        """(x_{t_k}, t_k, x0_G): backward simulation to the k-th time, then the generator's x0 there (with gradient
+        where the caller records one)."""
+        x, t = self.simulate(cond, noise, plan, k)
+        return x, t, self.denoiser(x, t, cond)

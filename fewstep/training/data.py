@@ -1,0 +1,153 @@
+"""Training batches for recipes: batch k is a pure function of k (so data order survives a resume).
+
+- ``DigitsBatches``: the embedded digits train split with class labels; the unconditional branch is DiT's null class.
+- ``PromptBatches``: cached prompt conditions of a text-to-image teacher, each with an x0 latent. Image-free by
+  default: the x0 are the teacher's own samples for those prompts (its Euler sampler, computed once and cached);
+  with ``data.images`` (``--data DIR``) they are captioned real images encoded by the teacher's VAE (image_data.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ..recipes.base import Batch
+from ..sampling import euler_sample, euler_times
+from ..teacher import Denoiser
+from .trainer import DataStream
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where a text-to-image run's conditions and x0 come from (the digits world ignores it)."""
+
+    prompts: str | None = None  # text file, JSONL or parquet (``prompt_field``)
+    images: str | None = None  # a folder of captioned images (``--data``): real x0 instead of the teacher's samples
+    prompt_field: str = "prompt"
+    negative_prompt: str = ""  # the unconditional branch of guidance
+    image_free: bool = False  # digits: train on the teacher's own samples instead of the train split
+    num_teacher_samples: int = 2000  # digits, image-free: how many (class-balanced)
+    teacher_steps: int = 25  # Euler steps of the teacher's samples that stand in for images
+    teacher_guidance: float = 4.5  # guidance of those samples
+    seed: int = 0
+
+
+def null_class_of(model: Any) -> int:
+    """The label index a class-conditional DiT reserves for the unconditional branch (its extra embedding row)."""
+    return int(model.config.num_embeds_ada_norm)
+
+
+class DigitsBatches:
+    """Class-labelled digits from the train split, in a seeded per-epoch order."""
+
+    def __init__(self, null_class: int, batch_size: int, seed: int = 0):
+        from ..worlds.digits.data import load_split
+
+        train = load_split("train")
+        self.stream = DataStream([train.images, train.labels], batch_size=batch_size, seed=seed)
+        self.null_class = null_class
+
+    def __call__(self, index: int) -> Batch:
+        x0, labels = self.stream.batch(index)
+        return Batch(x0, {"class_labels": labels}, {"class_labels": torch.full_like(labels, self.null_class)})
+
+
+@torch.no_grad()
+def teacher_samples(
+    teacher: Denoiser, cond: dict[str, Tensor], uncond: dict[str, Tensor], shape: tuple[int, ...],
+    guidance: float, steps: int, seed: int, batch: int = 16, progress: bool = True,
+) -> Tensor:  # fmt: skip
+    """One x0 per condition row: the teacher's guided Euler sampler from seeded noise."""
+    n = next(iter(cond.values())).shape[0]
+    gen = torch.Generator().manual_seed(seed)
+    noise = torch.randn((n, *shape), generator=gen)
+    times = euler_times(teacher.native, steps)
+    out = []
+    for i in tqdm(range(0, n, batch), desc="teacher samples", disable=not progress):
+        part = {k: v[i : i + batch] for k, v in cond.items()}
+        denoise = lambda x, t, part=part: teacher.guided(x, t, part, uncond, guidance)  # noqa: E731
+        out.append(euler_sample(denoise, teacher.native, noise[i : i + batch], times))
+    return torch.cat(out)  # type: ignore[arg-type]
+
+
+class PromptBatches:
+    """Rows of (x0, condition) drawn in a seeded per-epoch order; uncond is one shared row. Conditions are prompt
+    embeddings (text-to-image) or class labels (digits, image-free)."""
+
+    def __init__(self, x0: Tensor, cond: dict[str, Tensor], uncond: dict[str, Tensor], batch_size: int, seed: int = 0):
+        self.x0, self.cond, self.uncond = x0, cond, uncond
+        self.stream = DataStream([torch.arange(len(x0))], batch_size=batch_size, seed=seed)
+
+    @classmethod
+    def for_teacher(
+        cls, pipe: Any, teacher: Denoiser, source: str, cfg: DataConfig, batch_size: int, seed: int, cache_dir: Path
+    ) -> PromptBatches:
+        from ..errors import FewstepError
+        from ..io import cached_tensors
+        from .prompts import read_prompts
+        from .text import cache_key, cached_prompt_conditions, latent_shape
+
+        if cfg.images is not None:
+            return cls.for_images(pipe, teacher, source, cfg, batch_size, seed, cache_dir)
+        if cfg.prompts is None:
+            raise FewstepError(f"{type(pipe).__name__} is a text-to-image teacher: pass --prompts FILE or --data DIR")
+        prompts = read_prompts(cfg.prompts, cfg.prompt_field)
+        cond, uncond = cached_prompt_conditions(pipe, source, prompts, cfg.negative_prompt, cache_dir)
+        settings = f"{cfg.negative_prompt}|{cfg.teacher_steps}|{cfg.teacher_guidance}|{cfg.seed}"
+        key = cache_key(source, prompts, settings)
+        shape = latent_shape(teacher.model)
+        x0 = cached_tensors(
+            cache_dir / f"teacher-samples-{key}.safetensors",
+            lambda: {"x0": teacher_samples(teacher, cond, uncond, shape, cfg.teacher_guidance, cfg.teacher_steps,
+                                           cfg.seed)},
+        )["x0"]  # fmt: skip
+        return cls(x0, cond, uncond, batch_size, seed)
+
+    @classmethod
+    def for_images(
+        cls, pipe: Any, teacher: Denoiser, source: str, cfg: DataConfig, batch_size: int, seed: int, cache_dir: Path
+    ) -> PromptBatches:
+        """Captioned real images: x0 from the teacher's VAE, conditions from the captions (both cached)."""
+        from ..io import cached_tensors
+        from .image_data import encode_images, folder_digest, read_captioned_images
+        from .text import cached_prompt_conditions, latent_shape
+
+        assert cfg.images is not None
+        pairs = read_captioned_images(cfg.images, cfg.prompt_field)
+        paths, captions = [p for p, _ in pairs], [c for _, c in pairs]
+        cond, uncond = cached_prompt_conditions(pipe, source, captions, cfg.negative_prompt, cache_dir)
+        shape = latent_shape(teacher.model)
+        key = hashlib.sha256(f"{source}|{folder_digest(pairs)}|{cfg.seed}".encode()).hexdigest()[:16]
+        x0 = cached_tensors(
+            cache_dir / f"image-latents-{key}.safetensors", lambda: {"x0": encode_images(pipe, paths, shape, cfg.seed)}
+        )["x0"]
+        return cls(x0, cond, uncond, batch_size, seed)
+
+    @classmethod
+    def digits_image_free(
+        cls, teacher: Denoiser, null_class: int, cfg: DataConfig, batch_size: int, seed: int, cache_dir: Path
+    ) -> PromptBatches:
+        """Class-balanced teacher samples of the digits world (its Euler sampler at ``cfg.teacher_guidance``)."""
+        from ..io import cached_tensors
+        from ..worlds.digits.data import RESOLUTION, balanced_labels
+
+        labels = balanced_labels(cfg.num_teacher_samples)
+        cond, uncond = {"class_labels": labels}, {"class_labels": torch.tensor([null_class])}
+        key = f"{cfg.num_teacher_samples}-{cfg.teacher_steps}-{cfg.teacher_guidance}-{cfg.seed}"
+        shape = (1, RESOLUTION, RESOLUTION)
+        x0 = cached_tensors(
+            cache_dir / f"digits-teacher-samples-{key}.safetensors",
+            lambda: {"x0": teacher_samples(teacher, cond, uncond, shape, cfg.teacher_guidance, cfg.teacher_steps,
+                                           cfg.seed, 500)},
+        )["x0"]  # fmt: skip
+        return cls(x0.clamp(-1, 1), cond, uncond, batch_size, seed)
+
+    def __call__(self, index: int) -> Batch:
+        (idx,) = self.stream.batch(index)
+        return Batch(self.x0[idx], {k: v[idx] for k, v in self.cond.items()}, dict(self.uncond))

@@ -1,0 +1,102 @@
+"""The bench harness end to end on a small random digits pipeline, plus its measuring pieces."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from fewstep.bench.measure import count_nfe, percentile
+from fewstep.bench.run import BenchConfig, merge_rows, run_bench
+from fewstep.worlds.digits.pipeline import DigitsPipeline
+
+ROW_KEYS = {
+    "model": str, "steps": int, "nfe": int, "guidance": float, "fid": float, "fid_std": float, "fid_train": float,
+    "accuracy": float, "latency_ms": float, "latency_ms_p90": float, "peak_mem_mb": float, "num_samples": int,
+}  # fmt: skip
+
+
+def small(**kw: object) -> BenchConfig:
+    base = dict(num=40, seeds=2, batch_size=40, latency_batch=10, repeats=2, floor_subsets=2, progress=False)
+    return BenchConfig(**{**base, **kw})  # type: ignore[arg-type]
+
+
+def test_bench_writes_every_report_file(random_digits: Path, tmp_path: Path) -> None:
+    report_dir = tmp_path / "report"
+    report = run_bench([str(random_digits)], report_dir, small(steps=(1, 2), guidance=(1.0, 2.0)))
+    names = {p.name for p in report_dir.iterdir()}
+    assert {
+        "report.json",
+        "report.md",
+        "quality_vs_nfe.png",
+        "quality_vs_latency.png",
+        "guidance_tradeoff.png",
+    } <= names
+    on_disk = json.loads((report_dir / "report.json").read_text())
+    assert on_disk["rows"] == json.loads(json.dumps(report["rows"]))
+    assert len(on_disk["rows"]) == 4
+    for row in on_disk["rows"]:
+        for key, kind in ROW_KEYS.items():
+            assert isinstance(row[key], kind), (key, row[key])
+        assert (report_dir / row["grid"]).is_file()
+        assert row["nfe"] == row["steps"] * (1 if row["guidance"] == 1.0 else 2)  # CFG counted
+        assert len(row["fid_seeds"]) == 2 and row["fid"] == pytest.approx(sum(row["fid_seeds"]) / 2)
+        assert row["latency_ms_p90"] >= row["latency_ms"] > 0
+        assert 0.0 <= row["accuracy"] <= 1.0 and row["diversity"] > 0.0
+    assert isinstance(on_disk["reference"]["real_fid_floor"], float)
+    assert on_disk["reference"]["real_diversity"] > 0.0
+    assert on_disk["env"]["torch"] == torch.__version__
+    assert "| random-digits | 2 |" in (report_dir / "report.md").read_text()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folders left
+
+
+def test_bench_merges_rows_into_existing_report(random_digits: Path, tmp_path: Path) -> None:
+    report_dir = tmp_path / "report"
+    run_bench([str(random_digits)], report_dir, small(steps=(1,), seeds=1))
+    run_bench([str(random_digits)], report_dir, small(steps=(1, 3), seeds=1))
+    rows = json.loads((report_dir / "report.json").read_text())["rows"]
+    assert sorted(r["steps"] for r in rows) == [1, 3]
+
+
+def test_merge_rows_replaces_same_key() -> None:
+    old = [{"source": "/a", "steps": 1, "guidance": 1.0, "fid": 9.0}, {"source": "/b", "steps": 1, "guidance": 1.0}]
+    new = [{"source": "/a", "steps": 1, "guidance": 1.0, "fid": 5.0}]
+    merged = merge_rows(old, new)
+    assert [r["source"] for r in merged] == ["/b", "/a"] and merged[1]["fid"] == 5.0
+
+
+def test_count_nfe_counts_batched_cfg_twice(random_digits: Path) -> None:
+    pipe = DigitsPipeline.from_pretrained(random_digits)
+    pipe.set_progress_bar_config(disable=True)
+    with count_nfe(pipe.transformer, batch=4) as nfe:
+        pipe(class_labels=[0, 1, 2, 3], num_inference_steps=3, guidance_scale=1.5)
+    assert nfe[0] == 6
+
+
+def test_percentile_matches_torch() -> None:
+    values = [3.0, 1.0, 4.0, 1.5, 9.0, 2.6]
+    for q in (0.0, 0.5, 0.9, 1.0):
+        assert percentile(values, q) == pytest.approx(float(torch.quantile(torch.tensor(values), q)))
+
+
+def test_folders_with_the_same_name_keep_separate_rows(random_digits: Path, tmp_path: Path) -> None:
+    import shutil
+
+    twin = tmp_path / "other" / random_digits.name
+    shutil.copytree(random_digits, twin)
+    report_dir = tmp_path / "report"
+    run_bench([str(random_digits), str(twin)], report_dir, small(steps=(1,), seeds=1))
+    run_bench([str(random_digits)], report_dir, small(steps=(1,), seeds=1))  # re-bench one of them
+    rows = json.loads((report_dir / "report.json").read_text())["rows"]
+    assert len(rows) == 2 and len({r["model"] for r in rows}) == 2 and len({r["grid"] for r in rows}) == 2
+    assert all(r["fid_floor"] is not None for r in rows)
+
+
+def test_unique_labels() -> None:
+    from fewstep.bench.run import unique_labels
+
+    labels = unique_labels(["/x/a/student", "/x/b/student", "digits"], taken={})
+    assert labels == {"/x/a/student": "student", "/x/b/student": "b-student", "digits": "digits-teacher"}
+    assert unique_labels(["/x/b/student"], taken={"b-student": "/x/b/student"}) == {"/x/b/student": "b-student"}

@@ -1,0 +1,149 @@
+"""The LCM recipe: boundary condition, target-network EMA, the plan's times, LoRA variant, and a training step."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from fewstep.errors import FewstepError
+from fewstep.loading import load_denoiser
+from fewstep.recipes.lcm import LCM, LCMConfig
+from fewstep.training.data import DigitsBatches, null_class_of
+from fewstep.training.trainer import TrainConfig, Trainer
+
+FIXED_W = {"w_min": 1.0, "w_max": 1.0}
+
+
+def test_consistency_function_is_the_identity_at_the_boundary(random_digits: Path) -> None:
+    teacher, _ = load_denoiser(str(random_digits))
+    recipe = LCM(teacher, LCMConfig(**FIXED_W))
+    x = torch.randn(3, 1, 8, 8)
+    cond = {"class_labels": torch.arange(3)}
+    t0 = torch.zeros(3)
+    torch.testing.assert_close(recipe.f(recipe.student, x, t0, cond), x)
+    t = torch.full((3,), 0.5)  # away from it, f is the x0 estimate up to c_skip ~ 1e-8
+    torch.testing.assert_close(recipe.f(recipe.student, x, t, cond), recipe.student(x, t, cond), atol=1e-6, rtol=0)
+
+
+def test_plan_takes_every_kth_grid_time_as_lcm_scheduler(random_digits: Path) -> None:
+    teacher, _ = load_denoiser(str(random_digits))
+    plans = LCM(teacher, LCMConfig(**FIXED_W)).plan()
+    # flow teacher without shift: the 50-point grid is 1, 0.98, ...; indices floor(linspace(0, 50, n)) as LCMScheduler
+    assert plans[1].times == pytest.approx((1.0,))
+    assert plans[2].times == pytest.approx((1.0, 0.5))
+    assert plans[4].times == pytest.approx((1.0, 0.76, 0.5, 0.26))
+    assert all(p.gamma == 1.0 for p in plans.values())
+
+
+def test_training_moves_the_student_and_the_target_follows_by_ema(random_digits: Path, tmp_path: Path) -> None:
+    teacher, _ = load_denoiser(str(random_digits))
+    frozen = [p.detach().clone() for p in teacher.model.parameters()]
+    recipe = LCM(teacher, LCMConfig(**FIXED_W, lr=1e-3))
+    target_before = [p.detach().clone() for p in recipe.target_model.parameters()]
+    data = DigitsBatches(null_class_of(teacher.model), batch_size=8)
+    trainer = Trainer(recipe, TrainConfig(max_steps=1, batch_size=8, progress=False), tmp_path, data)
+    history = trainer.fit()
+    assert len(history) == 1 and torch.isfinite(torch.tensor(history[0]["student"]))
+    assert all(torch.equal(a, b) for a, b in zip(frozen, teacher.model.parameters(), strict=True))
+    mu = recipe.cfg.target_ema
+    for before, target, live in zip(target_before, recipe.target_model.parameters(), recipe.model.parameters(),
+                                    strict=True):  # fmt: skip
+        torch.testing.assert_close(target, mu * before + (1 - mu) * live)
+    assert any(not torch.equal(a, b) for a, b in zip(target_before, recipe.model.parameters(), strict=True))
+
+
+def test_lora_variant_trains_only_the_adapter_and_has_no_separate_target(random_digits: Path) -> None:
+    teacher, _ = load_denoiser(str(random_digits))
+    recipe = LCM(teacher, LCMConfig(**FIXED_W, lora_rank=4))
+    trainable = [n for n, p in recipe.model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert recipe.target_model is recipe.model and recipe.is_lora
+    batch = DigitsBatches(null_class_of(teacher.model), batch_size=4)(0)
+    recipe.loss(batch, 0)["student"].backward()
+    assert all(p.grad is None for n, p in recipe.model.named_parameters() if "lora_" not in n)
+
+
+def test_sampled_guidance_needs_a_backbone_that_embeds_it(random_digits: Path) -> None:
+    teacher, _ = load_denoiser(str(random_digits))
+    with pytest.raises(FewstepError, match="cannot embed the guidance scale"):
+        LCM(teacher, LCMConfig(w_min=2.0, w_max=4.0))
+
+
+def test_distill_resume_repeats_the_uninterrupted_run(random_digits: Path, tmp_path: Path) -> None:
+    """A run stopped at a checkpoint and resumed gives the same loss sequence as one run straight through."""
+    import json
+
+    from fewstep.distill import run_distill
+    from fewstep.training.config import merge_into
+
+    def cfg(steps: int) -> LCMConfig:
+        train = {"max_steps": steps, "batch_size": 4, "checkpoint_every": 2, "progress": False}
+        return merge_into(LCMConfig(**FIXED_W, lr=1e-3), {"train": train})
+
+    straight, parts = tmp_path / "straight", tmp_path / "parts"
+    run_distill(LCM, cfg(4), teacher=str(random_digits), output=straight, bench=False)
+    run_distill(LCM, cfg(2), teacher=str(random_digits), output=parts, bench=False)
+    with pytest.raises(FewstepError, match="already holds checkpoints"):
+        run_distill(LCM, cfg(4), teacher=str(random_digits), output=parts, bench=False)
+    run_distill(LCM, cfg(4), teacher=str(random_digits), output=parts, resume="", bench=False)
+    a = json.loads((straight / "checkpoints" / "losses.json").read_text())
+    b = json.loads((parts / "checkpoints" / "losses.json").read_text())
+    assert [h["step"] for h in b] == [0, 1, 2, 3]
+    assert [h["student"] for h in a] == [h["student"] for h in b]
+
+
+def test_gradient_checkpointing_gives_the_same_step(random_digits: Path, tmp_path: Path) -> None:
+    """Recomputing activations in backward changes memory, not the result."""
+    results = []
+    for checkpointing in (False, True):
+        teacher, _ = load_denoiser(str(random_digits))
+        recipe = LCM(teacher, LCMConfig(**FIXED_W, lr=1e-3))
+        data = DigitsBatches(null_class_of(teacher.model), batch_size=8)
+        cfg = TrainConfig(max_steps=2, batch_size=8, progress=False, gradient_checkpointing=checkpointing)
+        trainer = Trainer(recipe, cfg, tmp_path / str(checkpointing), data)
+        assert recipe.model.gradient_checkpointing is checkpointing
+        results.append((trainer.fit(), [p.detach().clone() for p in recipe.model.parameters()]))
+    (h0, w0), (h1, w1) = results
+    assert [h["student"] for h in h0] == pytest.approx([h["student"] for h in h1], rel=1e-5)
+    for a, b in zip(w0, w1, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_image_free_digits_run_trains_on_cached_teacher_samples(random_digits: Path, tmp_path: Path) -> None:
+    from fewstep.distill import training_data
+    from fewstep.training.config import merge_into
+    from fewstep.training.data import PromptBatches
+
+    run = {
+        "train": {"max_steps": 1, "batch_size": 4, "progress": False},
+        "data": {"image_free": True, "num_teacher_samples": 20, "teacher_steps": 2, "teacher_guidance": 1.0},
+    }
+    cfg = merge_into(LCMConfig(**FIXED_W), run)
+    teacher, pipe = load_denoiser(str(random_digits))
+    data = training_data(pipe, teacher, str(random_digits), cfg, tmp_path / "cache")
+    assert isinstance(data, PromptBatches) and data.x0.shape == (20, 1, 8, 8)
+    batch = data(0)
+    assert batch.x0.shape == (4, 1, 8, 8) and batch.cond["class_labels"].shape == (4,)
+    again = training_data(pipe, teacher, str(random_digits), cfg, tmp_path / "cache")  # from the cache
+    assert torch.equal(again.x0, data.x0) and len(list((tmp_path / "cache").iterdir())) == 1
+    # the samples are the teacher's: its Euler sampler from the same seeded noise gives the same images
+    from fewstep.sampling import euler_sample, euler_times
+
+    noise = torch.randn((20, 1, 8, 8), generator=torch.Generator().manual_seed(0))
+    labels = data.cond["class_labels"]
+    with torch.no_grad():
+        ref = euler_sample(lambda x, t: teacher(x, t, {"class_labels": labels}), teacher.native, noise,
+                           euler_times(teacher.native, 2))  # fmt: skip
+    torch.testing.assert_close(data.x0, ref.clamp(-1, 1))
+
+
+def test_lora_on_a_pipeline_without_lora_support_fails_before_training(random_digits: Path, tmp_path: Path) -> None:
+    from fewstep.distill import run_distill
+    from fewstep.training.config import merge_into
+
+    cfg = merge_into(LCMConfig(**FIXED_W, lora_rank=4), {"train": {"max_steps": 1, "progress": False}})
+    with pytest.raises(FewstepError, match="cannot load LoRA weights"):
+        run_distill(LCM, cfg, teacher=str(random_digits), output=tmp_path / "run", bench=False)
+    assert not (tmp_path / "run" / "checkpoints").exists()
