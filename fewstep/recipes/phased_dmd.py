@@ -3,9 +3,16 @@
 The teacher's time range is cut at ``boundaries`` into K phases [s_{p+1}, s_p] (s_0 = t_max, s_K = t_min). Expert p
 (a copy of the teacher) carries the sampler through phase p: from x at s_p, through its share of the plan's steps,
 to the phase's end x_s at s = s_{p+1} (the last phase ends on x0). Training is progressive toward higher SNR: phase p
-trains from step p * ``phase_steps`` on, its input made by the earlier, finished experts (no gradient). Each step:
+trains from step p * ``phase_steps`` on, its input made by the earlier, finished experts (no gradient).
+
+Boundaries, plan steps and DMD times are laid out in the teacher scheduler's unshifted time u in [0, 1] and read
+through its shift, as its own sampling grid is (``scheduler_time``). LightX2V names its switch (``match_timestep``
+500) and its steps ([1000, 750, 500, 250]) in raw timesteps and reads each as the scheduler's shifted timestep
+(ModelTC/LightX2V, lightx2v_train trainers/phased_dmd/math.py ``raw_timesteps_to_sigmas``): on SD3 (shift 3) the
+switch at u = 0.5 is sigma 0.75. Each step:
   x_s: expert p's steps with gradient through all of them (no stochastic truncation within a phase)
-  t ~ U(s, s_p), x_t = a x_s + b z                        the subinterval forward (``forward_transition``)
+  t at u ~ U(u_s, u_p), x_t = a x_s + b z                 the subinterval forward (``forward_transition``); u uniform
+                                                           in unshifted time, as LightX2V draws raw timesteps
   m = E[x_s | x_t] from an x0 estimate (``dmd.subinterval_mean``; m = x0 at s = t_min)
   student: 1/2 ||x_s - sg(x_s - grad)||^2, grad = (m_fake - m_real) / mean|x_s - m_real|
   fake p:  ||m_fake - sg(x_s)||^2 / b^2                    score matching within the subinterval (rCM's 1/sigma^2
@@ -26,7 +33,7 @@ from ..errors import FewstepError
 from ..objectives.dmd import dmd_generator_loss, dmd_gradient, fake_score_network, subinterval_mean
 from ..objectives.generator import student_network
 from ..sampling import Denoise, SamplingPlan, advance, plan_state
-from ..schedules import append_dims, forward_transition, transition
+from ..schedules import Flow, NoiseSchedule, append_dims, forward_transition, transition
 from ..teacher import Denoiser
 from ..training.data import DataConfig
 from ..training.trainer import TrainConfig, ema_decay_at
@@ -35,11 +42,14 @@ from .base import Batch, OptimizerSpec, Recipe
 
 @dataclass(frozen=True)
 class PhasedDMDConfig:
-    boundaries: tuple[float, ...] = (0.5,)  # phase edges as fractions of the teacher's time range, descending
-    # (LightX2V's Wan2.1 config: two experts split at timestep 500 of 1000)
+    # phase edges, descending, as fractions of the teacher scheduler's unshifted timesteps, read through its shift
+    # (LightX2V's Wan2.1 config: two experts split at match_timestep 500 of 1000, sigma 0.75 at SD3's shift 3)
+    boundaries: tuple[float, ...] = (0.5,)
     phase_steps: int = 500  # iterations per phase before the next (higher-SNR) phase starts; the last runs on
     train_steps: tuple[int, ...] = (4,)  # plan step counts trained (each a multiple of the number of phases)
-    plan_steps: tuple[int, ...] = (2, 4)  # exported plans: 4 steps is [1000, 750, 500, 250] on a 1000-step grid
+    # exported plans, uniform in unshifted time within each phase: 4 steps is LightX2V's [1000, 750, 500, 250] read
+    # through the shift (the teacher's 4-step Euler times, as SiD's and TDM's plans)
+    plan_steps: tuple[int, ...] = (2, 4)
     gamma: float = 1.0  # re-noising between steps (fresh noise)
     guidance: float = 1.0  # the teacher's Ho-Salimans scale (LightX2V trains Wan at 5.0)
     lr: float = 1e-5  # the experts (presets set their own)
@@ -48,7 +58,8 @@ class PhasedDMDConfig:
     fake_steps: int = 5  # fake-score steps per expert step (LightX2V's fake_update_ratio)
     fake_lora_rank: int = 0  # 0: each phase's fake score is a full copy of the teacher
     lora_rank: int = 0  # > 0: experts as LoRA adapters (not exportable as one folder yet)
-    # the lowest DMD / fake-score time, as a fraction of the teacher's range (the last phase reaches t_min otherwise)
+    # the lowest DMD / fake-score time, a fraction of the teacher's unshifted range like ``boundaries`` (the last
+    # phase reaches t_min otherwise; LightX2V's score_timestep_min is 20 of 1000)
     t_floor: float = 0.0
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -72,26 +83,30 @@ class PhasedDMD(Recipe):
         self.teacher = teacher
         native = teacher.native
         teacher.model.requires_grad_(False).eval()
-        span = native.t_max - native.t_min
-        self.edges = [native.t_max, *(native.t_min + x * span for x in b), native.t_min]  # s_0 > ... > s_K
+        self.u_edges = [1.0, *b, 0.0]  # unshifted u_0 > ... > u_K
+        self.edges = [native.t_max, *(float(scheduler_time(native, x)) for x in b), native.t_min]  # s_0 > ... > s_K
         if not 0 <= cfg.t_floor < b[-1]:
             raise FewstepError(
                 f"phased_dmd: t_floor must lie in [0, {b[-1]}) (below the last boundary), got {cfg.t_floor}"
             )
-        self.t_floor = native.t_min + cfg.t_floor * span  # the lowest DMD / fake-score time, in teacher time
+        self.t_floor = float(scheduler_time(native, cfg.t_floor))  # the lowest DMD / fake-score time, teacher time
         self.experts = nn.ModuleList(student_network(teacher.model) for _ in range(k))
         self.ema_experts = copy.deepcopy(self.experts).requires_grad_(False)  # one bias-corrected EMA per expert
         self.ema_count = [0] * k
         self.students = [teacher.with_model(m) for m in self.experts]
         fakes = (fake_score_network(teacher.model, cfg.fake_lora_rank).eval() for _ in range(k))
         self.fakes = [teacher.with_model(f) for f in fakes]
-        # n / K times per phase, uniform within it (4 steps: 1, 0.75, 0.5, 0.25 of the range for two phases)
         self.plans = {n: self.phased_plan(n) for n in cfg.plan_steps}
 
     def phased_plan(self, n: int) -> SamplingPlan:
+        """n / K times per phase, uniform within it in unshifted time (4 steps, two phases: u = 1, 0.75, 0.5, 0.25,
+        LightX2V's [1000, 750, 500, 250]); each phase's first time is its edge exactly."""
         m = n // self.phases
-        phases = zip(self.edges, self.edges[1:], strict=False)
-        times = [hi - j * (hi - lo) / m for hi, lo in phases for j in range(m)]
+        times = [
+            s_hi if j == 0 else float(scheduler_time(self.teacher.native, u_hi - j * (u_hi - u_lo) / m))
+            for s_hi, u_hi, u_lo in zip(self.edges, self.u_edges, self.u_edges[1:], strict=False)
+            for j in range(m)
+        ]
         return SamplingPlan(self.teacher.native, tuple(times), self.cfg.gamma)
 
     @property
@@ -128,6 +143,7 @@ class PhasedDMD(Recipe):
             raise FewstepError("phased_dmd needs a batch shape: x0 gives it; their values are unused")
         p = self.phase_at(step)
         start, s = self.edges[p], self.edges[p + 1]
+        u_start, u_s = self.u_edges[p], self.u_edges[p + 1]
         plan = self.plans[cfg.train_steps[int(torch.randint(len(cfg.train_steps), ()))]]
         within = [t for t in plan.times if self.phase_of(t) == p]
         denoise = self.route(batch.cond)
@@ -142,8 +158,8 @@ class PhasedDMD(Recipe):
                 x_s = advance(denoise, native, x, [*within, s], cfg.gamma)
         b = x_s.shape[0]
         s_b = torch.full((b,), s, dtype=x_s.dtype)
-        lo = s_b.clamp_min(self.t_floor)
-        t = lo + (start - lo) * torch.rand(b, dtype=x_s.dtype)
+        u_lo = torch.full((b,), u_s, dtype=x_s.dtype).clamp_min(cfg.t_floor)
+        t = scheduler_time(native, u_lo + (u_start - u_lo) * torch.rand(b, dtype=x_s.dtype))
         c_s, c_t = self.coeffs(s_b, x_s), self.coeffs(t, x_s)
         x_t = forward_transition(x_s.detach(), c_s, c_t, torch.randn_like(x_s))
         fake = self.fakes[p]
@@ -188,3 +204,12 @@ class PhasedDMD(Recipe):
 
     def plan(self) -> dict[int, SamplingPlan]:
         return self.plans
+
+
+def scheduler_time(schedule: NoiseSchedule, u: Any) -> Any:
+    """The teacher's time at the fraction u in [0, 1] of its scheduler's unshifted timesteps (u = timestep / 1000 in
+    LightX2V's raw units): t_min + (t_max - t_min) u, with u first shifted for ``Flow`` (SD3, Eq. 23), as
+    ``euler_times`` lays out the teacher's own sampling grid. u is a float or a tensor; shift 1 is the identity."""
+    if isinstance(schedule, Flow):
+        u = schedule.shift_time(u)
+    return schedule.t_min + (schedule.t_max - schedule.t_min) * u
