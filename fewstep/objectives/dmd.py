@@ -28,19 +28,22 @@ from torch import Tensor, nn
 from ..schedules import Coeffs, NoiseSchedule, transition
 
 Denoise = Callable[[Tensor, Tensor], Tensor]  # (x_t, t (B,)) -> x0
-GuidanceConvention = Literal["ho", "dmd2"]
+GuidanceConvention = Literal["ho", "dmd2", "fastvideo"]
 Weighting = Literal["x0", "eps", "v"]
 
 
 def ho_scale(w: float, convention: GuidanceConvention) -> float:
     """The Ho-Salimans scale, x_u + w (x_c - x_u), of a guidance scale w written in ``convention``.
 
-    DMD2 and FastVideo write x_c + w (x_c - x_u), which is Ho-Salimans at w + 1 (DMD2's 3.5 is the usual 4.5)."""
-    if convention == "ho":
+    DMD2's own code (tianweiy/DMD2 main/sd_guidance.py, ``predict_noise``) guides in the Ho-Salimans form, so its
+    ``real_guidance_scale`` carries over unchanged. FastVideo's DMD pipeline (fastvideo/training/
+    distillation_pipeline.py, ``real_score_guidance_scale``) writes x_c + w (x_c - x_u), which is Ho-Salimans at
+    w + 1 (its 3.5 is the usual 4.5); its docs attribute that form to DMD2, which DMD2's code does not bear out."""
+    if convention in ("ho", "dmd2"):
         return w
-    if convention == "dmd2":
+    if convention == "fastvideo":
         return w + 1.0
-    raise ValueError(f"unknown guidance convention {convention!r} (ho or dmd2)")
+    raise ValueError(f"unknown guidance convention {convention!r} (ho, dmd2 or fastvideo)")
 
 
 def uniform_times(schedule: NoiseSchedule, n: int, lo: float = 0.02, hi: float = 0.98) -> Tensor:
@@ -49,12 +52,17 @@ def uniform_times(schedule: NoiseSchedule, n: int, lo: float = 0.02, hi: float =
     return schedule.t_min + (schedule.t_max - schedule.t_min) * u
 
 
+def dmd_normalizer(x0_gen: Tensor, x0_real: Tensor, tiny: float = 1e-8) -> Tensor:
+    """mean|x0_G - x0_real| per sample, (B, 1, ...) and detached: DMD2's per-sample normalizer, the one SiD and TDM
+    divide their losses by too."""
+    dims = tuple(range(1, x0_gen.ndim))
+    return (x0_gen - x0_real).detach().abs().mean(dim=dims, keepdim=True).clamp_min(tiny)
+
+
 def dmd_gradient(x0_gen: Tensor, x0_real: Tensor, x0_fake: Tensor, tiny: float = 1e-8) -> Tensor:
     """(x0_fake - x0_real) / mean|x0_G - x0_real| per sample: the direction that lowers the reverse KL of the
     student's distribution to the teacher's, normalized so its scale is the same at every noise level."""
-    dims = tuple(range(1, x0_gen.ndim))
-    scale = (x0_gen - x0_real).abs().mean(dim=dims, keepdim=True)
-    return (x0_fake - x0_real) / scale.clamp_min(tiny)
+    return (x0_fake - x0_real) / dmd_normalizer(x0_gen, x0_real, tiny)
 
 
 def dmd_generator_loss(x0_gen: Tensor, grad: Tensor) -> Tensor:
@@ -145,7 +153,8 @@ def sid_generator_loss(
 
     per sample (mean over elements here, a constant factor from SiD's sum), averaged over the batch. Unlike DMD,
     x0_real and x0_fake keep their graph to x0_G: the gradient runs through both networks' inputs (their weights are
-    frozen for this step). alpha = 1 is (x0_real - x0_fake) . (x0_fake - x0_G); SiD's default is 1.2."""
+    frozen for this step). alpha = 1 is (x0_real - x0_fake) . (x0_fake - x0_G). SiD (ICML 2024) uses alpha = 1.2 on
+    its EDM models (mingyuanzhou/SiD run_sid.sh); SiD-LSG's Stable Diffusion scripts use 1 (its run_sid.sh)."""
     dims = tuple(range(1, x0_gen.ndim))
     diff = x0_real - x0_fake
     per_sample = (diff * ((x0_real - x0_gen) - alpha * diff)).mean(dim=dims)

@@ -8,16 +8,26 @@ iteration (SiD Alg. 1 with the few-step uniform mixture):
                loss = (x0_real - x0_fake) . ((x0_real - x0_G) - alpha (x0_real - x0_fake)) / mean|x0_G - x0_real|
 No image is read: batches give conditions only (and real x0 to the optional Diffusion-GAN term).
 
-Guidance (``guidance_mode``, Ho-Salimans scales):
-  "cfg":  teacher x0_u + w (x0_c - x0_u) with w = ``guidance``; fake conditional (SiD-LSG's usual setting);
-  "zero": Zero-CFG, teacher conditional without guidance, fake unconditional (the condition removed);
-  "anti": Anti-CFG, teacher conditional, fake guided with the negative scale ``anti_guidance``.
+Guidance (``guidance_mode``; every scale in Ho-Salimans form x0_u + w (x0_c - x0_u)). Each mode trains the fake score
+at the scale the generator loss reads it at, so the branch that is read learns the generator's distribution:
+  "cfg":  teacher at w = ``guidance``, fake conditional (w = 1) when read and trained. Guides the teacher only:
+          fewstep's mode (DMD2's setting), not SiD-LSG's, whose fake is guided too;
+  "lsg":  long-short guidance (SiD-LSG, mingyuanzhou/SiD-LSG training/sid_training_loop.py): the fake trained at
+          kappa1 (cfg_train_fake), read at kappa2 = kappa3 (cfg_eval_fake), the teacher read at kappa4
+          (cfg_eval_real); SiD-LSG's scripts and released checkpoints set all four equal;
+  "zero": Zero-CFG (Zhou et al. 2025), teacher conditional without guidance, fake unconditional (read and trained
+          with the condition removed);
+  "anti": Anti-CFG (Zhou et al. 2025), teacher conditional, fake read and trained at the negative scale
+          ``anti_guidance``: its DSM loss regresses the guided combination, so both branches learn, as SiD-LSG
+          trains its guided fake.
+SiD-LSG also replaces 10% of the prompts by the empty one in the fake's step whenever kappa1 or kappa2 != 1 (the
+generator then makes those samples unconditionally); fewstep does not.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, get_args
 
 import torch
 from torch import Tensor, nn
@@ -32,17 +42,25 @@ from ..training.data import DataConfig
 from ..training.trainer import TrainConfig
 from .base import Batch, OptimizerSpec, Recipe
 
-GuidanceMode = Literal["cfg", "zero", "anti"]
+GuidanceMode = Literal["cfg", "lsg", "zero", "anti"]
+GUIDANCE_MODES: tuple[str, ...] = get_args(GuidanceMode)
 
 
 @dataclass(frozen=True)
 class SiDConfig:
-    alpha: float = 1.2  # SiD's alpha (Zhou et al. 2024: 1.2 is the paper's default)
+    # SiD's alpha: 1.2 is SiD's (ICML 2024) value on its EDM models (mingyuanzhou/SiD run_sid.sh: CIFAR-10, ImageNet
+    # 64, FFHQ); SiD-LSG's Stable Diffusion scripts use 1 (mingyuanzhou/SiD-LSG run_sid.sh), as the sd3 preset does
+    alpha: float = 1.2
     train_steps: int = 4  # the generator's n: the uniform mixture is over these steps (few-step SiD)
     plan_steps: tuple[int, ...] = (1, 2, 4)  # exported plans (1 and 2 reuse times of the 4-step plan)
     gamma: float = 1.0  # re-noising between steps: fresh noise (x_{t_k+1} = alpha x0_G + sigma z)
     guidance_mode: GuidanceMode = "cfg"
-    guidance: float = 1.0  # the teacher's Ho-Salimans scale in "cfg" mode (SiD-LSG trains SD at 4.5)
+    guidance: float = 1.0  # the teacher's scale in "cfg" mode (1: no guidance, the digits presets' setting)
+    # long-short guidance ("lsg"), SiD-LSG's flags (sid_train.py; Ho-Salimans scales, any real value): run_sid.sh sets
+    # all of them to 2 for SD 1.5 and 2.1-base; its README's released checkpoints use 1.5, 2, 3 or 4.5 for all four
+    kappa1: float = 2.0  # the fake score is trained at this scale (cfg_train_fake)
+    kappa2: float = 2.0  # the fake score is read at this scale (cfg_eval_fake: kappa2 = kappa3, one read in its code)
+    kappa4: float = 2.0  # the teacher is read at this scale (cfg_eval_real)
     anti_guidance: float = -1.0  # the fake score's scale in "anti" mode (ours; the paper's value is not public)
     lr: float = 1e-5  # the generator (SiD-LSG: 1e-6 for SD at batch 512+); presets set their own
     fake_lr: float = 1e-5  # the fake score (SiD trains both at one lr)
@@ -74,6 +92,8 @@ class SiD(Recipe):
             raise FewstepError(f"sid: train_steps {cfg.train_steps} must be one of plan_steps {cfg.plan_steps}")
         if cfg.fake_steps < 1:
             raise FewstepError("sid: fake_steps must be at least 1")
+        if cfg.guidance_mode not in GUIDANCE_MODES:
+            raise FewstepError(f"sid: unknown guidance_mode {cfg.guidance_mode!r} ({', '.join(GUIDANCE_MODES)})")
         self.cfg = cfg
         self.teacher = teacher
         teacher.model.requires_grad_(False).eval()
@@ -95,18 +115,20 @@ class SiD(Recipe):
         lr = self.cfg.fake_lr if name == "fake" else self.cfg.lr
         return OptimizerSpec(lr=lr, betas=self.cfg.betas)
 
-    def scores(self, batch: Batch) -> tuple[Any, Any]:
-        """(real, fake) as (x_t, t) -> x0 under the configured guidance mode."""
+    def guidance_scales(self) -> tuple[float, float, float]:
+        """(teacher read, fake read, fake trained): the Ho-Salimans scales of the configured guidance mode."""
         cfg = self.cfg
+        return {
+            "cfg": (cfg.guidance, 1.0, 1.0),
+            "lsg": (cfg.kappa4, cfg.kappa2, cfg.kappa1),
+            "zero": (1.0, 0.0, 0.0),
+            "anti": (1.0, cfg.anti_guidance, cfg.anti_guidance),
+        }[cfg.guidance_mode]
+
+    def scores(self, batch: Batch) -> tuple[Any, Any]:
+        """(real, fake) as (x_t, t) -> x0, as the generator loss reads them."""
         c, u = batch.cond, batch.uncond
-        if cfg.guidance_mode == "cfg":
-            real_w, fake_w = cfg.guidance, 1.0
-        elif cfg.guidance_mode == "zero":
-            real_w, fake_w = 1.0, 0.0
-        elif cfg.guidance_mode == "anti":
-            real_w, fake_w = 1.0, cfg.anti_guidance
-        else:
-            raise FewstepError(f"sid: unknown guidance_mode {cfg.guidance_mode!r} (cfg, zero or anti)")
+        real_w, fake_w, _ = self.guidance_scales()
         real = lambda x, t: self.teacher.guided(x, t, c, u, real_w)  # noqa: E731
         fake = lambda x, t: self.fake.guided(x, t, c, u, fake_w)  # noqa: E731
         return real, fake
@@ -123,10 +145,12 @@ class SiD(Recipe):
         plan, k = self.generator.draw([cfg.train_steps])
         with torch.set_grad_enabled(generator_step):
             _, _, x0_G = self.generator.sample(batch.cond, torch.randn_like(batch.x0), plan, k)
-        # the fake score learns the mixture by DSM on its detached samples (conditional, as it is read in "cfg")
-        fake_cond = lambda x, t: self.fake(x, t, batch.cond)  # noqa: E731
+        # the fake score learns the mixture by DSM on its detached samples, at its training scale (SiD-LSG's kappa1):
+        # the guided combination is what is regressed, so every branch that is read gets trained
+        fake_train_w = self.guidance_scales()[2]
+        fake_train = lambda x, t: self.fake.guided(x, t, batch.cond, batch.uncond, fake_train_w)  # noqa: E731
         t_f = uniform_times(native, b, cfg.t_min, cfg.t_max)
-        out = {"fake": fake_score_loss(x0_G, t_f, native, fake_cond, weighting=cfg.fake_weighting)}
+        out = {"fake": fake_score_loss(x0_G, t_f, native, fake_train, weighting=cfg.fake_weighting)}
         if not generator_step:
             return out
         t = uniform_times(native, b, cfg.t_min, cfg.t_max)

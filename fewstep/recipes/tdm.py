@@ -5,9 +5,14 @@ The n-step plan cuts the teacher's time range into n segments [t_{k+1}, t_k] (t_
   x_{t_k} from the student's own first k steps (deterministic DDIM, no gradient); x0_G = G(x_{t_k}, t_k)
   x_mid = DDIM(x_{t_k} -> t_{k+1} through x0_G)   the student's own ODE to the segment's end (graph kept)
   x_t = a x_mid + b z,  t ~ U(t_{k+1}, t_k)       forward-noised inside the segment
-  student: loss(x0_G, sg(x0_G - (x0_fake - x0_real))) / mean|x0_G - x0_real|, pseudo-Huber or L2
-  fake:    SNR-weighted (clipped at 5) regression of the detached x0_G at the same x_t, a LoRA on the teacher
+  student: mean(rho(x0_G - sg(x0_G - (x0_fake - x0_real))) / w),  w = sg(mean|x0_G - x0_real|) per sample,
+           rho the pseudo-Huber sqrt(d^2 + c^2) - c or the square (train_tdm_demo.py: coop = x0_G + (real - fake))
+  fake:    SNR-weighted (clipped at 5) regression of the detached x0_G at the same x_t (a full copy in the demo)
 The 4-step sampler is deterministic (gamma = 0: DDIM between plan times).
+
+The normalizer w divides the per-sample loss, outside rho: with rho the pseudo-Huber at c = 1e-3 the element gradient
+is about sign(d) / w, so samples close to the teacher weigh more. Dividing d by w inside rho instead cancels w, since
+the saturated pseudo-Huber hands every sample a unit-size sign gradient.
 """
 
 from __future__ import annotations
@@ -19,9 +24,9 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import FewstepError
-from ..objectives.dmd import dmd_gradient, fake_score_loss, fake_score_network
+from ..objectives.dmd import dmd_normalizer, fake_score_loss, fake_score_network
 from ..objectives.generator import FewStepGenerator, student_network, uniform_plans
-from ..objectives.losses import pseudo_huber
+from ..objectives.losses import mean_per_sample, pseudo_huber
 from ..sampling import SamplingPlan
 from ..schedules import append_dims, ddim_step, forward_transition
 from ..teacher import Denoiser
@@ -35,15 +40,20 @@ class TDMConfig:
     train_steps: tuple[int, ...] = (4,)  # the step counts trained (TDM's demo trains 4 segments of its grid)
     plan_steps: tuple[int, ...] = (1, 2, 4)  # exported plans
     gamma: float = 0.0  # deterministic sampling between segments (TDM's 4-step sampler)
-    guidance: float = 4.5  # the teacher's Ho-Salimans scale in the target (TDM: cfg 4.5)
-    huber_c: float | None = 1e-3  # pseudo-Huber c of the student loss (TDM's option); None: L2
+    # the teacher's Ho-Salimans scale in the target (TDM README's training command: --cfg 4.5; the script's default: 2)
+    guidance: float = 4.5
+    huber_c: float | None = 1e-3  # pseudo-Huber c of the student loss (the demo's --use_huber, c = 1e-3); None: L2
     lr: float = 1e-5  # the student (presets set their own)
     fake_lr: float = 1e-5
     betas: tuple[float, float] = (0.0, 0.999)
     fake_steps: int = 1  # fake-score steps per student step
-    fake_lora_rank: int = 64  # TDM's fake score is a LoRA on the teacher (rank 64 in its demo); 0: full copy
-    snr_clip: float = 5.0  # the fake score's SNR weight is clipped at 5 (TDM)
-    lora_rank: int = 0  # > 0: the student is a LoRA (TDM's demo trains LoRAs; exported as LoRA weights)
+    # 0: the fake score is a full copy of the teacher, as train_tdm_demo.py trains it (a second transformer, every
+    # parameter trainable); > 0: a LoRA of that rank on the frozen teacher (fewstep's option, to save memory)
+    fake_lora_rank: int = 0
+    snr_clip: float = 5.0  # the fake score's SNR weight is clipped at 5 (train_tdm_demo.py)
+    # > 0: the student is a LoRA (exported as LoRA weights); 0: a full copy, as the demo trains it. TDM's released
+    # students (SD3, Dreamshaper, CogVideoX; Luo-Yihong/TDM README) are LoRAs.
+    lora_rank: int = 0
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
 
@@ -106,17 +116,28 @@ class TDM(Recipe):
             return out
         with torch.no_grad():
             x0_real = self.teacher.guided(x_t, t, batch.cond, batch.uncond, cfg.guidance)
-            grad = dmd_gradient(x0_G.detach(), x0_real, fake(x_t, t))
-        target = (x0_G - grad).detach()
-        if cfg.huber_c is None:
-            out["student"] = 0.5 * (x0_G - target).pow(2).mean()
-        else:
-            out["student"] = pseudo_huber(x0_G, target, cfg.huber_c).mean()
+            target = x0_G - (fake(x_t, t) - x0_real)  # TDM's coop: x0_G + (x0_real - x0_fake), unnormalized
+            w = dmd_normalizer(x0_G, x0_real).flatten()  # (B,), detached: it weighs samples, outside rho
+        out["student"] = (self.per_sample_loss(x0_G, target) / w).mean()
         return out
+
+    def per_sample_loss(self, x0_G: Tensor, target: Tensor) -> Tensor:
+        """rho(x0_G - target) averaged per sample, (B,): the pseudo-Huber, or (huber_c None) the square, both as
+        train_tdm_demo.py takes them (F.mse_loss, no 1/2)."""
+        if self.cfg.huber_c is None:
+            return mean_per_sample((x0_G - target).pow(2))
+        return pseudo_huber(x0_G, target, self.cfg.huber_c)
 
     @property
     def is_lora(self) -> bool:
         return self.cfg.lora_rank > 0
 
     def plan(self) -> dict[int, SamplingPlan]:
+        """n-step plans starting at the teacher's t_max and cutting its range into n equal segments (``uniform_plans``:
+        1, 0.75, 0.5, 0.25 on an unshifted flow; 999, 749.25, 499.5, 249.75 on a 1000-step DDPM grid).
+
+        train_tdm_demo.py uses another grid: total_steps 900 (its README's command), the student's pure-noise input
+        fed at t = 899 and segments of 900 // 4 = 225 steps (899, 674, 449, 224; ends 674, 449, 224, 0). fewstep
+        departs from it on purpose: pure noise is the teacher's marginal at t_max, not at 899, and one grid rule keeps
+        TDM's plans those of SiD and Phased DMD on every schedule (a test pins the choice)."""
         return self.generator.plans

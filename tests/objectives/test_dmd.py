@@ -142,12 +142,17 @@ def test_fake_score_weighting_and_clip() -> None:
     torch.testing.assert_close(clipped, ((c.alpha / c.sigma) ** 2).clamp_max(5.0).mul(err).mean())
 
 
-def test_guidance_conventions() -> None:
+def test_guidance_conventions_dmd2_is_ho_salimans_and_fastvideo_is_offset_by_one() -> None:
+    """tianweiy/DMD2 main/sd_guidance.py guides as x_u + w (x_c - x_u) (Ho-Salimans), so its real_guidance_scale
+    carries over unchanged; FastVideo's fastvideo/training/distillation_pipeline.py writes x_c + w (x_c - x_u), which
+    is Ho-Salimans at w + 1 (its real_score_guidance_scale 3.5 is the usual 4.5)."""
     assert ho_scale(4.5, "ho") == 4.5
-    assert ho_scale(3.5, "dmd2") == 4.5  # DMD2's x_c + w (x_c - x_u) is Ho-Salimans at w + 1
+    assert ho_scale(4.5, "dmd2") == 4.5
+    assert ho_scale(3.5, "fastvideo") == 4.5
     x_c, x_u = torch.randn(3), torch.randn(3)
     w = 2.0
-    torch.testing.assert_close(x_u + ho_scale(w, "dmd2") * (x_c - x_u), x_c + w * (x_c - x_u))
+    torch.testing.assert_close(x_u + ho_scale(w, "dmd2") * (x_c - x_u), x_u + w * (x_c - x_u))
+    torch.testing.assert_close(x_u + ho_scale(w, "fastvideo") * (x_c - x_u), x_c + w * (x_c - x_u))
     with pytest.raises(ValueError):
         ho_scale(1.0, "cfg++")  # type: ignore[arg-type]
 
