@@ -22,7 +22,7 @@ from ..teacher import Denoiser
 
 def uniform_plans(schedule: NoiseSchedule, steps: Sequence[int], gamma: float) -> dict[int, SamplingPlan]:
     """n-step plans at the teacher's n-step Euler times without the final t_min (1, 0.75, 0.5, 0.25 for 4 steps on
-    an unshifted flow; 999, 749.25, ... on a DDPM grid, as TDM's 4 segments of its 1000-step grid)."""
+    an unshifted flow; 999, 749.25, ... on a DDPM grid). TDM's demo uses another grid (``TDM.plan`` says how)."""
     return {n: SamplingPlan(schedule, tuple(euler_times(schedule, n)[:-1]), gamma) for n in steps}
 
 
