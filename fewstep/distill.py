@@ -53,6 +53,13 @@ def export_student(
     return out
 
 
+def _write_text(path: Path, text: str) -> None:
+    from .io import atomic_file
+
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)
+
+
 def run_distill(
     recipe_cls: type[Recipe], cfg: Any, teacher: str, output: Path, resume: str | None = None, bench: bool = True
 ) -> Path:
@@ -62,9 +69,10 @@ def run_distill(
     checkpoint in ``output/checkpoints``, a path continues from that checkpoint.
     """
     from .loading import load_denoiser
-    from .training.config import to_toml
+    from .training.config import to_toml, validate_config
     from .training.trainer import Trainer
 
+    validate_config(cfg)  # callers that built cfg themselves: still nothing written for a bad value
     ckpt_dir = output / "checkpoints"
     if resume is None and ckpt_dir.is_dir() and any(ckpt_dir.iterdir()):
         raise FewstepError(f"{output} already holds checkpoints: pass --resume to continue or choose another --output")
@@ -79,12 +87,12 @@ def run_distill(
         found = trainer.resume(Path(resume) if resume else None)
         print(f"resumed from {found} (step {trainer.step})")
     output.mkdir(parents=True, exist_ok=True)
-    (output / "config.toml").write_text(to_toml(cfg))
+    _write_text(output / "config.toml", to_toml(cfg))
     trainer.fit()
     student = trainer.ema.get("student") or trainer.accelerator.unwrap_model(trainer.nets["student"])
     folder = export_student(recipe, student, pipe, denoiser.native, denoiser.prediction, output / "student")
     summary = {"steps": trainer.step, "skipped": trainer.skipped, "recipe": recipe.name, "teacher": teacher}
-    (output / "training.json").write_text(json.dumps(summary) + "\n")
+    _write_text(output / "training.json", json.dumps(summary) + "\n")
     if bench and teacher == "digits" and not recipe.is_lora:
         bench_student(folder, teacher, sorted(recipe.plan()), output / "bench")
     return folder
@@ -123,24 +131,28 @@ def bench_student(student: Path, teacher: str, steps: list[int], report: Path) -
     """The student at its plan's step counts next to the teacher at the same counts and at 50 steps (one report).
 
     The teacher's rows are deterministic for a given teacher, bench settings and machine, so they are measured once
-    and then copied from the cache (about 1.5 of the 2 minutes a digits bench takes on 2 cores)."""
+    and then copied from the cache (about 1.5 of the 2 minutes a digits bench takes on 2 cores). The cache entry is
+    read and written under its inter-process lock: of several runs that need it at once, one measures and the others
+    wait and copy."""
     import shutil
+    from contextlib import ExitStack
 
     from .bench.run import BenchConfig, run_bench
-    from .io import atomic_dir
+    from .io import atomic_dir, check_writable_parent, locked
 
     teacher_cfg = BenchConfig(steps=tuple(sorted({*steps, 50})))
     cached = bench_cache_dir() / "teacher-bench" / teacher_bench_key(teacher, teacher_cfg)
-    if (cached / "report.json").is_file():
-        print(f"teacher rows from {cached}")
-        with atomic_dir(report, "report.json") as tmp:
-            shutil.copytree(cached, tmp, dirs_exist_ok=True)
-    else:
-        run_bench([teacher], report, teacher_cfg)
+    with ExitStack() as stack:
         try:
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            with atomic_dir(cached, "report.json") as tmp:
-                shutil.copytree(report, tmp, dirs_exist_ok=True)
-        except (OSError, FewstepError):  # an unwritable cache only costs time next run
-            pass
+            check_writable_parent(cached, "report.json")
+            stack.enter_context(locked(cached))
+        except (OSError, FewstepError):  # an unwritable cache only costs time
+            run_bench([teacher], report, teacher_cfg)
+        else:
+            if (cached / "report.json").is_file():
+                print(f"teacher rows from {cached}")
+            else:
+                run_bench([teacher], cached, teacher_cfg)
+            with locked(report), atomic_dir(report, "report.json") as tmp:
+                shutil.copytree(cached, tmp, dirs_exist_ok=True)
     run_bench([str(student)], report, BenchConfig(steps=tuple(steps)))

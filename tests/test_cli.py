@@ -197,3 +197,52 @@ def test_distill_runs_end_to_end_and_refuses_to_overwrite(
     assert_one_line_error(code, err, "--resume")
     code, _, err = run([*base, "--set", "train.max_steps=3", "--set", "train.batch_size=4", "--resume"], capsys)
     assert code == 0
+
+
+# a short run, so that a value that slips through shows up as a run that starts (before the check existed)
+SHORT = ["--set", "train.max_steps=1", "--set", "train.batch_size=2", "--set", "train.progress=false"]
+
+
+@pytest.mark.parametrize(
+    "bad,needle",
+    [("train.max_steps=0", "train.max_steps must be >= 1, got 0"),
+     ("train.max_steps=-5", "train.max_steps must be >= 1, got -5"),
+     ("lr=0", "lr must be > 0, got 0"),
+     ("train.ema_decay=1.5", "train.ema_decay must be in [0, 1], got 1.5"),
+     ("train.mixed_precision=fp8", "train.mixed_precision must be one of 'no', 'fp16', 'bf16', got 'fp8'"),
+     ("plan_steps=[]", "plan_steps must not be empty"),
+     ("w_min=20", "w_min must be <= w_max, got 20.0 >")],
+)  # fmt: skip
+def test_bad_config_values_are_one_line_errors_before_anything_is_written(
+    bad: str, needle: str, random_digits: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    base = ["distill", "--recipe", "lcm", "--teacher", str(random_digits), "--output", str(out), *SHORT]
+    code, _, err = run([*base, "--set", bad], capsys)
+    assert_one_line_error(code, err, needle)
+    assert leftovers(tmp_path) == []  # no run folder, no temporary one
+    code, _, err = run(["distill", "--recipe", "lcm", "--set", bad, "--dry-run"], capsys)
+    assert_one_line_error(code, err, needle)
+
+
+def test_bad_values_in_a_preset_or_config_file(
+    random_digits: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import fewstep.training.config as config
+
+    presets = tmp_path / "presets"
+    (presets / "sid").mkdir(parents=True)
+    (presets / "sid" / "bad.toml").write_text("t_min = 0.02\nt_max = 1.5\n[train]\nmax_steps = 2\n")
+    monkeypatch.setattr(config, "presets_dir", lambda: presets)
+    out = tmp_path / "runs" / "run"
+    base = ["distill", "--recipe", "sid", "--teacher", str(random_digits), "--output", str(out)]
+    code, _, err = run([*base, "--preset", "bad", *SHORT], capsys)
+    assert_one_line_error(code, err, "t_max must be in [0, 1], got 1.5")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("guidance_mode = 'lsg-typo'\n")
+    code, _, err = run([*base, "--config", str(bad), *SHORT], capsys)
+    assert_one_line_error(code, err, "guidance_mode", "'lsg-typo'")
+    bad.write_text("[train]\nbatch_size = 0\n")
+    code, _, err = run([*base, "--config", str(bad)], capsys)
+    assert_one_line_error(code, err, "train.batch_size must be >= 1, got 0")
+    assert not (tmp_path / "runs").exists()

@@ -57,3 +57,36 @@ def test_other_step_counts_or_teacher_weights_are_measured_anew(
         assert distill.teacher_bench_key(teacher, fewstep.bench.run.BenchConfig(steps=(1, 4, 50))) != key
     finally:
         config.write_text(original)
+
+
+def test_runs_at_once_measure_the_teacher_once(
+    fake_bench: list, random_digits: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two runs that need the same missing cache entry: one measures the teacher, the other waits and copies."""
+    import threading
+    import time
+
+    record = fewstep.bench.run.run_bench
+
+    def slow_bench(*args: Any, **kw: Any) -> Any:
+        time.sleep(0.3)
+        return record(*args, **kw)
+
+    monkeypatch.setattr(fewstep.bench.run, "run_bench", slow_bench)
+    teacher, errors = str(random_digits), []
+
+    def one(i: int) -> None:
+        try:
+            distill.bench_student(tmp_path / f"s{i}", teacher, [1, 2], tmp_path / f"bench{i}")
+        except BaseException as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors and fake_bench.count((teacher,)) == 1
+    for i in range(2):
+        rows = json.loads((tmp_path / f"bench{i}" / "report.json").read_text())["rows"]
+        assert [r["source"] for r in rows] == [teacher, str(tmp_path / f"s{i}")]

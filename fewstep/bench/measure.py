@@ -1,8 +1,9 @@
-"""Measuring a pipeline call: NFE by a hook on the backbone, peak memory, latency (CUDA events on a GPU), and the
-environment a measurement was taken in."""
+"""Measuring a pipeline call: NFE by a hook on the backbone, peak memory (CUDA's allocator peak on a GPU, the peak
+resident-set growth on a CPU), latency (CUDA events on a GPU), and the environment a measurement was taken in."""
 
 from __future__ import annotations
 
+import ctypes
 import datetime
 import functools
 import os
@@ -36,8 +37,45 @@ def count_nfe(model: torch.nn.Module, batch: int) -> Iterator[list[float]]:
         handle.remove()
 
 
+def _status_mb(key: str) -> float | None:
+    """A ``/proc/self/status`` size field (VmRSS, VmHWM) in MB; None where there is none."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(f"{key}:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def _release_free_heap() -> None:
+    """Hand the heap's free pages back to the system (glibc's malloc_trim), so that a call's allocations show as
+    resident-set growth instead of landing in memory an earlier, larger call left resident."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (AttributeError, OSError):  # not glibc
+        pass
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak resident set (VmHWM) to the current one (Linux >= 4.0); False where not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return _status_mb("VmHWM") is not None
+
+
 class PeakMemory:
-    """Peak memory of a block in MB: CUDA's allocator peak on a GPU, else resident-set growth sampled every 2 ms."""
+    """Peak memory of a block in MB, above what was in use when it started.
+
+    GPU: CUDA's allocator peak. CPU: the growth of the process's peak resident set (RSS). PyTorch's CPU tensors come
+    from malloc, which keeps freed memory resident, so a call after a larger one would reuse it and show no growth at
+    all: the free heap is first handed back (malloc_trim), then the kernel's high-water mark VmHWM is reset
+    (/proc/self/clear_refs) and read after the block. Where that is not available (not Linux), the RSS is sampled
+    every 2 ms instead."""
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -53,8 +91,12 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self._base = torch.cuda.memory_allocated(self.device) / 2**20
             return self
+        _release_free_heap()
+        self._hwm = _reset_peak_rss()
         self._base = self._peak = self._rss_mb()
         self._stop = threading.Event()
+        if self._hwm:
+            return self
 
         def sample() -> None:
             while not self._stop.wait(0.002):
@@ -67,6 +109,9 @@ class PeakMemory:
     def __exit__(self, *exc: Any) -> None:
         if self.device.type == "cuda":
             self.peak_mb = torch.cuda.max_memory_allocated(self.device) / 2**20 - self._base
+            return
+        if self._hwm:
+            self.peak_mb = max((_status_mb("VmHWM") or 0.0) - self._base, 0.0)
             return
         self._stop.set()
         self._thread.join()

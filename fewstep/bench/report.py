@@ -142,6 +142,17 @@ def _intro(ref: dict[str, Any]) -> str:
     )
 
 
+def _memory_note(env: dict[str, Any]) -> str:
+    if str(env.get("device", "cpu")).startswith("cuda"):
+        how = "CUDA's allocator peak"
+    else:
+        how = (
+            "the growth of the process's peak resident set (freed heap handed back to the system first, then the "
+            "kernel's high-water mark VmHWM reset and read after the call)"
+        )
+    return f"Peak MB: one latency-batch call's peak above the memory in use before it, measured as {how}."
+
+
 def _table_row(r: dict[str, Any], floor: float | None) -> str:
     fid = "-" if r.get("fid") is None else f"{r['fid']:.2f} +- {r['fid_std']:.2f}"
     floor = r.get("fid_floor", floor)  # rows merged from another run keep their own floor
@@ -164,6 +175,8 @@ def markdown(report: dict[str, Any], plots: list[str]) -> str:
         "# fewstep bench report",
         "",
         _intro(ref),
+        "",
+        _memory_note(report.get("env", {})),
         "",
         "| model | steps | NFE | w | FID | FID / floor | FID train | accuracy | diversity | CLIP | latency ms (p90) "
         "| ms / image | peak MB | samples | grid |",

@@ -4,13 +4,16 @@ Every row holds quality as the mean over ``seeds`` noise seeds (FID against the 
 accuracy in the digits world; CLIP score and reference FID for text-to-image), latency per batch and per image
 (warm-up, repeats, median and p90; CUDA events on a GPU), peak memory, and NFE counted by a hook on the backbone so
 that CFG's second branch counts. Results merge into an existing report folder, replacing rows of the same model, step
-count and guidance, so students sit next to their teacher.
+count and guidance, so students sit next to their teacher; benches running at once into one folder all keep their
+rows (the merge holds an inter-process lock).
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import statistics
+import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import FewstepError
-from ..io import atomic_dir, check_writable_parent
+from ..io import atomic_dir, check_writable_parent, locked
 from ..loading import load_pipeline, model_label, resolve_source
 from .images import save_grid
 from .measure import environment, measure_speed, percentile
@@ -110,7 +113,7 @@ def bench_model(
     for guidance in cfg.guidance:
         for steps in cfg.steps:
             per_seed: dict[str, list[float]] = {}
-            grid = f"grid_{label}_{steps}steps_w{guidance:g}.png"
+            grid = grid_name(label, steps, guidance)
             for seed in range(cfg.seeds):
                 bar.set_postfix_str(f"{label} steps={steps} w={guidance:g} seed={seed}")
                 scored = world.score(pipe, cfg.num, steps, guidance, seed, cfg.batch_size)
@@ -155,15 +158,50 @@ def merge_rows(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dic
     return [r for r in old if (r["source"], r["steps"], r["guidance"]) not in keys] + new
 
 
+def grid_name(label: str, steps: int, guidance: float) -> str:
+    return f"grid_{label}_{steps}steps_w{guidance:g}.png"
+
+
+def merge_into_report(
+    report_dir: Path, rows: list[dict[str, Any]], grids: Path, reference: dict[str, Any], config: dict[str, Any]
+) -> dict[str, Any]:
+    """Merge ``rows`` (their grids in the folder ``grids``) into ``report_dir`` and rewrite report.json, report.md and
+    the plots: read, merge and atomic replace under the report's inter-process lock, so that benches running at once
+    into one report all keep their rows. Labels are settled here, against the rows the report holds now."""
+    with locked(report_dir), atomic_dir(report_dir, "report.json", keep_existing=True) as tmp:
+        old = json.loads((tmp / "report.json").read_text()) if (tmp / "report.json").is_file() else {}
+        keys = list(dict.fromkeys(r["source"] for r in rows))
+        labels = unique_labels(keys, {r["model"]: r["source"] for r in old.get("rows", [])})
+        new = []
+        for row in rows:
+            label = labels[row["source"]]
+            grid = grid_name(label, row["steps"], row["guidance"]) if row.get("grid") else None
+            if grid is not None:
+                shutil.copyfile(grids / row["grid"], tmp / grid)
+            new.append({**row, "model": label, "grid": grid})
+        report = {
+            "rows": merge_rows(old.get("rows", []), new),
+            "reference": reference,
+            "config": config,
+            "env": environment(torch.device(config.get("device", "cpu"))),
+        }
+        write_report(report, tmp)
+    return report
+
+
 def run_bench(
     sources: Sequence[str], report_dir: Path, cfg: BenchConfig, text: TextOptions | None = None
 ) -> dict[str, Any]:
-    """Benchmark every source and write report.json, report.md, grids and plots to ``report_dir`` atomically."""
+    """Benchmark every source and merge the rows into report.json, report.md, grids and plots in ``report_dir``.
+
+    The measuring runs without a lock, into a private folder next to the report; only the merge holds the report's
+    lock (``merge_into_report``), so several benches into one report run side by side and lose no rows."""
     from ..worlds.digits.pipeline import DigitsPipeline
 
     cfg.validate()
     for source in sources:  # every input checked before any work starts
         resolve_source(source)
+    report_dir = report_dir.expanduser().absolute()
     check_writable_parent(report_dir, "report.json")
     pipes = [load_pipeline(source, device=cfg.device) for source in sources]
     digits = [isinstance(p, DigitsPipeline) for p in pipes]
@@ -171,22 +209,18 @@ def run_bench(
         raise FewstepError("bench either digits-world pipelines or text-to-image pipelines in one report, not both")
     world = DigitsWorld() if all(digits) else TextWorld.load(pipes[0], text or TextOptions())
     total = len(sources) * len(cfg.guidance) * len(cfg.steps) * cfg.seeds
-    with atomic_dir(report_dir, "report.json", keep_existing=True) as tmp:
-        old = json.loads((tmp / "report.json").read_text()) if (tmp / "report.json").is_file() else {}
-        keys = [source_key(s) for s in sources]
-        labels = unique_labels(keys, {r["model"]: r["source"] for r in old.get("rows", [])})
+    keys = [source_key(s) for s in sources]
+    provisional = unique_labels(keys, {})  # grid names inside the private folder; final labels come at the merge
+    work = Path(tempfile.mkdtemp(prefix=f".{report_dir.name}.rows-", dir=report_dir.parent))
+    try:
         rows: list[Row] = []
         with tqdm(total=total, desc="bench", disable=not cfg.progress) as bar:
             for pipe, key in zip(pipes, keys, strict=True):
-                rows += bench_model(pipe, key, labels[key], world, cfg, tmp, bar)
+                rows += bench_model(pipe, key, provisional[key], world, cfg, work, bar)
         reference = world.reference(cfg.num, cfg.floor_subsets)
         for row in rows:  # each row keeps the floor of its own sample count
             row.fid_floor = reference["real_fid_floor"]
-        report = {
-            "rows": merge_rows(old.get("rows", []), [asdict(row) for row in rows]),
-            "reference": reference,
-            "config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()},
-            "env": environment(torch.device(cfg.device)),
-        }
-        write_report(report, tmp)
-    return report
+        config = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()}
+        return merge_into_report(report_dir, [asdict(row) for row in rows], work, reference, config)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

@@ -2,16 +2,21 @@
 
 Resolution order, later wins: the dataclass defaults, the preset ``recipes/<recipe>/<preset>.toml``, a ``--config``
 file, then ``--set a.b=value`` overrides. Values of ``--set`` are read as TOML literals (``3``, ``1e-4``, ``true``,
-``[1.0, 0.5]``, ``"text"``), falling back to a bare string. Unknown keys and ill-typed values are one-line errors.
+``[1.0, 0.5]``, ``"text"``), falling back to a bare string. Unknown keys and ill-typed values are one-line errors,
+and so are values out of range: ``validate_config`` checks every field of the resolved config (Literal fields against
+their values, numbers against ``RULES``, a table keyed by field name) before anything is written.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
+import math
 import sys
 import types
 import typing
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -125,7 +130,164 @@ def resolve_config(
     cfg = default
     for layer in (read_toml(preset) if preset else {}, read_toml(config_file) if config_file else {}, parse_set(sets)):
         cfg = merge_into(cfg, layer)
+    validate_config(cfg)
     return cfg
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What a config value must satisfy: numbers (each item of a list) within bounds, strings among ``choices``."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False  # low itself excluded
+    high_open: bool = False
+    non_empty: bool = False  # lists: at least one item
+    choices: tuple[str, ...] = ()
+
+    def bounds(self) -> str:
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}" if self.low is not None else "a number"
+        lo, hi = "(" if self.low_open else "[", ")" if self.high_open else "]"
+        return f"in {lo}{self.low:g}, {self.high:g}{hi}"
+
+    def _fits(self, x: float) -> bool:
+        if math.isnan(x):
+            return self.low is None and self.high is None
+        low_ok = self.low is None or (x > self.low if self.low_open else x >= self.low)
+        return low_ok and (self.high is None or (x < self.high if self.high_open else x <= self.high))
+
+    def problem(self, value: Any) -> str | None:
+        """Why ``value`` breaks the rule (a phrase to follow the key), or None."""
+        if isinstance(value, str):
+            return None if not self.choices or value in self.choices else _one_of(self.choices, value)
+        if isinstance(value, list | tuple):
+            if self.non_empty and not value:
+                return "must not be empty"
+            if any(_is_number(v) and not self._fits(v) for v in value):
+                return f"must hold values {self.bounds()}, got {list(value)}"
+            return None
+        if _is_number(value) and not self._fits(value):
+            return f"must be {self.bounds()}, got {value!r}"
+        return None
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _one_of(choices: Sequence[Any], value: Any) -> str:
+    return f"must be one of {', '.join(map(repr, choices))}, got {value!r}"
+
+
+FREE = Rule()  # any real number: guidance scales, log-normal means, seeds
+AT_LEAST_1 = Rule(low=1)
+NON_NEGATIVE = Rule(low=0)
+POSITIVE = Rule(low=0, low_open=True)
+UNIT = Rule(low=0, high=1)
+TRIGFLOW_TIME = Rule(low=0, high=math.pi / 2, low_open=True)  # t in (0, pi/2]
+
+# Field name (an exact name or an fnmatch pattern) -> rule; the first match wins, so exact names and narrow patterns
+# come before the suffixes. Every numeric field of every recipe's config must match a row (tests/training/
+# test_config.py walks them), so a new field is classified when it is added; FREE says so explicitly.
+RULES: tuple[tuple[str, Rule], ...] = (
+    # enum strings that are not typed as Literal
+    ("mixed_precision", Rule(choices=("no", "fp16", "bf16"))),
+    # free: any real number
+    ("seed", FREE),
+    ("*guidance", FREE),  # guidance, anti_guidance (negative on purpose), teacher_guidance
+    ("kappa*", FREE),  # SiD-LSG's long-short guidance scales kappa1..kappa4
+    ("w_min", FREE),  # LCM's guidance range
+    ("w_max", FREE),
+    ("alpha", FREE),  # SiD's alpha
+    ("*p_mean", FREE),  # log-normal means of log(sigma / sigma_data): negative is usual
+    # TrigFlow times (rad)
+    ("plan_mid", TRIGFLOW_TIME),
+    ("plan_mids", TRIGFLOW_TIME),
+    ("plan_t_max", TRIGFLOW_TIME),
+    # counts and budgets
+    ("*warmup_steps", NON_NEGATIVE),  # 0: no warm-up
+    ("*_steps", Rule(low=1, non_empty=True)),  # max_steps, plan_steps, train_steps, fake_steps, teacher_steps, ...
+    ("steps", AT_LEAST_1),
+    ("*batch_size", AT_LEAST_1),
+    ("grad_accum", AT_LEAST_1),
+    ("*_every", AT_LEAST_1),  # checkpoint_every, adv_block_every
+    ("keep_checkpoints", AT_LEAST_1),
+    ("nan_patience", AT_LEAST_1),
+    ("student_update_freq", AT_LEAST_1),
+    ("num_*", AT_LEAST_1),  # num_ddim_timesteps, num_teacher_samples
+    ("skip", AT_LEAST_1),
+    ("w_embedding_dim", AT_LEAST_1),
+    ("dmd_start", NON_NEGATIVE),
+    ("*rank", NON_NEGATIVE),  # 0: no LoRA
+    ("max_minutes", POSITIVE),
+    # optimizers
+    ("lr", POSITIVE),
+    ("*_lr", POSITIVE),
+    ("*betas", Rule(low=0, high=1, high_open=True, non_empty=True)),  # Adam: 0 <= beta < 1
+    ("weight_decay", NON_NEGATIVE),
+    ("grad_clip", POSITIVE),
+    # probabilities, decays and fractions of the teacher's time range
+    ("*_decay", UNIT),  # ema_decay
+    ("target_ema", UNIT),
+    ("*_prob", UNIT),
+    ("gamma", UNIT),  # re-noising share between steps
+    ("t_min", UNIT),
+    ("t_max", UNIT),
+    ("*_t_min", UNIT),
+    ("*_t_max", UNIT),
+    ("t_floor", Rule(low=0, high=1, high_open=True)),
+    ("boundaries", Rule(low=0, high=1, low_open=True, high_open=True, non_empty=True)),
+    # weights and positive scales
+    ("*_weight", NON_NEGATIVE),  # 0 turns a term off
+    ("loss_scale", POSITIVE),
+    ("*sigma_data", POSITIVE),
+    ("*_shift", POSITIVE),  # time shifts s: u -> s u / (1 + (s - 1) u) (rCM's dmd_time_shift)
+    ("*p_std", POSITIVE),
+    ("huber_c", POSITIVE),
+    ("tangent_c", POSITIVE),
+    ("fd_step", POSITIVE),
+    ("snr_clip", POSITIVE),
+    ("timestep_scaling", POSITIVE),
+    ("time_max_freq", POSITIVE),
+)
+
+
+def rule_for(name: str) -> Rule | None:
+    """The rule of a config field, by its own name (not its table); None when the table does not classify it."""
+    return next((rule for pattern, rule in RULES if fnmatch.fnmatchcase(name, pattern)), None)
+
+
+def _literal_choices(hint: Any) -> tuple[Any, ...]:
+    if typing.get_origin(hint) is typing.Literal:
+        return typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return tuple(c for arg in typing.get_args(hint) for c in _literal_choices(arg))
+    return ()
+
+
+def validate_config(cfg: Any, where: str = "") -> None:
+    """Check every field of dataclass ``cfg`` and of the dataclasses inside it: Literal fields against their values,
+    numbers and lists of numbers against ``RULES``, and each ``x_min <= x_max`` pair. Raises a one-line FewstepError
+    naming the key (``train.max_steps must be >= 1, got 0``)."""
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value, key = getattr(cfg, f.name), f"{where}{f.name}"
+        if dataclasses.is_dataclass(value):
+            validate_config(value, f"{key}.")
+            continue
+        choices = _literal_choices(hints.get(f.name))
+        if choices and value not in choices:
+            raise FewstepError(f"{key} {_one_of(choices, value)}")
+        rule = rule_for(f.name)
+        problem = rule.problem(value) if rule is not None else None
+        if problem is not None:
+            raise FewstepError(f"{key} {problem}")
+    for f in dataclasses.fields(cfg):
+        if f.name.endswith("_min"):
+            low, high = getattr(cfg, f.name), getattr(cfg, f.name[:-4] + "_max", None)
+            if _is_number(low) and _is_number(high) and low > high:
+                raise FewstepError(f"{where}{f.name} must be <= {where}{f.name[:-4]}_max, got {low!r} > {high!r}")
 
 
 def _toml_value(value: Any) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -100,3 +101,73 @@ def test_unique_labels() -> None:
     labels = unique_labels(["/x/a/student", "/x/b/student", "digits"], taken={})
     assert labels == {"/x/a/student": "student", "/x/b/student": "b-student", "digits": "digits-teacher"}
     assert unique_labels(["/x/b/student"], taken={"b-student": "/x/b/student"}) == {"/x/b/student": "b-student"}
+
+
+CONCURRENT_BENCH = """
+import sys, time
+from pathlib import Path
+import fewstep.bench.run as run
+from fewstep.cli import main
+
+write_report = run.write_report
+
+def slow_write(report, out_dir):  # widen the read-merge-write window so that the two runs overlap in it
+    time.sleep(1.5)
+    write_report(report, out_dir)
+
+run.write_report = slow_write
+go = Path(sys.argv[1])
+while not go.exists():  # both processes start measuring together
+    time.sleep(0.01)
+sys.exit(main(["bench", *sys.argv[2:]]))
+"""
+
+
+def test_concurrent_benches_into_one_report_keep_every_row(random_digits: Path, tmp_path: Path) -> None:
+    """Two `fewstep bench` processes started together into one --report folder both end with their rows there."""
+    import subprocess
+    import sys
+
+    report_dir, go = tmp_path / "report", tmp_path / "go"
+    common = ["--num", "20", "--seeds", "1", "--batch-size", "20", "--latency-batch", "5", "--repeats", "1"]
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    procs = []
+    for steps in ("1", "2"):
+        argv = [str(go), str(random_digits), "--steps", steps, "--report", str(report_dir), *common]
+        procs.append(subprocess.Popen([sys.executable, "-c", CONCURRENT_BENCH, *argv], text=True, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))  # fmt: skip
+    go.touch()
+    results = [p.communicate(timeout=300) for p in procs]
+    for proc, (out, err) in zip(procs, results, strict=True):
+        assert proc.returncode == 0, err
+        assert "wrote" in out
+    report = json.loads((report_dir / "report.json").read_text())
+    assert sorted(r["steps"] for r in report["rows"]) == [1, 2]
+    md = (report_dir / "report.md").read_text()
+    assert "| random-digits | 1 |" in md and "| random-digits | 2 |" in md
+    assert all((report_dir / r["grid"]).is_file() for r in report["rows"])
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no lock or temporary files left
+
+
+def test_digits_rows_report_peak_memory_on_cpu(random_digits: Path, tmp_path: Path) -> None:
+    """Generation batches larger than the latency batch leave freed memory resident; the latency call's own peak
+    must still show (report.md prints whole MB, so at least 0.5)."""
+    cfg = small(steps=(1, 2), seeds=1, num=200, batch_size=200, latency_batch=20)
+    report = run_bench([str(random_digits)], tmp_path / "report", cfg)
+    assert all(r["peak_mem_mb"] >= 0.5 for r in report["rows"]), [r["peak_mem_mb"] for r in report["rows"]]
+    assert "peak resident set" in (tmp_path / "report" / "report.md").read_text()  # says how it is measured
+
+
+def test_cpu_peak_memory_grows_with_batch(random_digits: Path) -> None:
+    """After a large call the process keeps its freed heap: the measure must still see a small call's own peak."""
+    from fewstep.bench.measure import measure_speed
+    from fewstep.worlds.digits.data import balanced_labels
+
+    pipe = DigitsPipeline.from_pretrained(random_digits)
+    pipe.set_progress_bar_config(disable=True)
+    pipe(class_labels=balanced_labels(400), num_inference_steps=2)
+    peaks = {}
+    for batch in (20, 400):
+        call = {"class_labels": balanced_labels(batch), "num_inference_steps": 2}
+        peaks[batch] = measure_speed(pipe, call, batch, torch.device("cpu"), warmup=0, repeats=1).peak_mem_mb
+    assert 0.5 <= peaks[20] < peaks[400], peaks

@@ -10,7 +10,7 @@ import pytest
 
 from fewstep.cli import main
 from fewstep.errors import FewstepError
-from fewstep.training.config import find_preset, parse_set, read_toml, resolve_config, to_toml
+from fewstep.training.config import Rule, find_preset, parse_set, read_toml, resolve_config, to_toml, validate_config
 
 
 @dataclass(frozen=True)
@@ -116,3 +116,72 @@ def test_presets_dir_holds_every_recipes_digits_preset() -> None:
     from fewstep.training.config import presets_dir
 
     assert all((presets_dir() / name / "digits.toml").is_file() for name in available())
+
+
+def _numeric(hint: object) -> bool:
+    """Whether a field's type holds numbers (int or float, alone, optional, or in a tuple or list); bool does not."""
+    import typing
+
+    if hint in (int, float):
+        return True
+    return any(_numeric(arg) for arg in typing.get_args(hint) if arg is not Ellipsis)
+
+
+def _fields(cls: type, where: str = "") -> list[tuple[str, str, object]]:
+    """(key, field name, type hint) of every field of a config dataclass, nested dataclasses walked into."""
+    import dataclasses
+    import typing
+
+    out = []
+    for f in dataclasses.fields(cls):
+        hint = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(hint):
+            out += _fields(hint, f"{where}{f.name}.")  # type: ignore[arg-type]
+        else:
+            out.append((f"{where}{f.name}", f.name, hint))
+    return out
+
+
+def test_every_numeric_field_of_every_recipe_is_classified() -> None:
+    """A new numeric config field must get a rule (a range) or be listed as FREE in fewstep/training/config.py."""
+    from fewstep.recipes import available, resolve
+    from fewstep.training.config import rule_for
+
+    missing = [
+        f"{recipe}: {key}"
+        for recipe in available()
+        for key, name, hint in _fields(resolve(recipe).Config)
+        if _numeric(hint) and rule_for(name) is None
+    ]
+    assert not missing, "classify these fields in RULES (fewstep/training/config.py): " + ", ".join(missing)
+    assert rule_for("anti_guidance") == rule_for("p_mean") == rule_for("kappa3") == Rule()  # free on purpose
+
+
+def test_every_recipe_default_passes_validation() -> None:
+    from fewstep.recipes import available, resolve
+
+    for recipe in available():
+        validate_config(resolve(recipe).Config())
+
+
+@pytest.mark.parametrize(
+    "sets,match",
+    [(["train.max_steps=0"], r"train\.max_steps must be >= 1, got 0"),
+     (["lr=-1e-4"], r"^lr must be > 0, got -0\.0001"), (["train.ema_decay=nan"], "train.ema_decay must be in"),
+     (["train.lr_warmup_steps=-1"], "must be >= 0"), (["plan_steps=[1, 0]"], r"must hold values >= 1, got \[1, 0\]"),
+     (["betas=[0.9, 1.0]"], r"betas must hold values in \[0, 1\)"), (["gamma=1.01"], r"gamma must be in \[0, 1\]"),
+     (["adv_weight=-1"], "adv_weight must be >= 0"), (["train.max_minutes=0"], "max_minutes must be > 0")],
+)  # fmt: skip
+def test_out_of_range_values_name_their_key(sets: list[str], match: str) -> None:
+    from fewstep.recipes.lcm import LCMConfig
+
+    with pytest.raises(FewstepError, match=match):
+        resolve_config(LCMConfig(), sets=sets)
+
+
+def test_free_and_optional_values_pass() -> None:
+    from fewstep.recipes.sid import SiDConfig
+
+    cfg = resolve_config(SiDConfig(), sets=["anti_guidance=-3", "adv_p_mean=-2", "train.max_minutes=0.5", "gamma=0"])
+    assert cfg.anti_guidance == -3.0 and cfg.train.max_minutes == 0.5
+    validate_config(cfg)
