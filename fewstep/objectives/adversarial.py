@@ -64,11 +64,15 @@ def hinge_generator_loss(fake_logits: Tensor) -> Tensor:
     return -fake_logits.mean()
 
 
-def discriminator_times(schedule: NoiseSchedule, n: int, p_mean: float, p_std: float) -> Tensor:
-    """(n,) re-noising times t_D in ``schedule``'s units with a log-normal noise-to-signal ratio, sigma/alpha =
-    exp(N(p_mean, p_std^2)) (SANA-Sprint's discriminator proposal, written through the ratio so that it means the same
-    on every schedule)."""
-    ratio = torch.exp(p_mean + p_std * torch.randn(n, dtype=torch.float64))
+def discriminator_times(
+    schedule: NoiseSchedule, n: int, p_mean: float, p_std: float, p_sigma_data: float = 1.0
+) -> Tensor:
+    """(n,) re-noising times t_D in ``schedule``'s units with a log-normal noise level: exp(N(p_mean, p_std^2)) is
+    sigma for data of std ``p_sigma_data``, so the noise-to-signal ratio on the data as given is sigma/alpha =
+    exp(N) / p_sigma_data (written through the ratio so that it means the same on every schedule). SANA-Sprint's
+    LADD draws t_D = atan(exp(N) / 0.5) on latents scaled to std 0.5 (NVlabs/Sana train_scm_ladd.py, the
+    "logit_normal_trigflow" sampler): ``p_sigma_data`` = 0.5 on unit latents. 1 states the ratio itself."""
+    ratio = torch.exp(p_mean + p_std * torch.randn(n, dtype=torch.float64)) / p_sigma_data
     return schedule.time_at_ratio(ratio).clamp(schedule.t_min, schedule.t_max).float()
 
 

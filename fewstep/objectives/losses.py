@@ -39,12 +39,22 @@ def lcm_boundary(timestep: Tensor, sigma_data: float = 0.5, scaling: float = 10.
 
 
 def trigflow_time_proposal(
-    n: int, p_mean: float, p_std: float, sigma_data: float, generator: torch.Generator | None = None
+    n: int,
+    p_mean: float,
+    p_std: float,
+    sigma_data: float,
+    p_sigma_data: float,
+    generator: torch.Generator | None = None,
 ) -> Tensor:
-    """sCM's log-normal proposal over the noise-to-signal ratio (Lu & Song, 2024, Sec. 4.2):
-    sigma_d tan(t) = exp(N(p_mean, p_std^2)), i.e. t = atan(exp(N) / sigma_d), in (0, pi/2)."""
-    log_ratio = p_mean + p_std * torch.randn(n, generator=generator, dtype=torch.float64)
-    return torch.atan(torch.exp(log_ratio) / sigma_data).float()
+    """sCM's log-normal proposal over the noise level (Lu & Song, 2024, Sec. 4.2), t in (0, pi/2).
+
+    exp(N(p_mean, p_std^2)) is sigma for data of std ``p_sigma_data`` (SANA-Sprint states it for latents scaled to
+    0.5, rCM for unit latents), so on the data as given (taken as unit variance) the noise-to-signal ratio is
+    exp(N) / p_sigma_data, and on TrigFlow with ``sigma_data`` = sd, where that ratio is sd tan t,
+    t = atan(exp(N) / (p_sigma_data sd)). The reference std is the paper's, independent of the schedule's sd.
+    """
+    log_sigma = p_mean + p_std * torch.randn(n, generator=generator, dtype=torch.float64)
+    return torch.atan(torch.exp(log_sigma) / (p_sigma_data * sigma_data)).float()
 
 
 def scm_tangent(
@@ -60,6 +70,21 @@ def scm_tangent(
     """
     cos, sin = append_dims(t.cos(), x_t.ndim), append_dims(t.sin(), x_t.ndim)
     return -(cos**2) * (sigma_data * F_minus - dxt_dt) - warmup * (cos * sin * x_t + sigma_data * dF_dt)
+
+
+def rcm_tangent(
+    F_minus: Tensor, dF_dt: Tensor, dxt_dt: Tensor, x_t: Tensor, t: Tensor, sigma_data: float, warmup: float = 1.0
+) -> Tensor:
+    """rCM's training direction (NVlabs/rcm, t2v_model_distill_rcm.py, _student_scm_step), written for any sd:
+
+        g = -cos t sqrt(1 - r^2 sin^2 t) (sigma_d F^- - dx_t/dt) - (r cos t sin t x_t + sigma_d dF^-/dt)
+
+    Equal to ``scm_tangent`` at r = 1 (sqrt(1 - sin^2 t) = cos t); during the warm-up rCM keeps dF/dt whole and
+    fades in only the x_t term, with the first term's factor moving from cos t to cos^2 t.
+    """
+    cos, sin = append_dims(t.cos(), x_t.ndim), append_dims(t.sin(), x_t.ndim)
+    first = -cos * torch.sqrt(1 - warmup**2 * sin**2) * (sigma_data * F_minus - dxt_dt)
+    return first - (warmup * cos * sin * x_t + sigma_data * dF_dt)
 
 
 def normalize_tangent(g: Tensor, c: float = 0.1) -> Tensor:
@@ -88,9 +113,9 @@ def trigflow_weight(t: Tensor, sigma_data: float) -> Tensor:
     return 1.0 / (sigma_data * torch.tan(t).clamp_min(1e-6))
 
 
-def log_normal_density(t: Tensor, p_mean: float, p_std: float, sigma_data: float) -> Tensor:
-    """Density of ``trigflow_time_proposal`` in t (for importance weights): change of variables from log ratio."""
-    log_ratio = torch.log(sigma_data * torch.tan(t))
+def log_normal_density(t: Tensor, p_mean: float, p_std: float, sigma_data: float, p_sigma_data: float) -> Tensor:
+    """Density of ``trigflow_time_proposal`` in t (for importance weights): change of variables from log sigma."""
+    log_ratio = torch.log(p_sigma_data * sigma_data * torch.tan(t))
     d_log_ratio_dt = 1.0 / (torch.sin(t) * torch.cos(t))
     gauss = torch.exp(-0.5 * ((log_ratio - p_mean) / p_std) ** 2) / (p_std * math.sqrt(2 * math.pi))
     return gauss * d_log_ratio_dt

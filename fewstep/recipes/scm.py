@@ -6,7 +6,14 @@ The student starts from the teacher's weights and answers in TrigFlow time throu
   dx_t/dt from the teacher (PF-ODE velocity in TrigFlow time)
   F^-, dF^-/dt = jvp(F_student, (x_t, t), (cos t sin t dx_t/dt, cos t sin t)) under no_grad
   g = normalize(-cos^2 t (sd F^- - dx_t/dt) - r (cos t sin t x_t + sd dF^-/dt))
-  loss = (w(t) / e^logvar(t)) ||F_theta - sg(F^- + g)||^2 + logvar(t)
+  loss = (w(t) / e^logvar(t)) ||F_theta - sg(F^- + g)||^2 + logvar(t)      (SANA-Sprint's form, ``scm_loss = "sana"``)
+  loss = loss_scale sum ||F_theta - sg(F^- + g)||^2, rCM's g warm-up        (rCM's form, ``scm_loss = "rcm"``)
+
+sigma_data is the data's std as the schedule sees it: x_t = cos t x0 + sin t sd eps on x0 as the data stream gives
+it. SANA-Sprint scales unit latents to std 0.5 and runs TrigFlow with sd = 0.5 on them; rCM runs sd = 1 on unit
+latents. On unit-variance latents both are TrigFlow with sd = 1 on the latents themselves (same times, same noise-to-
+signal ratio tan t, F and x0 up to the 0.5 scale), hence the default. The papers' time proposals state sigma for data
+of a reference std (SANA-Sprint 0.5, rCM 1), kept apart as ``p_sigma_data`` / ``adv_p_sigma_data``.
 """
 
 from __future__ import annotations
@@ -14,7 +21,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -24,6 +31,7 @@ from ..objectives.adversarial import TeacherDiscriminator, discriminator_times, 
 from ..objectives.losses import (
     adaptive_weighted_loss,
     normalize_tangent,
+    rcm_tangent,
     scm_tangent,
     tangent_warmup,
     trigflow_time_proposal,
@@ -41,12 +49,20 @@ from .base import Batch, OptimizerSpec, Recipe
 
 @dataclass(frozen=True)
 class SCMConfig:
-    sigma_data: float = 0.5  # TrigFlow's sd (Lu & Song, Sec. 2; SANA-Sprint)
-    p_mean: float = 0.2  # log-normal proposal over sd tan t (SANA-Sprint train_scm_ladd: 0.2, 1.6)
+    # TrigFlow's sd on the data as given (Lu & Song, Sec. 2). 1: SANA-Sprint (sd 0.5 on latents scaled by 0.5) and
+    # rCM (asserts sd 1) both equal TrigFlow with sd 1 on unit-variance latents (module docstring)
+    sigma_data: float = 1.0
+    p_mean: float = 0.2  # log-normal proposal of sigma (SANA-Sprint train_scm_ladd: 0.2, 1.6)
     p_std: float = 1.6
+    p_sigma_data: float = 0.5  # SANA-Sprint states sigma for data of std 0.5: tan t = e^N / 0.5 on unit data
     tangent_warmup_steps: int = 200  # SANA-Sprint uses 4000 for 20k+ steps; scaled to short runs
     tangent_c: float = 0.1  # g / (||g|| + c), Lu & Song Sec. 4.2
     adaptive_weighting: bool = True  # learned logvar(t) (Lu & Song Sec. 4.2); False: w(t) ||.||^2 alone
+    # "sana": (w(t) / e^logvar) ||.||^2 + logvar, means over elements and batch (SANA-Sprint train_scm_ladd);
+    # "rcm": loss_scale * ||.||^2 summed over elements, no w(t), no logvar, rCM's tangent warm-up, mean over the batch
+    # (NVlabs/rcm _student_scm_step sums per sample and over its per-GPU batch of 1; FSDP averages over GPUs)
+    scm_loss: Literal["sana", "rcm"] = "sana"
+    loss_scale: float = 100.0  # rCM's loss_scale (scm_loss = "rcm" only)
     lr: float = 1e-4  # the student; presets set their own
     logvar_lr: float | None = None  # the logvar head's own lr (None: the student's)
     betas: tuple[float, float] = (0.9, 0.999)
@@ -59,13 +75,20 @@ class SCMConfig:
     adv_block_every: int = 1  # read every k-th teacher block
     adv_p_mean: float = -0.6  # log-normal proposal of the discriminator's re-noising time t_D (SANA-Sprint: -0.6, 1.0)
     adv_p_std: float = 1.0
+    adv_p_sigma_data: float = 0.5  # SANA-Sprint draws t_D as its proposal, sigma for data of std 0.5
     adv_largest_t_prob: float = 0.5  # share of generator samples drawn from pure noise at pi/2 (SANA-Sprint's
     # train_largest_timestep), so the one-step generator itself gets the adversarial signal
     # the student's time embedding keeps sinusoid channels up to this frequency (rad per timestep unit): our analogue
     # of SANA-Sprint's dense time embedding without retraining the teacher (``time_embedding.py``); inf keeps all
     time_max_freq: float = 0.1
-    plan_mid: float = 1.3  # the 2-step plan's second time (rad): SANA-Sprint's default (diffusers SCMScheduler)
+    # the 2-step plan's second time (rad): SANA-Sprint's default (diffusers SCMScheduler), an angle on latents scaled
+    # to std 0.5, i.e. on unit latents at sd 1
+    plan_mid: float = 1.3
     plan_steps: tuple[int, ...] = (1, 2, 4)  # other counts than 2 are uniform in angle, as SCMScheduler spaces them
+    plan_t_max: float = math.pi / 2  # the first time (SANA-Sprint's 1.5708; rCM's sampler: atan(sigma_max = 80))
+    # when given, the n-step plan is (plan_t_max, *plan_mids[:n - 1]) for every n (rCM's mid_t: 1.5, 1.4, 1.0,
+    # NVlabs/rcm generate_samples_from_batch); empty: plan_mid for 2 steps, uniform in angle otherwise
+    plan_mids: tuple[float, ...] = ()
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
 
@@ -92,6 +115,10 @@ class SCM(Recipe):
     Config: ClassVar[type] = SCMConfig
 
     def __init__(self, teacher: Denoiser, cfg: SCMConfig = SCMConfig()):
+        if cfg.plan_mids and max(cfg.plan_steps) > len(cfg.plan_mids) + 1:
+            raise ValueError(
+                f"plan_steps {cfg.plan_steps} need {max(cfg.plan_steps) - 1} plan_mids, got {cfg.plan_mids}"
+            )
         self.cfg = cfg
         self.trig = TrigFlow(sigma_data=cfg.sigma_data)
         self.teacher = teacher.with_schedule(self.trig)
@@ -115,6 +142,11 @@ class SCM(Recipe):
         by_prefix = {"logvar.": self.cfg.logvar_lr} if self.cfg.logvar_lr is not None else {}
         return OptimizerSpec(lr=self.cfg.lr, betas=self.cfg.betas, lr_by_prefix=by_prefix)
 
+    def proposal(self, n: int) -> Tensor:
+        """(n,) training times from the log-normal proposal, stated for data of std ``p_sigma_data``."""
+        cfg = self.cfg
+        return trigflow_time_proposal(n, cfg.p_mean, cfg.p_std, cfg.sigma_data, cfg.p_sigma_data)
+
     def F(self, x_t: Tensor, t: Tensor, cond: dict[str, Any]) -> Tensor:
         """The student's TrigFlow output F_theta(x_t, t) (Lu & Song, Eq. 4: x0 = cos t x_t - sin t sd F)."""
         return self.student.predict(x_t, t, cond, prediction="trigflow")
@@ -125,7 +157,7 @@ class SCM(Recipe):
             raise FewstepError("scm needs x0 samples (real images, or teacher samples for image-free runs)")
         x0, cond = batch.x0, dict(batch.cond)
         cond.update(guidance_condition(self.student.model, torch.full((x0.shape[0],), cfg.guidance)))
-        t = trigflow_time_proposal(x0.shape[0], cfg.p_mean, cfg.p_std, cfg.sigma_data).clamp(1e-3, math.pi / 2 - 1e-3)
+        t = self.proposal(x0.shape[0]).clamp(1e-3, math.pi / 2 - 1e-3)
         eps = torch.randn_like(x0)
         x_t = self.trig.add_noise(x0, eps, t)
         c_t = self.trig.coeffs(append_dims(t, x_t.ndim))
@@ -138,22 +170,26 @@ class SCM(Recipe):
                 lambda x, s: self.F(x, s, cond), (x_t, t), tangents, self.method, cfg.fd_step
             )
             r = tangent_warmup(step, cfg.tangent_warmup_steps)
-            g = normalize_tangent(scm_tangent(F_minus, dF_dt, dxt_dt, x_t, t, cfg.sigma_data, r), cfg.tangent_c)
+            tangent = rcm_tangent if cfg.scm_loss == "rcm" else scm_tangent
+            g = normalize_tangent(tangent(F_minus, dF_dt, dxt_dt, x_t, t, cfg.sigma_data, r), cfg.tangent_c)
             target = F_minus + g
         F_theta = self.F(x_t, t, cond)
-        logvar = self.logvar(t) if cfg.adaptive_weighting else torch.zeros_like(t)
-        loss = adaptive_weighted_loss(F_theta, target, logvar, trigflow_weight(t, cfg.sigma_data)).mean()
+        if cfg.scm_loss == "rcm":
+            loss = cfg.loss_scale * ((F_theta.float() - target.float()) ** 2).flatten(1).sum(1).mean()
+        else:
+            logvar = self.logvar(t) if cfg.adaptive_weighting else torch.zeros_like(t)
+            loss = adaptive_weighted_loss(F_theta, target, logvar, trigflow_weight(t, cfg.sigma_data)).mean()
         if self.disc is None:
             return {"student": loss}
         # LADD (SANA-Sprint): the student's x0 from a fresh time (pure noise at pi/2 for a share of the batch) against
         # a real x0, both re-noised at a discriminator time and scored on frozen teacher features
         b = x0.shape[0]
-        t_g = trigflow_time_proposal(b, cfg.p_mean, cfg.p_std, cfg.sigma_data).clamp(1e-3, math.pi / 2)
+        t_g = self.proposal(b).clamp(1e-3, math.pi / 2)
         t_g = with_largest_time(t_g, math.pi / 2, cfg.adv_largest_t_prob)
         x_g = self.trig.add_noise(x0, torch.randn_like(x0), t_g)
         c_g = self.trig.coeffs(append_dims(t_g, x0.ndim))
         x0_theta = c_g.alpha * x_g - c_g.sigma * self.F(x_g, t_g, cond)  # Lu & Song, Eq. 4
-        t_d = discriminator_times(self.trig, b, cfg.adv_p_mean, cfg.adv_p_std)
+        t_d = discriminator_times(self.trig, b, cfg.adv_p_mean, cfg.adv_p_std, cfg.adv_p_sigma_data)
         generator, critic = ladd_losses(self.disc, x0_theta, x0, t_d, batch.cond)
         return {"student": loss + cfg.adv_weight * generator, "critic": critic}
 
@@ -162,13 +198,16 @@ class SCM(Recipe):
         return student["model"]
 
     def plan(self) -> dict[int, SamplingPlan]:
-        """From pure noise at pi/2; 2 steps re-noise at ``plan_mid``, n steps at n times uniform in angle (as
-        SCMScheduler: linspace(pi/2, 0, n + 1) without the final 0); fresh noise, as sCM's multistep sampler."""
-        plans = {}
-        for n in self.cfg.plan_steps:
-            if n == 2:
-                times: tuple[float, ...] = (math.pi / 2, self.cfg.plan_mid)
+        """From ``plan_t_max`` (pure noise at pi/2 by default); with ``plan_mids``, n steps visit its first n - 1
+        times (rCM's sampler); else 2 steps re-noise at ``plan_mid`` and n steps at n times uniform in angle (as
+        SCMScheduler: linspace(pi/2, 0, n + 1) without the final 0). Fresh noise, as sCM's multistep sampler."""
+        cfg, plans = self.cfg, {}
+        for n in cfg.plan_steps:
+            if cfg.plan_mids:
+                times: tuple[float, ...] = (cfg.plan_t_max, *cfg.plan_mids[: n - 1])
+            elif n == 2:
+                times = (cfg.plan_t_max, cfg.plan_mid)
             else:
-                times = tuple(math.pi / 2 * (1 - i / n) for i in range(n))
+                times = tuple(cfg.plan_t_max * (1 - i / n) for i in range(n))
             plans[n] = SamplingPlan(self.trig, times, gamma=1.0)
         return plans

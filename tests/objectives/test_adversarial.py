@@ -57,11 +57,30 @@ def test_discriminator_times_have_the_log_normal_ratio_on_every_schedule(schedul
 
 
 def test_trigflow_discriminator_times_are_sana_sprints_proposal() -> None:
-    """On TrigFlow: sigma_d tan t_D = exp(N(mean, std^2)), i.e. t_D = atan(exp(N) / sigma_d)."""
-    torch.manual_seed(1)
-    t = discriminator_times(TrigFlow(0.5), 8, -0.6, 1.0)
-    torch.manual_seed(1)
-    torch.testing.assert_close(t, torch.atan(torch.exp(-0.6 + torch.randn(8, dtype=torch.float64)) / 0.5).float())
+    """SANA-Sprint draws t_D = atan(exp(N) / 0.5) on latents scaled to std 0.5 (NVlabs/Sana train_scm_ladd.py,
+    compute_density_for_timestep_sampling "logit_normal_trigflow"): on unit-variance latents that is TrigFlow with
+    sigma_d = 1 and exp(N) stated for data of std 0.5 (p_sigma_data = 0.5). The digits presets' old convention
+    (sigma_d = 0.5, the ratio exp(N) on the data as given) draws the very same angles."""
+    expected = None
+    for schedule, p_sd in ((TrigFlow(1.0), 0.5), (TrigFlow(0.5), 1.0)):
+        torch.manual_seed(1)
+        t = discriminator_times(schedule, 8, -0.6, 1.0, p_sigma_data=p_sd)
+        torch.manual_seed(1)
+        expected = torch.atan(torch.exp(-0.6 + torch.randn(8, dtype=torch.float64)) / 0.5).float()
+        torch.testing.assert_close(t, expected)
+
+
+@pytest.mark.parametrize("schedule", [TrigFlow(1.0), Flow(), VP()], ids=["trigflow", "flow", "vp"])
+def test_discriminator_times_state_sigma_for_data_of_the_reference_std(schedule) -> None:
+    """exp(N) is sigma for data of std p_sigma_data: the noise-to-signal ratio on the data as given is
+    exp(N) / p_sigma_data on every schedule."""
+    torch.manual_seed(2)
+    t = discriminator_times(schedule, 4096, -0.6, 1.0, p_sigma_data=0.5)
+    torch.manual_seed(2)
+    expected = torch.exp(-0.6 + torch.randn(4096, dtype=torch.float64)) / 0.5
+    inside = (t > schedule.t_min) & (t < schedule.t_max)
+    assert inside.float().mean() > 0.9
+    torch.testing.assert_close(schedule.ratio(t.double())[inside], expected[inside], rtol=2e-3, atol=0)
 
 
 def test_with_largest_time() -> None:
