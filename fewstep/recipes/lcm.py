@@ -54,8 +54,11 @@ class LCMConfig:
     adv_weight: float = 0.0
     adv_lr: float = 1e-4  # the discriminator heads' learning rate
     adv_block_every: int = 1  # read every k-th teacher block
-    adv_p_mean: float = -0.6  # log-normal noise-to-signal ratio of the re-noising time t_D (SANA-Sprint's LADD)
+    # log-normal re-noising time t_D as SANA-Sprint's LADD draws it: exp(N(-0.6, 1)) is sigma for data of std
+    # adv_p_sigma_data (0.5 there), i.e. a noise-to-signal ratio exp(N) / 0.5 on the data as given
+    adv_p_mean: float = -0.6
     adv_p_std: float = 1.0
+    adv_p_sigma_data: float = 0.5
     adv_largest_t_prob: float = 0.5  # share of generator samples from pure noise (the one-step generator)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -148,7 +151,7 @@ class LCM(Recipe):
         # the adversarial term: the student's x0 at a grid time, or from pure noise for a share of the batch
         t_g = with_largest_time(t, float(self.grid[0]), cfg.adv_largest_t_prob)
         x_g = native.add_noise(x0, torch.randn_like(x0), t_g)
-        t_d = discriminator_times(native, b, cfg.adv_p_mean, cfg.adv_p_std)
+        t_d = discriminator_times(native, b, cfg.adv_p_mean, cfg.adv_p_std, cfg.adv_p_sigma_data)
         generator, critic = ladd_losses(self.disc, self.f(self.student, x_g, t_g, cond), x0, t_d, batch.cond)
         return {"student": loss + cfg.adv_weight * generator, "critic": critic}
 

@@ -76,8 +76,11 @@ class SiDConfig:
     adv_weight: float = 0.0  # the generator's GAN weight (DMD2: gen_cls_loss_weight 3e-3 to 1e-2)
     adv_critic_weight: float = 1e-2  # the critic's, added to the fake score's loss (DMD2: guidance_cls_loss_weight)
     adv_block_every: int = 1  # read every k-th block of the fake score
-    adv_p_mean: float = -0.6  # log-normal noise-to-signal ratio of the discriminator's re-noising
+    # the discriminator's log-normal re-noising time, SANA-Sprint's LADD numbers: exp(N(-0.6, 1)) is sigma for data of
+    # std adv_p_sigma_data (0.5 there), a noise-to-signal ratio exp(N) / 0.5 on the data as given
+    adv_p_mean: float = -0.6
     adv_p_std: float = 1.0
+    adv_p_sigma_data: float = 0.5
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
 
@@ -157,7 +160,7 @@ class SiD(Recipe):
         x_t = native.add_noise(x0_G, torch.randn_like(x0_G), t)  # keeps the graph to x0_G: SiD differentiates
         loss = sid_generator_loss(x0_G, real(x_t, t), fake(x_t, t), cfg.alpha)  # through both networks' inputs
         if self.disc is not None:
-            t_d = discriminator_times(native, b, cfg.adv_p_mean, cfg.adv_p_std)
+            t_d = discriminator_times(native, b, cfg.adv_p_mean, cfg.adv_p_std, cfg.adv_p_sigma_data)
             gan, critic = score_gan_losses(self.disc, x0_G, batch.x0, t_d, batch.cond)
             loss = loss + cfg.adv_weight * gan
             out["fake"] = out["fake"] + cfg.adv_critic_weight * critic

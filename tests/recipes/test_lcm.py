@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -147,3 +148,37 @@ def test_lora_on_a_pipeline_without_lora_support_fails_before_training(random_di
     with pytest.raises(FewstepError, match="cannot load LoRA weights"):
         run_distill(LCM, cfg, teacher=str(random_digits), output=tmp_path / "run", bench=False)
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("preset_like,expected", [({}, -0.6 - math.log(0.5)), ({"adv_p_sigma_data": 1.0}, -0.6)])
+def test_adversarial_times_mean_sana_sprints_ratio_unless_a_preset_says_otherwise(
+    random_digits: Path, monkeypatch: pytest.MonkeyPatch, preset_like: dict[str, float], expected: float
+) -> None:
+    """PCM's adversarial term draws t_D with SANA-Sprint's LADD numbers, exp(N(-0.6, 1)) stated for data of std 0.5:
+    a median noise-to-signal ratio e^-0.6 / 0.5 on the data as given. The digits preset keeps the ratio it was tuned
+    with (e^-0.6, adv_p_sigma_data 1)."""
+    import fewstep.recipes.lcm as lcm_module
+
+    seen: list[torch.Tensor] = []
+    original = lcm_module.discriminator_times
+
+    def record(*args: object, **kwargs: object) -> torch.Tensor:
+        t = original(*args, **kwargs)  # type: ignore[arg-type]
+        seen.append(t)
+        return t
+
+    monkeypatch.setattr(lcm_module, "discriminator_times", record)
+    teacher, _ = load_denoiser(str(random_digits))
+    recipe = LCM(teacher, LCMConfig(**FIXED_W, adv_weight=0.5, **preset_like))
+    torch.manual_seed(0)
+    recipe.loss(DigitsBatches(null_class_of(teacher.model), batch_size=1024)(0), 0)
+    native = teacher.native
+    assert float(torch.log(native.ratio(seen[0].double())).median()) == pytest.approx(expected, abs=0.12)
+
+
+def test_digits_preset_states_its_adversarial_ratio() -> None:
+    from fewstep.recipes import resolve
+    from fewstep.training.config import presets_dir, resolve_config
+
+    cfg = resolve_config(resolve("lcm").Config(), presets_dir() / "lcm" / "digits.toml")
+    assert cfg.adv_p_sigma_data == 1.0  # the ratio its measured runs used; SANA-Sprint's would be 0.5
