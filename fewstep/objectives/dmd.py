@@ -113,8 +113,10 @@ def fake_score_loss(
     """Denoising score matching of the fake score on detached student samples: w(t) ||D_fake(x_t, t) - x0_G||^2.
 
     ``weighting``: "x0" is w = 1 (x0 regression, as TDM's fake LoRA); "eps" is w = SNR = alpha^2 / sigma^2, the
-    epsilon-prediction loss written in x0 (DMD2's fake score); "v" is w = 1 / sigma^2, the velocity (flow) or F
-    (TrigFlow) loss written in x0, up to a constant (rCM's ||x0_G - x0_fake||^2 / sin^2 t_D).
+    epsilon-prediction loss written in x0 (DMD2's fake score); "v" is w = 1 / sigma^2 in the schedule's own sigma,
+    exactly the velocity (flow) or F (TrigFlow) loss written in x0. On a flow teacher that is 1 / t^2, which at the
+    same noise-to-signal ratio is (sin t + cos t)^2 times rCM's TrigFlow weight 1 / sin^2 t_D: not a constant, so
+    rCM's own critic (``rcm.rcm_critic_loss``) runs in TrigFlow time.
     ``snr_clip`` caps the SNR weight (TDM clips at 5). ``x_t``: the noised input when the recipe builds it itself."""
     x0 = x0_gen.detach()
     x_t = schedule.add_noise(x0, torch.randn_like(x0) if eps is None else eps, t) if x_t is None else x_t.detach()
