@@ -13,7 +13,8 @@ by ``recipes/rcm/sd3.toml``: the consistency loss ``scm_loss = "rcm"`` (100 * su
 and critic ``dmd_loss = "rcm"`` (sum ||x0_G - sg(x0_G - grad)||^2; sum ||x0_G - x0_fake||^2 / sin^2 t in TrigFlow
 time), the times ``dmd_times = "shifted"`` (UniformShift(5)), ``backward_simulation = "rcm"`` (n cycling 1..4,
 random decreasing times) and the plan ``plan_t_max = atan(80)``, ``plan_mids = (1.5, 1.4, 1.0)``.
-One departure stays: here the fake score steps on every iteration (also on the student's), rCM's only on the others.
+The fake score steps on every iteration by default, as DMD2's does (its guidance model updates on every one);
+``fake_on_student_steps = False`` is rCM's (the critic steps only on the iterations the student does not).
 """
 
 from __future__ import annotations
@@ -52,7 +53,10 @@ class RCMConfig(SCMConfig):
     dmd_weight: float = 1.0  # with dmd_loss = "rcm" this is rCM's loss_scale_dmd (1)
     scm_weight: float = 1.0  # the consistency term's weight; 0 with dmd_start = 0 is DMD alone (the ablation baseline)
     dmd_start: int = 1000  # sCM-only steps before the DMD term starts (rCM's tangent_warmup of 1000 iterations)
-    student_update_freq: int = 5  # one student step per this many iterations; the fake score steps on every one
+    student_update_freq: int = 5  # one student step per this many iterations (rCM's and DMD2's 5)
+    # the fake score also steps on the student's iterations (DMD2: the guidance model updates on every iteration);
+    # False: only on the others, as rCM's is_student_phase alternates the two
+    fake_on_student_steps: bool = True
     fake_lr: float = 4e-7  # rCM's fake-score lr (the student's is 2e-6 there); presets set their own
     fake_betas: tuple[float, float] = (0.0, 0.999)  # rCM's Adam betas for both networks
     fake_lora_rank: int = 0  # 0: the fake score is a full copy of the teacher; > 0: a LoRA on a frozen copy
@@ -179,6 +183,8 @@ class RCM(Recipe):
             if cfg.dmd_loss == "rcm":
                 dmd = rcm_dmd_loss(x0_G, grad)
             out["student"] = cfg.scm_weight * out.get("student", 0.0) + cfg.dmd_weight * dmd
+        if student_step and not cfg.fake_on_student_steps:
+            return out
         t_f = self.dmd_times(b)
         if cfg.dmd_loss == "rcm":
             fake_trig = self.fake.with_schedule(self.scm.trig)

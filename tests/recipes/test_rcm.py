@@ -150,6 +150,7 @@ def test_sd3_preset_is_rcms() -> None:
     assert cfg.plan_t_max == pytest.approx(math.atan(80)) and cfg.plan_mids == (1.5, 1.4, 1.0)
     assert cfg.plan_steps == (1, 2, 3, 4)
     assert (cfg.tangent_warmup_steps, cfg.dmd_start, cfg.student_update_freq) == (1000, 1000, 5)
+    assert cfg.fake_on_student_steps is False  # is_student_phase: the critic steps only on the other iterations
     assert (cfg.lr, cfg.fake_lr, cfg.betas, cfg.fake_betas, cfg.guidance) == (
         2e-6,
         4e-7,
@@ -276,3 +277,18 @@ def test_rcm_backward_simulation_draws_decreasing_times(random_digits: Path) -> 
     for x, t, _ in calls[1:]:
         z = (x - append_dims(t.cos(), 4) * 0.3) / append_dims(t.sin(), 4)  # sigma_data 1
         assert abs(float(z.std()) - 1) < 0.05 and abs(float(z.mean())) < 0.05
+
+
+@pytest.mark.parametrize("on_student_steps", [True, False])
+def test_fake_score_steps_on_student_iterations_only_when_asked(random_digits: Path, on_student_steps: bool) -> None:
+    """DMD2 updates its fake score on every iteration; rCM alternates (is_student_phase): its critic does not step on
+    the student's iterations. With student_update_freq 2 and dmd_start 0, steps 0 and 2 are the student's."""
+    teacher, _ = load_denoiser(str(random_digits))
+    cfg = RCMConfig(
+        dmd_start=0, student_update_freq=2, fake_on_student_steps=on_student_steps, adaptive_weighting=False
+    )
+    recipe = RCM(teacher, cfg)
+    batch = DigitsBatches(null_class_of(teacher.model), batch_size=2)(0)
+    steps = {step: set(recipe.loss(batch, step)) for step in range(3)}
+    fake_on_student = {"student", "fake"} if on_student_steps else {"student"}
+    assert steps == {0: fake_on_student, 1: {"fake"}, 2: fake_on_student}
