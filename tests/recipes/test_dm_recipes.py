@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import torch
+from test_phased_dmd import record_fake_times
 
 from fewstep.distill import run_distill
 from fewstep.loading import load_denoiser
@@ -187,16 +188,7 @@ def test_phased_reads_the_scores_no_lower_than_its_time_floor(random_digits: Pat
     teacher, _ = load_denoiser(str(random_digits))
     recipe = PhasedDMD(teacher, PhasedDMDConfig(phase_steps=1, fake_steps=1, t_floor=t_floor))
     data = DigitsBatches(null_class_of(teacher.model), batch_size=64)
-    seen: dict[int, Any] = {}
-
-    def recording(p: int, fake: Any) -> Any:
-        def read(x: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
-            seen[p] = t
-            return fake(x, t, cond)
-
-        return read
-
-    recipe.fakes = [recording(p, fake) for p, fake in enumerate(recipe.fakes)]
+    seen = record_fake_times(recipe)
     for step in (0, 1):
         recipe.loss(data(step), step)
     assert bool(((seen[0] >= 0.5) & (seen[0] <= 1.0)).all())

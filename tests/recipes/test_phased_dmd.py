@@ -23,6 +23,21 @@ LIGHTX2V_STEPS = (1000, 750, 500, 250)  # configs/train/phased_dmd/wan2_1_t2v_1_
 MATCH_TIMESTEP = 500
 
 
+def record_fake_times(recipe: PhasedDMD) -> dict[int, torch.Tensor]:
+    """Wrap each phase's fake score so the times it is read at land in the returned dict (phase -> last times)."""
+    seen: dict[int, torch.Tensor] = {}
+
+    def recording(p: int, fake: Any) -> Any:
+        def read(x: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
+            seen[p] = t
+            return fake(x, t, cond)
+
+        return read
+
+    recipe.fakes = [recording(p, fake) for p, fake in enumerate(recipe.fakes)]
+    return seen
+
+
 def lightx2v_sigmas(scheduler: Any, raw: tuple[int, ...]) -> list[float]:
     """LightX2V's map from raw timesteps to sigmas: the training scheduler's timesteps (0 appended) at N - raw, / N.
 
@@ -74,16 +89,7 @@ def test_sd3_dmd_and_fake_times_stay_in_their_shifted_phase(sd3: tuple[Any, Any]
     """Each phase reads the scores between its own edges; the time floor is unshifted too (0.1 -> sigma 0.25)."""
     teacher, _ = sd3
     recipe = PhasedDMD(teacher, PhasedDMDConfig(phase_steps=1, fake_steps=1, t_floor=0.1))
-    seen: dict[int, torch.Tensor] = {}
-
-    def recording(p: int, fake: Any) -> Any:
-        def read(x: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
-            seen[p] = t
-            return fake(x, t, cond)
-
-        return read
-
-    recipe.fakes = [recording(p, fake) for p, fake in enumerate(recipe.fakes)]
+    seen = record_fake_times(recipe)
     batch = _sd3_batch(teacher, 32)
     torch.manual_seed(0)
     for step in (0, 1):
@@ -142,17 +148,8 @@ def test_digits_preset_phases_and_plans_are_uniform_in_the_unshifted_teacher(ran
     assert recipe.edges == [1.0, 0.5, 0.0] and recipe.t_floor == 0.1
     assert {n: p.times for n, p in recipe.plan().items()} == {2: (1.0, 0.5), 4: (1.0, 0.75, 0.5, 0.25)}
     data = DigitsBatches(null_class_of(teacher.model), batch_size=64)
-    seen: dict[int, torch.Tensor] = {}
-
-    def recording(p: int, fake: Any) -> Any:
-        def read(x: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
-            seen[p] = t
-            return fake(x, t, cond)
-
-        return read
-
     recipe = PhasedDMD(teacher, merge_into(PhasedDMDConfig(), {**preset, "phase_steps": 1, "fake_steps": 1}))
-    recipe.fakes = [recording(p, fake) for p, fake in enumerate(recipe.fakes)]
+    seen = record_fake_times(recipe)
     for step in (0, 1):
         recipe.loss(data(step), step)
     assert bool(((seen[0] >= 0.5) & (seen[0] <= 1.0)).all()) and bool(((seen[1] >= 0.1) & (seen[1] <= 0.5)).all())
