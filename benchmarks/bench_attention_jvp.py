@@ -163,7 +163,8 @@ def report(rows: list[dict[str, Any]], baseline: str, forward: str, fused: str) 
                   + (f", and takes {f['ms'] / fw['ms']:.2f}x {forward}" if fw else ""))  # fmt: skip
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (tests parse benchmarks/gpu_check.sh's flags with it)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--sizes", default="256,512,1024,2048,4096,8192")
@@ -176,7 +177,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads in each case (0: leave)")
     parser.add_argument("--out", type=Path, default=Path("runs/bench_attention_jvp.json"))
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     cuda = args.device.startswith("cuda")
     args.dtype = args.dtype or ("bfloat16" if cuda else "float32")
     sizes = [int(s) for s in args.sizes.split(",")]

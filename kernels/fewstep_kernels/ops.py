@@ -32,6 +32,7 @@ from .reference import (
 Backend = Literal["auto", "reference", "chunked", "triton"]
 BACKEND_ENV = "FEWSTEP_ATTENTION_BACKEND"
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+TRITON_MAX_HEAD_DIM = 256  # the widest head the Triton launchers take (tests/kernels/test_kernels_compile.py: 256)
 
 
 class Kernels(NamedTuple):
@@ -65,16 +66,20 @@ def is_key_bias(bias: Tensor | None) -> bool:
     return bias is None or all(n == 1 for n in tuple(bias.shape)[-3:-1])
 
 
-def resolve_backend(backend: str, q: Tensor, bias: Tensor | None = None) -> str:
+def resolve_backend(backend: str, q: Tensor, bias: Tensor | None = None, v: Tensor | None = None) -> str:
     """The backend that will run: "auto" -> $FEWSTEP_ATTENTION_BACKEND or the device default; "triton" falls back to
-    "chunked" for what its kernels do not express (a bias that varies per query or head, float64)."""
+    "chunked" for what its kernels do not express (a bias that varies per query or head, float64, head dims of q or
+    ``v`` beyond TRITON_MAX_HEAD_DIM)."""
     if backend == "auto":
         backend = os.environ.get(BACKEND_ENV, "auto") or "auto"
     if backend not in (*BACKENDS, "auto"):
         raise ValueError(f"unknown attention backend {backend!r}; choose from auto, {', '.join(BACKENDS)}")
     if backend == "auto":
         backend = "triton" if q.is_cuda and triton_available() else "chunked"
-    if backend == "triton" and (q.dtype not in TRITON_DTYPES or not is_key_bias(bias)):
+    head_dim = max(q.shape[-1] if q.dim() else 0, v.shape[-1] if v is not None else 0)
+    if backend == "triton" and (
+        q.dtype not in TRITON_DTYPES or not is_key_bias(bias) or head_dim > TRITON_MAX_HEAD_DIM
+    ):
         backend = "chunked"
     return backend
 
@@ -343,7 +348,7 @@ def attention(
     (B, H, Nq, Nk), and constant (no tangent, no gradient); ``causal`` hides keys j > i (SDPA's top-left rule).
     """
     bias = _prepare(q, k, v, (None, None, None), key_padding_mask, bias)
-    resolved = resolve_backend(backend, q, bias)
+    resolved = resolve_backend(backend, q, bias, v)
     return AttentionFunction.apply(q, k, v, bias, _scale(q, scale), causal, resolved)[0]
 
 
@@ -368,7 +373,7 @@ def attention_jvp(
     float64 inputs), natural log. o is differentiable w.r.t. q, k, v; o_dot is not.
     """
     bias = _prepare(q, k, v, (q_dot, k_dot, v_dot), key_padding_mask, bias)
-    args = (q, k, v, q_dot, k_dot, v_dot, bias, _scale(q, scale), causal, resolve_backend(backend, q, bias))
+    args = (q, k, v, q_dot, k_dot, v_dot, bias, _scale(q, scale), causal, resolve_backend(backend, q, bias, v))
     if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
         return FusedJVPFunction.apply(*args)
     return attention_fwd_jvp(*args)

@@ -14,7 +14,18 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .triton_jvp import LOG2E, kernel_flags, key_bias, launch_config, load_tile, unit_stride
+from .triton_jvp import (
+    LOG2E,
+    LaunchParams,
+    check_head_dims,
+    device_capability,
+    dtype_flags,
+    key_bias,
+    load_tile,
+    padded,
+    tile_config,
+    unit_stride,
+)
 
 
 @triton.jit
@@ -128,6 +139,29 @@ def attention_bwd_q_kernel(
     tl.store(qb_ptrs, (q_bar * scale).to(Q_BAR.dtype.element_ty), mask=qb_mask)
 
 
+def bwd_launch_params(
+    dtype: torch.dtype,
+    d_k: int,
+    d_v: int,
+    capability: tuple[int, int] | None,
+    *,
+    bias: bool = False,
+    causal: bool = False,
+    n_q: int = 128,
+    n_k: int = 128,
+    blocks: tuple[int, int] | None = None,
+) -> dict[str, LaunchParams]:
+    """The launches of the backward, by kernel name (``attention_bwd_kv_kernel``, ``attention_bwd_q_kernel``), for
+    the arguments of ``jvp_launch_params``."""
+    check_head_dims(d_k, d_v)
+    config = tile_config(dtype, max(d_k, d_v), capability, n_q, n_k, blocks)
+    warps, stages = config.pop("num_warps"), config.pop("num_stages")
+    constexprs = {"HEAD_DK": d_k, "HEAD_DV": d_v, **config, "BLOCK_DK": padded(d_k), "BLOCK_DV": padded(d_v),
+                  "HAS_BIAS": bias, "CAUSAL": causal, **dtype_flags(dtype, capability)}  # fmt: skip
+    params = LaunchParams(constexprs, warps, stages)
+    return {"attention_bwd_kv_kernel": params, "attention_bwd_q_kernel": params}
+
+
 def attention_backward_triton(
     o_bar: Tensor,
     q: Tensor,
@@ -151,17 +185,19 @@ def attention_backward_triton(
     k_bar = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     v_bar = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     bias_arg = flat_bias if flat_bias is not None else q
-    config = launch_config(q, n_q, n_k, max(d_k, d_v), blocks)
-    flags = {"HEAD_DK": d_k, "HEAD_DV": d_v, "BLOCK_DK": max(16, triton.next_power_of_2(d_k)),
-             "BLOCK_DV": max(16, triton.next_power_of_2(d_v)), "HAS_BIAS": flat_bias is not None, "CAUSAL": causal,
-             **kernel_flags(q), **config}  # fmt: skip
-    strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o_bar.stride()[:3])
-    attention_bwd_kv_kernel[(triton.cdiv(n_k, config["BLOCK_N"]), b * h_kv)](
-        q, k, v, o_bar, lse, delta, bias_arg, k_bar, v_bar, *strides, *k_bar.stride()[:3], *v_bar.stride()[:3],
-        stride_bias_b, h_kv, h // h_kv, n_q, n_k, scale, **flags,
+    launches = bwd_launch_params(
+        q.dtype, d_k, d_v, device_capability(q), bias=flat_bias is not None, causal=causal, n_q=n_q, n_k=n_k,
+        blocks=blocks,
     )  # fmt: skip
-    attention_bwd_q_kernel[(triton.cdiv(n_q, config["BLOCK_M"]), b * h)](
+    strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o_bar.stride()[:3])
+    kv = launches["attention_bwd_kv_kernel"]
+    attention_bwd_kv_kernel[(triton.cdiv(n_k, kv.constexprs["BLOCK_N"]), b * h_kv)](
+        q, k, v, o_bar, lse, delta, bias_arg, k_bar, v_bar, *strides, *k_bar.stride()[:3], *v_bar.stride()[:3],
+        stride_bias_b, h_kv, h // h_kv, n_q, n_k, scale, **kv.constexprs, **kv.options(),
+    )  # fmt: skip
+    dq = launches["attention_bwd_q_kernel"]
+    attention_bwd_q_kernel[(triton.cdiv(n_q, dq.constexprs["BLOCK_M"]), b * h)](
         q, k, v, o_bar, lse, delta, bias_arg, q_bar, *strides, *q_bar.stride()[:3],
-        stride_bias_b, h, h // h_kv, n_q, n_k, scale, **flags,
+        stride_bias_b, h, h // h_kv, n_q, n_k, scale, **dq.constexprs, **dq.options(),
     )  # fmt: skip
     return q_bar, k_bar, v_bar

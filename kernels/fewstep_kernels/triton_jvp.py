@@ -17,13 +17,18 @@ probabilities are rounded to the input dtype before the P V products, as in Flas
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-LOG2E = 1.4426950408889634  # exp(x) = exp2(x log2 e): scores are kept in base 2 so the kernel only calls exp2
-LN2 = 0.6931471805599453
+from .ops import TRITON_MAX_HEAD_DIM as MAX_HEAD_DIM  # SD 1.x's 160 pads to 256; ops.py sends wider heads to "chunked"
+
+# Globals a kernel reads must be tl.constexpr: the real compiler rejects plain floats (the interpreter does not).
+LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x log2 e): scores stay in base 2, the kernel calls exp2
+LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
@@ -162,29 +167,99 @@ def key_bias(bias: Tensor | None, n_k: int) -> tuple[Tensor | None, int]:
     return flat, (n_k if flat.shape[0] > 1 else 0)
 
 
-def launch_config(
-    x: Tensor, n_q: int, n_k: int, head_dim: int, blocks: tuple[int, int] | None = None
+class LaunchParams(NamedTuple):
+    """What one kernel launch is built with: its tl.constexpr arguments, warps and software-pipeline stages.
+    ``aot.py`` compiles exactly these for sm_80 and sm_90 without a GPU (tests/kernels/test_kernels_compile.py)."""
+
+    constexprs: dict[str, Any]
+    num_warps: int
+    num_stages: int
+
+    def options(self) -> dict[str, int]:
+        return {"num_warps": self.num_warps, "num_stages": self.num_stages}
+
+
+def padded(head_dim: int) -> int:
+    """The tile width of a head dim: tl.arange takes powers of two only."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def check_head_dims(d_k: int, d_v: int) -> None:
+    if max(d_k, d_v) > MAX_HEAD_DIM:
+        raise ValueError(f"the Triton kernels take head dims up to {MAX_HEAD_DIM}, not {d_k}, {d_v}: use 'chunked'")
+
+
+def tile_config(
+    dtype: torch.dtype,
+    head_dim: int,
+    capability: tuple[int, int] | None,
+    n_q: int = 128,
+    n_k: int = 128,
+    blocks: tuple[int, int] | None = None,
 ) -> dict[str, int]:
-    """Block sizes and warps. Under the interpreter each (program x key block) costs milliseconds whatever its size,
-    so tiles are as large as the problem allows; on a GPU, the register budget of two fp32 accumulators rules."""
+    """Block sizes, warps and stages; ``capability`` None means the interpreter. Under the interpreter each
+    (program x key block) costs milliseconds whatever its size, so tiles are as large as the problem allows; on a GPU,
+    the register budget of two fp32 accumulators rules."""
+    interpreter = capability is None
     if blocks is not None:
-        return {"BLOCK_M": blocks[0], "BLOCK_N": blocks[1], "num_warps": 4, "num_stages": 1 if interpreted() else 2}
-    if interpreted():
+        return {"BLOCK_M": blocks[0], "BLOCK_N": blocks[1], "num_warps": 4, "num_stages": 1 if interpreter else 2}
+    if interpreter:
         block_m, block_n = (min(128, max(16, triton.next_power_of_2(n))) for n in (n_q, n_k))
         return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": 4, "num_stages": 1}
-    if head_dim <= 64 and x.dtype != torch.float32:
+    if dtype == torch.float32:  # IEEE fp32 products run on FMA units, whose operand tiles live in registers: every
+        # fp32 build spills (kernels/README.md), small tiles least; 64 x 32 needs 264 KiB of shared memory at d = 256
+        return {"BLOCK_M": 32, "BLOCK_N": 16, "num_warps": 4, "num_stages": 2}
+    if head_dim <= 64:
         return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
-    return {"BLOCK_M": 64, "BLOCK_N": 32 if head_dim > 64 else 64, "num_warps": 4, "num_stages": 2}
+    return {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
 
 
-def kernel_flags(x: Tensor) -> dict[str, object]:
-    if x.device.type == "cpu" and not interpreted():
+def dtype_flags(dtype: torch.dtype, capability: tuple[int, int] | None) -> dict[str, object]:
+    """UPCAST: float32 tiles (fp32 inputs, and every input under the interpreter, whose bf16 is wrong)."""
+    upcast = capability is None or dtype == torch.float32
+    return {"UPCAST": upcast, "PRECISION": "ieee"}  # ieee: fp32 inputs get fp32 (not TF32) products
+
+
+def jvp_launch_params(
+    dtype: torch.dtype,
+    d_k: int,
+    d_v: int,
+    capability: tuple[int, int] | None,
+    *,
+    q_dot: bool = False,
+    k_dot: bool = False,
+    v_dot: bool = False,
+    from_lse: bool = False,
+    bias: bool = False,
+    causal: bool = False,
+    n_q: int = 128,
+    n_k: int = 128,
+    blocks: tuple[int, int] | None = None,
+) -> LaunchParams:
+    """The launch of ``attention_jvp_kernel`` for inputs of ``dtype`` with head dims (d_k, d_v) on a device of
+    compute ``capability`` (None: the interpreter). Tangent flags say which of q_dot, k_dot, v_dot are given (none:
+    the forward alone); ``from_lse`` is the tangent from a saved forward."""
+    check_head_dims(d_k, d_v)
+    config = tile_config(dtype, max(d_k, d_v), capability, n_q, n_k, blocks)
+    warps, stages = config.pop("num_warps"), config.pop("num_stages")
+    constexprs = {
+        "HEAD_DK": d_k, "HEAD_DV": d_v, **config, "BLOCK_DK": padded(d_k), "BLOCK_DV": padded(d_v),
+        "HAS_Q_DOT": q_dot, "HAS_K_DOT": k_dot, "HAS_V_DOT": v_dot, "WITH_TANGENT": q_dot or k_dot or v_dot,
+        "FROM_LSE": from_lse, "HAS_BIAS": bias, "CAUSAL": causal, **dtype_flags(dtype, capability),
+    }  # fmt: skip
+    return LaunchParams(constexprs, warps, stages)
+
+
+def device_capability(x: Tensor) -> tuple[int, int] | None:
+    """The compute capability the kernels are built for (None: the interpreter runs them)."""
+    if interpreted():
+        return None
+    if x.device.type != "cuda":
         raise RuntimeError(
             "Triton runs on CPU tensors only under its interpreter: set TRITON_INTERPRET=1 before "
             "fewstep_kernels.triton_jvp is first imported, or use the 'chunked' backend"
         )
-    upcast = interpreted() or x.dtype == torch.float32
-    return {"UPCAST": upcast, "PRECISION": "ieee"}  # ieee: fp32 inputs get fp32 (not TF32) products
+    return torch.cuda.get_device_capability(x.device)
 
 
 def _launch(
@@ -208,8 +283,13 @@ def _launch(
     q, k, v = unit_stride(q), unit_stride(k), unit_stride(v)
     q_dot, k_dot, v_dot = (unit_stride(t) if t is not None else None for t in (q_dot, k_dot, v_dot))
     flat_bias, stride_bias_b = key_bias(bias, n_k)
-    config = launch_config(q, n_q, n_k, d_k, blocks)
-    grid = (triton.cdiv(n_q, config["BLOCK_M"]), b * h)
+    params = jvp_launch_params(
+        q.dtype, d_k, d_v, device_capability(q), q_dot=q_dot is not None, k_dot=k_dot is not None,
+        v_dot=v_dot is not None, from_lse=from_lse, bias=flat_bias is not None, causal=causal, n_q=n_q, n_k=n_k,
+        blocks=blocks,
+    )  # fmt: skip
+    assert params.constexprs["WITH_TANGENT"] == (o_dot is not None)
+    grid = (triton.cdiv(n_q, params.constexprs["BLOCK_M"]), b * h)
     attention_jvp_kernel[grid](
         q, k, v, q_dot if q_dot is not None else q, k_dot if k_dot is not None else k,
         v_dot if v_dot is not None else v, flat_bias if flat_bias is not None else q, o,
@@ -218,11 +298,7 @@ def _launch(
         *(q_dot if q_dot is not None else q).stride()[:3], *(k_dot if k_dot is not None else k).stride()[:3],
         *(v_dot if v_dot is not None else v).stride()[:3], *o.stride()[:3],
         *(o_dot if o_dot is not None else o).stride()[:3], stride_bias_b,
-        h, h // h_kv, n_q, n_k, scale,
-        HEAD_DK=d_k, HEAD_DV=d_v, BLOCK_DK=max(16, triton.next_power_of_2(d_k)),
-        BLOCK_DV=max(16, triton.next_power_of_2(d_v)), HAS_Q_DOT=q_dot is not None, HAS_K_DOT=k_dot is not None,
-        HAS_V_DOT=v_dot is not None, WITH_TANGENT=o_dot is not None, FROM_LSE=from_lse,
-        HAS_BIAS=flat_bias is not None, CAUSAL=causal, **kernel_flags(q), **config,
+        h, h // h_kv, n_q, n_k, scale, **params.constexprs, **params.options(),
     )  # fmt: skip
 
 

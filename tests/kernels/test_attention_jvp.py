@@ -311,6 +311,9 @@ def test_backend_resolution(monkeypatch: pytest.MonkeyPatch) -> None:
     assert resolve_backend("triton", q, torch.zeros(1, 1, 3, 5)) == "chunked"  # a per-query bias
     assert resolve_backend("triton", q.double()) == "chunked"
     assert resolve_backend("triton", q, torch.zeros(2, 1, 1, 5)) == "triton"  # key padding: the kernel's case
+    wide = torch.zeros(1, 2, 3, 257)  # beyond the head dims the Triton kernels are built for
+    assert resolve_backend("triton", wide) == "chunked" and resolve_backend("triton", q, v=wide) == "chunked"
+    assert resolve_backend("triton", torch.zeros(1, 2, 3, 256)) == "triton"
     monkeypatch.setenv(BACKEND_ENV, "reference")
     assert resolve_backend("auto", q) == "reference" and resolve_backend("chunked", q) == "chunked"
     with pytest.raises(ValueError, match="unknown attention backend"):
