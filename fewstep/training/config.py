@@ -144,16 +144,17 @@ class Rule:
     high_open: bool = False
     non_empty: bool = False  # lists: at least one item
     choices: tuple[str, ...] = ()
+    allow_inf: bool = False  # +-inf accepted (budgets and cut-offs where inf means "off"); NaN never is
 
     def bounds(self) -> str:
         if self.high is None:
-            return f"{'>' if self.low_open else '>='} {self.low:g}" if self.low is not None else "a number"
+            return f"{'>' if self.low_open else '>='} {self.low:g}" if self.low is not None else "a finite number"
         lo, hi = "(" if self.low_open else "[", ")" if self.high_open else "]"
         return f"in {lo}{self.low:g}, {self.high:g}{hi}"
 
     def _fits(self, x: float) -> bool:
-        if math.isnan(x):
-            return self.low is None and self.high is None
+        if math.isnan(x) or (math.isinf(x) and not self.allow_inf):
+            return False
         low_ok = self.low is None or (x > self.low if self.low_open else x >= self.low)
         return low_ok and (self.high is None or (x < self.high if self.high_open else x <= self.high))
 
@@ -220,13 +221,13 @@ RULES: tuple[tuple[str, Rule], ...] = (
     ("w_embedding_dim", AT_LEAST_1),
     ("dmd_start", NON_NEGATIVE),
     ("*rank", NON_NEGATIVE),  # 0: no LoRA
-    ("max_minutes", POSITIVE),
+    ("max_minutes", Rule(low=0, low_open=True, allow_inf=True)),  # inf: no time budget
     # optimizers
     ("lr", POSITIVE),
     ("*_lr", POSITIVE),
     ("*betas", Rule(low=0, high=1, high_open=True, non_empty=True)),  # Adam: 0 <= beta < 1
     ("weight_decay", NON_NEGATIVE),
-    ("grad_clip", POSITIVE),
+    ("grad_clip", Rule(low=0, low_open=True, allow_inf=True)),  # inf: no clipping
     # probabilities, decays and fractions of the teacher's time range
     ("*_decay", UNIT),  # ema_decay
     ("target_ema", UNIT),
@@ -249,7 +250,7 @@ RULES: tuple[tuple[str, Rule], ...] = (
     ("fd_step", POSITIVE),
     ("snr_clip", POSITIVE),
     ("timestep_scaling", POSITIVE),
-    ("time_max_freq", POSITIVE),
+    ("time_max_freq", Rule(low=0, low_open=True, allow_inf=True)),  # inf: keep every channel
 )
 
 

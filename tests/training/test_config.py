@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -185,3 +186,22 @@ def test_free_and_optional_values_pass() -> None:
     cfg = resolve_config(SiDConfig(), sets=["anti_guidance=-3", "adv_p_mean=-2", "train.max_minutes=0.5", "gamma=0"])
     assert cfg.anti_guidance == -3.0 and cfg.train.max_minutes == 0.5
     validate_config(cfg)
+
+
+@pytest.mark.parametrize(
+    "sets", [["lr=inf"], ["adv_weight=inf"], ["huber_c=inf"], ["adv_p_mean=nan"], ["w_min=nan"], ["train.seed=inf"]]
+)
+def test_nan_and_infinity_are_refused_where_they_mean_nothing(sets: list[str]) -> None:
+    """NaN passes no bound (and no x_min <= x_max check), and infinity is no learning rate or weight: both would start
+    a run that only produces NaN losses."""
+    from fewstep.recipes.lcm import LCMConfig
+
+    with pytest.raises(FewstepError, match="must be|expected int"):
+        resolve_config(LCMConfig(), sets=sets)
+
+
+def test_infinity_stays_an_off_switch_where_it_means_one() -> None:
+    from fewstep.recipes.scm import SCMConfig
+
+    cfg = resolve_config(SCMConfig(), sets=["time_max_freq=inf", "train.max_minutes=inf", "train.grad_clip=inf"])
+    assert math.isinf(cfg.time_max_freq) and math.isinf(cfg.train.max_minutes)
