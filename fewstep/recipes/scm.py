@@ -12,8 +12,11 @@ The student starts from the teacher's weights and answers in TrigFlow time throu
 sigma_data is the data's std as the schedule sees it: x_t = cos t x0 + sin t sd eps on x0 as the data stream gives
 it. SANA-Sprint scales unit latents to std 0.5 and runs TrigFlow with sd = 0.5 on them; rCM runs sd = 1 on unit
 latents. On unit-variance latents both are TrigFlow with sd = 1 on the latents themselves (same times, same noise-to-
-signal ratio tan t, F and x0 up to the 0.5 scale), hence the default. The papers' time proposals state sigma for data
-of a reference std (SANA-Sprint 0.5, rCM 1), kept apart as ``p_sigma_data`` / ``adv_p_sigma_data``.
+signal ratio tan t, the same F, x0 up to the 0.5 scale), hence the default. Two of SANA-Sprint's scales then differ
+by 2: its tangent g is computed on the 0.5-scaled data, so g / (||g|| + 0.1) there is g / (||g|| + 0.2)
+here (negligible where ||g|| sums 10^4 elements), and its w(t) = 1 / (0.5 tan t) is twice ours (a constant factor).
+The papers' time proposals state sigma for data of a reference std (SANA-Sprint 0.5, rCM 1), kept apart as
+``p_sigma_data`` / ``adv_p_sigma_data``.
 """
 
 from __future__ import annotations
@@ -116,9 +119,12 @@ class SCM(Recipe):
 
     def __init__(self, teacher: Denoiser, cfg: SCMConfig = SCMConfig()):
         if cfg.plan_mids and max(cfg.plan_steps) > len(cfg.plan_mids) + 1:
-            raise ValueError(
+            raise FewstepError(
                 f"plan_steps {cfg.plan_steps} need {max(cfg.plan_steps) - 1} plan_mids, got {cfg.plan_mids}"
             )
+        mids = [cfg.plan_t_max, *(cfg.plan_mids or ([cfg.plan_mid] if 2 in cfg.plan_steps else []))]
+        if any(a <= b for a, b in zip(mids, mids[1:], strict=False)):
+            raise FewstepError(f"sCM plan times must decrease from plan_t_max, got {mids}")
         self.cfg = cfg
         self.trig = TrigFlow(sigma_data=cfg.sigma_data)
         self.teacher = teacher.with_schedule(self.trig)

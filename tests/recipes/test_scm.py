@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import torch
 
+from fewstep.errors import FewstepError
 from fewstep.export.pipeline import scheduler_for_plan
 from fewstep.export.scheduling_fewstep import FewStepScheduler
 from fewstep.loading import load_denoiser
@@ -254,3 +255,17 @@ def test_rcm_plan_is_rcms_sampler(random_digits: Path) -> None:
     exported = scheduler_for_plan(plans, "trigflow")
     assert isinstance(exported, FewStepScheduler)
     assert {n: tuple(ts) for n, ts in exported.config["plan"].items()} == {str(n): p.times for n, p in plans.items()}
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"plan_mids": (1.5, 1.4), "plan_steps": (1, 2, 4)},  # 4 steps need 3 mid times
+        {"plan_mids": (1.4, 1.5), "plan_steps": (1, 2, 3)},  # not decreasing
+        {"plan_t_max": 1.2},  # plan_mid 1.3 above the first time
+    ],
+)
+def test_a_plan_that_cannot_run_is_a_one_line_error(random_digits: Path, bad: dict[str, Any]) -> None:
+    teacher, _ = load_denoiser(str(random_digits))
+    with pytest.raises(FewstepError, match="plan"):
+        SCM(teacher, SCMConfig(**bad))

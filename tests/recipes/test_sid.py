@@ -93,7 +93,8 @@ def test_sid_lsg_reads_teacher_at_kappa4_and_fake_at_kappa2_and_trains_it_at_kap
 
 
 def test_sid_lsg_defaults_follow_sid_lsg_run_script() -> None:
-    """SiD-LSG's run_sid.sh sets kappa1 = kappa2 = kappa3 = kappa4 (2 in every branch) and alpha 1."""
+    """SiD-LSG's run_sid.sh sets kappa1 = kappa2 = kappa3 = kappa4 (2 in every branch); its alpha 1 is the sd3 preset's
+    (the default alpha 1.2 is SiD's EDM value)."""
     cfg = SiDConfig()
     assert cfg.kappa1 == cfg.kappa2 == cfg.kappa4 == 2.0
 
