@@ -33,6 +33,10 @@ Backend = Literal["auto", "reference", "chunked", "triton"]
 BACKEND_ENV = "FEWSTEP_ATTENTION_BACKEND"
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 TRITON_MAX_HEAD_DIM = 256  # the widest head the Triton launchers take (tests/kernels/test_kernels_compile.py: 256)
+# Shared memory per block that a head dim above 128 (padded to 256) needs: 132 KiB for the one-pass forward+JVP in
+# the sm_80 builds (kernels/README.md, "Builds for real GPUs"); 128 and below need at most 96 KiB. Consumer Ampere,
+# Ada and Blackwell cards (sm_86, sm_89, sm_120) grant 99 KiB, so wide heads run on "chunked" there.
+WIDE_HEAD_SHARED_BYTES = 132 * 1024
 
 
 class Kernels(NamedTuple):
@@ -66,10 +70,15 @@ def is_key_bias(bias: Tensor | None) -> bool:
     return bias is None or all(n == 1 for n in tuple(bias.shape)[-3:-1])
 
 
+def triton_fits(head_dim: int, shared_per_block: int) -> bool:
+    """Whether the Triton launch for ``head_dim`` fits a device granting ``shared_per_block`` bytes per block."""
+    return head_dim <= 128 or shared_per_block >= WIDE_HEAD_SHARED_BYTES
+
+
 def resolve_backend(backend: str, q: Tensor, bias: Tensor | None = None, v: Tensor | None = None) -> str:
     """The backend that will run: "auto" -> $FEWSTEP_ATTENTION_BACKEND or the device default; "triton" falls back to
     "chunked" for what its kernels do not express (a bias that varies per query or head, float64, head dims of q or
-    ``v`` beyond TRITON_MAX_HEAD_DIM)."""
+    ``v`` beyond TRITON_MAX_HEAD_DIM, wide heads on a GPU with too little shared memory per block)."""
     if backend == "auto":
         backend = os.environ.get(BACKEND_ENV, "auto") or "auto"
     if backend not in (*BACKENDS, "auto"):
@@ -81,6 +90,10 @@ def resolve_backend(backend: str, q: Tensor, bias: Tensor | None = None, v: Tens
         q.dtype not in TRITON_DTYPES or not is_key_bias(bias) or head_dim > TRITON_MAX_HEAD_DIM
     ):
         backend = "chunked"
+    if backend == "triton" and q.is_cuda:
+        shared = torch.cuda.get_device_properties(q.device).shared_memory_per_block_optin
+        if not triton_fits(head_dim, shared):
+            backend = "chunked"
     return backend
 
 

@@ -342,3 +342,15 @@ def test_custom_ops_have_fake_kernels() -> None:
         torch.ops.fewstep_kernels.attention_bwd.default,
         (torch.randn_like(o), *real[:3], o, lse, None, 0.1, True, "chunked"),
     )
+
+
+def test_wide_heads_leave_triton_on_gpus_with_99_kib_per_block() -> None:
+    """SD 1.x's head dim 160 pads to 256, whose forward+JVP needs 132 KiB of shared memory per block: A100 (163 KiB)
+    and H100 (227 KiB) run it on Triton; RTX 30xx/40xx, L4 and A10 (99 KiB) get the chunked path instead of a launch
+    that fails with OutOfResources."""
+    from fewstep_kernels.ops import triton_fits
+
+    a100, h100, rtx4090 = 163 * 1024, 227 * 1024, 99 * 1024
+    assert triton_fits(160, a100) and triton_fits(256, h100)
+    assert not triton_fits(160, rtx4090) and not triton_fits(256, rtx4090)
+    assert triton_fits(128, rtx4090) and triton_fits(64, rtx4090)
