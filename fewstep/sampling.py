@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -119,12 +120,19 @@ def euler_times(
 ) -> list[float]:
     """steps + 1 times evenly spaced from t_max down to t_min (default: the schedule's ends). For ``Flow`` the grid
     u in [0, 1] is warped by ``shift_time`` first, as FlowMatchEulerDiscreteScheduler shifts its sigmas."""
+    u = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
+    return grid_time(schedule, u, t_min, t_max).tolist()
+
+
+def grid_time(schedule: NoiseSchedule, u: Any, t_min: float | None = None, t_max: float | None = None) -> Any:
+    """The time at the fraction u in [0, 1] of the scheduler's unshifted grid: t_min + (t_max - t_min) u, with u first
+    warped by ``shift_time`` for ``Flow`` (SD3, Eq. 23), as FlowMatchEulerDiscreteScheduler shifts its sigmas. u is a
+    float or a tensor; shift 1 is the identity."""
     lo = schedule.t_min if t_min is None else t_min
     hi = schedule.t_max if t_max is None else t_max
-    u = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
     if isinstance(schedule, Flow):
         u = schedule.shift_time(u)
-    return (lo + (hi - lo) * u).tolist()
+    return lo + (hi - lo) * u
 
 
 def euler_sample(

@@ -6,7 +6,7 @@ to the phase's end x_s at s = s_{p+1} (the last phase ends on x0). Training is p
 trains from step p * ``phase_steps`` on, its input made by the earlier, finished experts (no gradient).
 
 Boundaries, plan steps and DMD times are laid out in the teacher scheduler's unshifted time u in [0, 1] and read
-through its shift, as its own sampling grid is (``scheduler_time``). LightX2V names its switch (``match_timestep``
+through its shift, as its own sampling grid is (``sampling.grid_time``). LightX2V names its switch (``match_timestep``
 500) and its steps ([1000, 750, 500, 250]) in raw timesteps and reads each as the scheduler's shifted timestep
 (ModelTC/LightX2V, lightx2v_train trainers/phased_dmd/math.py ``raw_timesteps_to_sigmas``): on SD3 (shift 3) the
 switch at u = 0.5 is sigma 0.75. Each step:
@@ -32,8 +32,8 @@ from torch import Tensor, nn
 from ..errors import FewstepError
 from ..objectives.dmd import dmd_generator_loss, dmd_gradient, fake_score_network, subinterval_mean
 from ..objectives.generator import student_network
-from ..sampling import Denoise, SamplingPlan, advance, plan_state
-from ..schedules import Flow, NoiseSchedule, append_dims, forward_transition, transition
+from ..sampling import Denoise, SamplingPlan, advance, grid_time, plan_state
+from ..schedules import append_dims, forward_transition, transition
 from ..teacher import Denoiser
 from ..training.data import DataConfig
 from ..training.trainer import TrainConfig, ema_decay_at
@@ -84,12 +84,12 @@ class PhasedDMD(Recipe):
         native = teacher.native
         teacher.model.requires_grad_(False).eval()
         self.u_edges = [1.0, *b, 0.0]  # unshifted u_0 > ... > u_K
-        self.edges = [native.t_max, *(float(scheduler_time(native, x)) for x in b), native.t_min]  # s_0 > ... > s_K
+        self.edges = [native.t_max, *(float(grid_time(native, x)) for x in b), native.t_min]  # s_0 > ... > s_K
         if not 0 <= cfg.t_floor < b[-1]:
             raise FewstepError(
                 f"phased_dmd: t_floor must lie in [0, {b[-1]}) (below the last boundary), got {cfg.t_floor}"
             )
-        self.t_floor = float(scheduler_time(native, cfg.t_floor))  # the lowest DMD / fake-score time, teacher time
+        self.t_floor = float(grid_time(native, cfg.t_floor))  # the lowest DMD / fake-score time, teacher time
         self.experts = nn.ModuleList(student_network(teacher.model) for _ in range(k))
         self.ema_experts = copy.deepcopy(self.experts).requires_grad_(False)  # one bias-corrected EMA per expert
         self.ema_count = [0] * k
@@ -103,7 +103,7 @@ class PhasedDMD(Recipe):
         LightX2V's [1000, 750, 500, 250]); each phase's first time is its edge exactly."""
         m = n // self.phases
         times = [
-            s_hi if j == 0 else float(scheduler_time(self.teacher.native, u_hi - j * (u_hi - u_lo) / m))
+            s_hi if j == 0 else float(grid_time(self.teacher.native, u_hi - j * (u_hi - u_lo) / m))
             for s_hi, u_hi, u_lo in zip(self.edges, self.u_edges, self.u_edges[1:], strict=False)
             for j in range(m)
         ]
@@ -159,7 +159,7 @@ class PhasedDMD(Recipe):
         b = x_s.shape[0]
         s_b = torch.full((b,), s, dtype=x_s.dtype)
         u_lo = torch.full((b,), u_s, dtype=x_s.dtype).clamp_min(cfg.t_floor)
-        t = scheduler_time(native, u_lo + (u_start - u_lo) * torch.rand(b, dtype=x_s.dtype))
+        t = grid_time(native, u_lo + (u_start - u_lo) * torch.rand(b, dtype=x_s.dtype))
         c_s, c_t = self.coeffs(s_b, x_s), self.coeffs(t, x_s)
         x_t = forward_transition(x_s.detach(), c_s, c_t, torch.randn_like(x_s))
         fake = self.fakes[p]
@@ -204,12 +204,3 @@ class PhasedDMD(Recipe):
 
     def plan(self) -> dict[int, SamplingPlan]:
         return self.plans
-
-
-def scheduler_time(schedule: NoiseSchedule, u: Any) -> Any:
-    """The teacher's time at the fraction u in [0, 1] of its scheduler's unshifted timesteps (u = timestep / 1000 in
-    LightX2V's raw units): t_min + (t_max - t_min) u, with u first shifted for ``Flow`` (SD3, Eq. 23), as
-    ``euler_times`` lays out the teacher's own sampling grid. u is a float or a tensor; shift 1 is the identity."""
-    if isinstance(schedule, Flow):
-        u = schedule.shift_time(u)
-    return schedule.t_min + (schedule.t_max - schedule.t_min) * u
