@@ -96,6 +96,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--fid-features", default="inception", help="'inception' (needs torch-fidelity) or TorchScript file"
     )
+    from .bench.runtime import ATTENTION, DTYPES
+
+    p.add_argument(
+        "--attention",
+        choices=ATTENTION,
+        default="sdpa",
+        help="attention backend: PyTorch SDPA (default) or xformers (needs CUDA and the gpu extra: fewstep[gpu])",
+    )
+    p.add_argument(
+        "--compile", action="store_true", help="torch.compile the denoiser (a warm-up call, not timed, compiles it)"
+    )
+    p.add_argument("--dtype", choices=DTYPES, default="fp32", help="dtype the pipeline loads in (default fp32)")
 
     sub.add_parser("recipes", help="list the registered recipes")
 
@@ -173,6 +185,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         latency_batch=args.latency_batch,
         repeats=args.repeats,
         device=args.device,
+        attention=args.attention,
+        compile=args.compile,
+        dtype=args.dtype,
     )
     from .loading import model_label
 

@@ -246,3 +246,45 @@ def test_bad_values_in_a_preset_or_config_file(
     code, _, err = run([*base, "--config", str(bad)], capsys)
     assert_one_line_error(code, err, "train.batch_size must be >= 1, got 0")
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(
+    "option,value", [("--attention", "flash"), ("--dtype", "fp8"), ("--dtype", "float16"), ("--compile", "yes")]
+)
+def test_bench_runtime_options_reject_bad_values(
+    option: str, value: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = run(["bench", "digits", option, value, "--report", str(tmp_path / "r")], capsys)
+    needle = "unrecognized arguments: yes" if option == "--compile" else option  # a flag takes no value
+    assert_one_line_error(code, err, needle)
+    assert leftovers(tmp_path) == []
+
+
+def test_bench_runtime_options_reach_the_config(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import fewstep.bench.run as bench_run
+
+    seen = []
+
+    def fake_run_bench(sources: list[str], report_dir: Path, cfg: object, text: object) -> dict:
+        seen.append(cfg)
+        return {"reference": {"real_fid_floor": None}, "rows": []}
+
+    monkeypatch.setattr(bench_run, "run_bench", fake_run_bench)
+    assert run(["bench", "digits"], capsys)[0] == 0
+    assert run(["bench", "digits", "--attention", "xformers", "--compile", "--dtype", "bf16"], capsys)[0] == 0
+    assert [(c.attention, c.compile, c.dtype) for c in seen] == [("sdpa", False, "fp32"), ("xformers", True, "bf16")]
+    help_text = run(["bench", "--help"], capsys)[1]
+    assert "--attention {sdpa,xformers}" in help_text and "--compile" in help_text
+    assert "--dtype {fp32,fp16,bf16}" in help_text
+
+
+def test_bench_xformers_without_cuda(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("the error is for machines without CUDA")
+    code, _, err = run(["bench", "digits", "--attention", "xformers", "--report", str(tmp_path / "r")], capsys)
+    assert_one_line_error(code, err, "xformers attention needs CUDA and the gpu extra: pip install 'fewstep[gpu]'")
+    assert leftovers(tmp_path) == []

@@ -177,8 +177,11 @@ def measure_speed(
     pipe: Any, call: dict[str, Any], batch: int, device: torch.device, warmup: int, repeats: int
 ) -> Speed:
     """NFE and peak memory of one ``pipe(**call)`` producing ``batch`` samples, then its latency over ``repeats``
-    runs after ``warmup``."""
+    runs. ``warmup`` calls come first, so that neither the memory nor the times see one-off work (torch.compile
+    building this shape's graph, lazy CUDA initialisation); the counted call then warms the timed ones as well."""
     run = functools.partial(pipe, **call)
+    for _ in range(warmup):
+        run()
     with count_nfe(backbone_of(pipe), batch) as nfe, PeakMemory(device) as mem:
         run()
-    return Speed(round(nfe[0]), mem.peak_mb, time_call(run, device, warmup, repeats))
+    return Speed(round(nfe[0]), mem.peak_mb, time_call(run, device, 0, repeats))

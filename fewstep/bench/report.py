@@ -1,4 +1,6 @@
-"""Bench reports: report.json (the data), report.md (a table people read) and PNG plots people look at."""
+"""Bench reports: report.json (the data), report.md (a table people read) and PNG plots people look at. A row's runtime
+settings away from the defaults (dtype, attention backend, torch.compile) follow its model's name, e.g.
+"student [bf16, compiled]", in the table and in the plots' legends."""
 
 from __future__ import annotations
 
@@ -7,12 +9,20 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from .runtime import runtime_tag
+
+
+def _name(row: dict[str, Any]) -> str:
+    """The model's label, with the row's runtime settings where they are not the defaults."""
+    tag = runtime_tag(row)
+    return f"{row['model']} [{tag}]" if tag else row["model"]
+
 
 def _series(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    """Rows grouped by model and guidance, each sorted by NFE."""
+    """Rows grouped by model, runtime settings and guidance, each sorted by NFE."""
     groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
-        name = row["model"] if row.get("guidance") in (None, 1.0) else f"{row['model']} (w={row['guidance']:g})"
+        name = _name(row) if row.get("guidance") in (None, 1.0) else f"{_name(row)} (w={row['guidance']:g})"
         groups[name].append(row)
     return {k: sorted(v, key=lambda r: r["nfe"]) for k, v in groups.items()}
 
@@ -78,7 +88,7 @@ def _plot_guidance(rows: list[dict[str, Any]], path: Path) -> bool:
     fig, ax = plt.subplots(figsize=(5.5, 4.2))
     by_model_steps: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
     for r in guided:
-        by_model_steps[(r["model"], r["steps"])].append(r)
+        by_model_steps[(_name(r), r["steps"])].append(r)
     for (model, steps), pts in sorted(by_model_steps.items()):
         pts.sort(key=lambda r: r["guidance"])
         ax.plot(
@@ -160,7 +170,7 @@ def _table_row(r: dict[str, Any], floor: float | None) -> str:
     acc = None if r.get("accuracy") is None else 100 * r["accuracy"]
     grid = f"[png]({r['grid']})" if r.get("grid") else "-"
     cells = [
-        r["model"], r["steps"], r["nfe"], _fmt(r.get("guidance"), 1), fid, _fmt(ratio), _fmt(r.get("fid_train")),
+        _name(r), r["steps"], r["nfe"], _fmt(r.get("guidance"), 1), fid, _fmt(ratio), _fmt(r.get("fid_train")),
         _fmt(acc, 1), _fmt(r.get("diversity")), _fmt(r.get("clip_score")),
         f"{r['latency_ms']:.1f} ({r['latency_ms_p90']:.1f})", _fmt(r.get("latency_ms_per_image"), 3),
         f"{r['peak_mem_mb']:.0f}", r["num_samples"], grid,
@@ -170,7 +180,7 @@ def _table_row(r: dict[str, Any], floor: float | None) -> str:
 
 def markdown(report: dict[str, Any], plots: list[str]) -> str:
     ref = report["reference"]
-    rows = sorted(report["rows"], key=lambda r: (r["model"], r.get("guidance") or 0, r["steps"]))
+    rows = sorted(report["rows"], key=lambda r: (_name(r), r.get("guidance") or 0, r["steps"]))
     lines = [
         "# fewstep bench report",
         "",

@@ -4,8 +4,9 @@ Every row holds quality as the mean over ``seeds`` noise seeds (FID against the 
 accuracy in the digits world; CLIP score and reference FID for text-to-image), latency per batch and per image
 (warm-up, repeats, median and p90; CUDA events on a GPU), peak memory, and NFE counted by a hook on the backbone so
 that CFG's second branch counts. Results merge into an existing report folder, replacing rows of the same model, step
-count and guidance, so students sit next to their teacher; benches running at once into one folder all keep their
-rows (the merge holds an inter-process lock).
+count, guidance and runtime settings (dtype, attention backend, torch.compile: see ``runtime``), so students sit
+next to their teacher and a compiled bf16 row next to the plain fp32 one; benches running at once into one folder all
+keep their rows (the merge holds an inter-process lock).
 """
 
 from __future__ import annotations
@@ -24,10 +25,11 @@ from tqdm.auto import tqdm
 
 from ..errors import FewstepError
 from ..io import atomic_dir, check_writable_parent, locked
-from ..loading import load_pipeline, model_label, resolve_source
+from ..loading import model_label, resolve_source
 from .images import save_grid
 from .measure import environment, measure_speed, percentile
 from .report import write_report
+from .runtime import load_pipelines, runtime_of, runtime_tag, validate_runtime
 from .worlds import DigitsWorld, TextOptions, TextWorld
 
 
@@ -44,6 +46,9 @@ class BenchConfig:
     floor_subsets: int = 3
     device: str = "cpu"
     progress: bool = True
+    attention: str = "sdpa"  # "sdpa" (PyTorch, diffusers' default) or "xformers" (the gpu extra, CUDA only)
+    compile: bool = False  # torch.compile of the denoiser (unet or transformer)
+    dtype: str = "fp32"  # "fp32", "fp16" or "bf16": the dtype the pipeline loads in
 
     def validate(self) -> None:
         if not self.steps or any(s < 1 for s in self.steps):
@@ -52,6 +57,7 @@ class BenchConfig:
             raise FewstepError("--num, --seeds, --repeats and --latency-batch must be >= 1")
         if any(g < 0 for g in self.guidance):
             raise FewstepError(f"guidance must be >= 0, got {list(self.guidance)}")
+        validate_runtime(self.attention, self.compile, self.dtype)
 
 
 @dataclass
@@ -76,6 +82,9 @@ class Row:
     fid_train_seeds: list[float] = field(default_factory=list)
     grid: str | None = None
     source: str = ""
+    attention: str = "sdpa"
+    compile: bool = False
+    dtype: str = "fp32"
 
 
 def source_key(source: str) -> str:
@@ -113,7 +122,7 @@ def bench_model(
     for guidance in cfg.guidance:
         for steps in cfg.steps:
             per_seed: dict[str, list[float]] = {}
-            grid = grid_name(label, steps, guidance)
+            grid = grid_name(label, steps, guidance, runtime_tag(asdict(cfg)))
             for seed in range(cfg.seeds):
                 bar.set_postfix_str(f"{label} steps={steps} w={guidance:g} seed={seed}")
                 scored = world.score(pipe, cfg.num, steps, guidance, seed, cfg.batch_size)
@@ -123,7 +132,8 @@ def bench_model(
                     save_grid(scored.grid, out_dir / grid, nrow=scored.nrow, upscale=scored.upscale)
                 bar.update(1)
             call = world.latency_call(steps, guidance, cfg.latency_batch)
-            speed = measure_speed(pipe, call, cfg.latency_batch, torch.device(cfg.device), cfg.warmup, cfg.repeats)
+            warmup = max(cfg.warmup, 1) if cfg.compile else cfg.warmup  # compiling the latency shape is not timed
+            speed = measure_speed(pipe, call, cfg.latency_batch, torch.device(cfg.device), warmup, cfg.repeats)
             median = statistics.median(speed.times_ms)
             fids = per_seed.get("fid", [])
             rows.append(
@@ -147,19 +157,29 @@ def bench_model(
                     fid_train_seeds=per_seed.get("fid_train", []),
                     grid=grid,
                     source=source,
+                    attention=cfg.attention,
+                    compile=cfg.compile,
+                    dtype=cfg.dtype,
                 )
             )
     return rows
 
 
+def row_key(row: dict[str, Any]) -> tuple[Any, ...]:
+    """What a row measures: model, step count, guidance and runtime settings."""
+    return (row["source"], row["steps"], row["guidance"], *runtime_of(row))
+
+
 def merge_rows(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Old rows not measured again, then the new ones (same source, steps and guidance replace)."""
-    keys = {(r["source"], r["steps"], r["guidance"]) for r in new}
-    return [r for r in old if (r["source"], r["steps"], r["guidance"]) not in keys] + new
+    """Old rows not measured again, then the new ones (same source, steps, guidance and runtime settings replace)."""
+    keys = {row_key(r) for r in new}
+    return [r for r in old if row_key(r) not in keys] + new
 
 
-def grid_name(label: str, steps: int, guidance: float) -> str:
-    return f"grid_{label}_{steps}steps_w{guidance:g}.png"
+def grid_name(label: str, steps: int, guidance: float, tag: str = "") -> str:
+    """``tag``: the row's runtime settings away from the defaults (``runtime_tag``), so that grids do not collide."""
+    settings = "".join(f"_{part}" for part in tag.split(", ") if part)
+    return f"grid_{label}_{steps}steps_w{guidance:g}{settings}.png"
 
 
 def merge_into_report(
@@ -175,7 +195,7 @@ def merge_into_report(
         new = []
         for row in rows:
             label = labels[row["source"]]
-            grid = grid_name(label, row["steps"], row["guidance"]) if row.get("grid") else None
+            grid = grid_name(label, row["steps"], row["guidance"], runtime_tag(row)) if row.get("grid") else None
             if grid is not None:
                 shutil.copyfile(grids / row["grid"], tmp / grid)
             new.append({**row, "model": label, "grid": grid})
@@ -203,7 +223,7 @@ def run_bench(
         resolve_source(source)
     report_dir = report_dir.expanduser().absolute()
     check_writable_parent(report_dir, "report.json")
-    pipes = [load_pipeline(source, device=cfg.device) for source in sources]
+    pipes = load_pipelines(sources, cfg.device, cfg.attention, cfg.compile, cfg.dtype)
     digits = [isinstance(p, DigitsPipeline) for p in pipes]
     if any(digits) and not all(digits):
         raise FewstepError("bench either digits-world pipelines or text-to-image pipelines in one report, not both")
