@@ -11,11 +11,19 @@ import math
 import pytest
 import torch
 from diffusers import (
+    CogVideoXDDIMScheduler,
+    CogVideoXDPMScheduler,
     DDIMScheduler,
     DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
+    HeunDiscreteScheduler,
     LCMScheduler,
+    PNDMScheduler,
     SCMScheduler,
+    TCDScheduler,
+    UniPCMultistepScheduler,
 )
 
 from fewstep.schedules import (
@@ -30,6 +38,7 @@ from fewstep.schedules import (
     append_dims,
     change_of_variables,
     ddim_step,
+    diffusers_schedule_config,
     forward_transition,
     from_x0,
     schedule_from_config,
@@ -47,9 +56,15 @@ BETAS = {
     "squaredcos_cap_v2": {},
 }
 VPS = {name: VP(beta_schedule=name, **kw) for name, kw in BETAS.items()}  # built once: the cosine table is a loop
+# zero terminal SNR (Lin et al., 2024): alpha(t_max) = 0; CogVideoX-2b's table also divides the SNR by 3 first
+ZERO_SNR = {
+    "vp-zero-snr": VP(rescale_betas_zero_snr=True),
+    "vp-cogvideox": VP(rescale_betas_zero_snr=True, snr_shift_scale=3.0),
+}
 
 ALL = {
     **{f"vp-{name}": s for name, s in VPS.items()},
+    **ZERO_SNR,
     "flow": Flow(),
     "edm": EDM(),
     "trigflow-0.5": TrigFlow(sigma_data=0.5),
@@ -354,6 +369,12 @@ PAIRS = [
     ("edm", "trigflow-1.0"),
     ("edm", "flow"),
     ("edm", "vp-scaled_linear"),
+    ("trigflow-0.5", "vp-zero-snr"),
+    ("trigflow-1.0", "vp-cogvideox"),
+    ("vp-cogvideox", "trigflow-0.5"),
+    ("vp-zero-snr", "flow"),
+    ("flow", "vp-cogvideox"),
+    ("vp-cogvideox", "vp-linear"),
 ]
 
 
@@ -446,10 +467,11 @@ def test_forward_transition_preserves_marginals(name):
     [
         *ALL.values(),
         VP(beta_start=0.0001, beta_end=0.03, num_train_timesteps=500),
+        VP(trained_betas=(0.01,) * 20, num_train_timesteps=20, rescale_betas_zero_snr=True),
         Flow(shift=3.0),
         EDM(sigma_max=160),
     ],
-    ids=[*ALL, "vp-500", "flow-shift3", "edm-160"],
+    ids=[*ALL, "vp-500", "vp-trained", "flow-shift3", "edm-160"],
 )
 def test_schedule_config_round_trip(s):
     cfg = s.config()
@@ -506,7 +528,213 @@ def test_ddpm_beta_configs(cls, kwargs):
     torch.testing.assert_close(s.coeffs(torch.arange(len(ref), dtype=F64)).alpha ** 2, ref, rtol=1e-4, atol=1e-9)
 
 
-@pytest.mark.parametrize("cls", [DDPMScheduler, DDIMScheduler, LCMScheduler])
-def test_zero_snr_config_is_rejected(cls):
+# ---------------------------------------------------------------------------------------------------------------
+# 8. Every VP table diffusers builds: explicit betas, zero terminal SNR, CogVideoX's SNR shift
+
+
+def rippled_betas(n: int = 1000) -> list[float]:
+    """An explicit beta list that no beta_schedule gives: DDPM's linear betas with a slow ripple."""
+    ripple = 1 + 0.1 * torch.sin(torch.arange(n, dtype=F64) / 50)
+    return (torch.linspace(1e-4, 0.02, n, dtype=F64) * ripple).tolist()
+
+
+TRAINED = rippled_betas()
+ZSNR = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "rescale_betas_zero_snr": True}
+V = {"prediction_type": "v_prediction"}
+
+# scheduler/scheduler_config.json of THUDM/CogVideoX-2b and THUDM/CogVideoX-5b as they ship (the 2b one is what
+# diffusers' scripts/convert_cogvideox_to_diffusers.py writes; the 5b one differs only in snr_shift_scale). The 5b
+# model card swaps in CogVideoXDPMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing").
+COGVIDEOX = {
+    name: {
+        "_class_name": "CogVideoXDDIMScheduler",
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "beta_start": 0.00085,
+        "clip_sample": False,
+        "clip_sample_range": 1.0,
+        "num_train_timesteps": 1000,
+        "prediction_type": "v_prediction",
+        "rescale_betas_zero_snr": True,
+        "sample_max_value": 1.0,
+        "set_alpha_to_one": True,
+        "snr_shift_scale": shift,
+        "steps_offset": 0,
+        "timestep_spacing": "trailing",
+        "trained_betas": None,
+    }
+    for name, shift in (("2b", 3.0), ("5b", 1.0))
+}
+
+TABLE_CASES = {
+    "ddpm-trained": (DDPMScheduler, {"trained_betas": TRAINED}),
+    "ddim-trained": (DDIMScheduler, {"trained_betas": TRAINED, **V}),
+    "lcm-trained": (LCMScheduler, {"trained_betas": TRAINED}),
+    "pndm-trained": (PNDMScheduler, {"trained_betas": TRAINED}),
+    "ddpm-trained-zero-snr": (DDPMScheduler, {"trained_betas": TRAINED, "rescale_betas_zero_snr": True, **V}),
+    "ddpm-zero-snr": (DDPMScheduler, {**ZSNR, **V}),
+    "ddim-zero-snr": (DDIMScheduler, {**ZSNR, **V}),
+    "lcm-zero-snr": (LCMScheduler, {**ZSNR, **V}),
+    "tcd-zero-snr": (TCDScheduler, {**ZSNR, **V}),
+    "ddim-cosine-zero-snr": (DDIMScheduler, {"beta_schedule": "squaredcos_cap_v2", "rescale_betas_zero_snr": True}),
+    "ddpm-sigmoid": (DDPMScheduler, {"beta_schedule": "sigmoid"}),
+    "ddpm-laplace": (DDPMScheduler, {"beta_schedule": "laplace"}),
+    "heun-exp": (HeunDiscreteScheduler, {"beta_schedule": "exp"}),
+}
+
+
+@pytest.mark.parametrize("case", list(TABLE_CASES))
+def test_vp_matches_diffusers_tables(case):
+    cls, kwargs = TABLE_CASES[case]
+    scheduler = cls(**kwargs)
+    s, prediction = schedule_from_diffusers_config(saved_config(scheduler))
+    assert isinstance(s, VP) and prediction == scheduler.config.prediction_type
+    assert s.rescale_betas_zero_snr == bool(kwargs.get("rescale_betas_zero_snr"))
+    ref = scheduler.alphas_cumprod.double()
+    t = torch.arange(len(ref), dtype=F64)
+    # diffusers builds these tables in float32, the zero-SNR rescale included: they agree to its rounding
+    torch.testing.assert_close(s.alphas_cumprod, ref, rtol=1e-4, atol=1e-9)
+    for dtype in (torch.float64, torch.float32):
+        torch.testing.assert_close(s.coeffs(t.to(dtype)).alpha.double() ** 2, ref, rtol=1e-4, atol=1e-9)
+    if s.rescale_betas_zero_snr:
+        assert ref[-1] == 0 and s.alphas_cumprod[-1] == 0 and s.coeffs(t[-1]).alpha == 0
+
+
+@pytest.mark.parametrize("cls", [EulerDiscreteScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler])
+def test_zero_snr_samplers_clamp_only_their_last_entry(cls):
+    """Euler, DPM-Solver and UniPC overwrite alpha_bar = 0 at the last step with 2**-24 so that their sigma =
+    sqrt((1 - alpha_bar) / alpha_bar) stays finite. The rest of the table is DDPMScheduler's, and VP keeps the exact 0
+    of the process the model was trained on (DDPMScheduler.add_noise)."""
+    scheduler = cls(**ZSNR, **V)
+    s, _ = schedule_from_diffusers_config(saved_config(scheduler))
+    ref, trained_on = scheduler.alphas_cumprod.double(), DDPMScheduler(**ZSNR).alphas_cumprod.double()
+    assert ref[-1] == 2**-24 and trained_on[-1] == 0 == s.alphas_cumprod[-1]
+    torch.testing.assert_close(ref[:-1], trained_on[:-1], rtol=0, atol=0)
+    torch.testing.assert_close(s.alphas_cumprod[:-1], ref[:-1], rtol=1e-4, atol=1e-9)
+
+
+@pytest.mark.parametrize("cls", [CogVideoXDDIMScheduler, CogVideoXDPMScheduler])
+@pytest.mark.parametrize("model", list(COGVIDEOX))
+def test_cogvideox_tables(cls, model):
+    """CogVideoX's schedulers build the table in float64, in this order: cumprod of the scaled-linear betas, then the
+    SNR shift alpha_bar / (s + (1 - s) alpha_bar), then the zero-SNR rescale of sqrt(alpha_bar). VP follows the same
+    order, so the tables agree to float64 rounding; the other order gives another table wherever s != 1."""
+    shipped = COGVIDEOX[model]
+    scheduler = cls.from_config(shipped, timestep_spacing="trailing")
+    s, prediction = schedule_from_diffusers_config(saved_config(scheduler))
+    assert prediction == "v_prediction" and s.rescale_betas_zero_snr
+    assert s.snr_shift_scale == shipped["snr_shift_scale"]
+    assert schedule_from_diffusers_config(shipped)[0] == s  # the JSON itself, as the pipeline folder holds it
+    ref = scheduler.alphas_cumprod
+    assert ref.dtype == F64 and ref[-1] == 0
+    torch.testing.assert_close(s.alphas_cumprod, ref, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(s.coeffs(torch.arange(len(ref), dtype=F64)).alpha ** 2, ref, rtol=1e-12, atol=1e-15)
+
+    if s.snr_shift_scale != 1.0:  # rescale first, then shift
+        shift = s.snr_shift_scale
+        alpha = VP(beta_schedule="scaled_linear", rescale_betas_zero_snr=True).alphas_cumprod
+        swapped = alpha / (shift + (1 - shift) * alpha)
+        assert not torch.allclose(swapped, ref, rtol=1e-3, atol=0)
+
+
+def test_missing_keys_take_the_class_defaults():
+    """A config that leaves a key out gets the named class's default, as diffusers' from_config gives it (CogVideoX's
+    snr_shift_scale defaults to 3, a key other VP schedulers do not have)."""
+    config = {k: v for k, v in COGVIDEOX["2b"].items() if k != "snr_shift_scale"}
+    s, _ = schedule_from_diffusers_config(config)
+    ref = CogVideoXDDIMScheduler.from_config(config).alphas_cumprod
+    torch.testing.assert_close(s.alphas_cumprod, ref, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("name", list(ZERO_SNR))
+def test_zero_terminal_snr_ends(name, dtype):
+    """alpha(t_max) = 0 and sigma(t_max) = 1 exactly; all four coefficients are finite at both ends, with d_alpha at
+    t_max the one-sided difference quotient and d_sigma(t_max) = 0 (sigma peaks there); the ratio is inf there, which
+    time_at_ratio maps back to t_max, and the pure-noise prior has unit scale."""
+    s = ALL[name]
+    ends = torch.tensor([0.0, s.t_max], dtype=dtype)
+    c = s.coeffs(ends)
+    assert all(torch.isfinite(v).all() for v in c)
+    assert c.alpha[1] == 0 and c.sigma[1] == 1 and c.d_sigma[1] == 0 and c.d_alpha[1] < 0
+    torch.testing.assert_close(c.alpha**2 + c.sigma**2, torch.ones_like(c.alpha))
+    h = 1e-6
+    below = s.coeffs(torch.tensor(s.t_max - h, dtype=F64))
+    torch.testing.assert_close(c.d_alpha[1].double(), (0 - below.alpha) / h, rtol=1e-4, atol=0)
+    assert s.ratio(ends)[1] == math.inf and s.prior_std(ends)[1] == 1
+    assert s.time_at_ratio(torch.tensor(math.inf, dtype=dtype)) == s.t_max
+
+
+@pytest.mark.parametrize("name", list(ZERO_SNR))
+def test_zero_terminal_snr_predictions_at_pure_noise(name):
+    """At t_max, x_t = eps holds nothing of x0. v_prediction (v = alpha eps - sigma x0 = -x0 there), flow and sample
+    outputs still give x0; epsilon cannot (x0 = (x_t - sigma eps) / alpha divides by 0), nor can diffusers'
+    DDIMScheduler from an epsilon output: zero terminal SNR goes with v_prediction (Lin et al., 2024, Sec. 3.2)."""
+    s = ALL[name]
+    t = torch.tensor([s.t_max], dtype=F64)
+    x0, eps = randn(1, 5, seed=40), randn(1, 5, seed=41)
+    x_t = s.add_noise(x0, eps, t)
+    torch.testing.assert_close(x_t, eps)
+    c = broadcast(s.coeffs(t), 2)
+    outputs = expected_outputs(s, x0, eps, c)
+    for prediction in ("v_prediction", "flow", "sample"):
+        torch.testing.assert_close(to_x0(outputs[prediction], x_t, c, prediction), x0, msg=prediction)
+    assert not torch.isfinite(to_x0(outputs["epsilon"], x_t, c, "epsilon")).any()
+    ddim = DDIMScheduler(**ZSNR, timestep_spacing="trailing", clip_sample=False)
+    ddim.set_timesteps(1)
+    assert int(ddim.timesteps[0]) == s.t_max
+    out = ddim.step(eps.float(), ddim.timesteps[0], x_t.float() + 1).pred_original_sample
+    assert not torch.isfinite(out).any()
+
+
+@pytest.mark.parametrize("other_name", ["trigflow-0.5", "trigflow-1.0", "flow"])
+@pytest.mark.parametrize("name", list(ZERO_SNR))
+def test_change_of_variables_reaches_pure_noise(name, other_name):
+    """Zero terminal SNR makes VP's t_max pure noise, as TrigFlow's pi/2 and Flow's 1 are: the maps between them are
+    finite on both closed domains, send one end to the other's same end, and invert each other (times and scales)."""
+    vp, other = ALL[name], ALL[other_name]
+    t = torch.cat([torch.tensor([0.0, vp.t_max], dtype=F64), random_times(vp, 16, seed=42)])
+    to_other = change_of_variables(t, vp, other)
+    assert torch.isfinite(to_other.t_src).all() and torch.isfinite(to_other.scale).all()
+    assert to_other.t_src[1] == other.t_max  # ratio inf -> pi/2 or 1 exactly
+    torch.testing.assert_close(to_other.scale[1], other.prior_std(torch.tensor(other.t_max, dtype=F64)))
+    back = change_of_variables(to_other.t_src, other, vp)
+    assert torch.isfinite(back.t_src).all() and torch.isfinite(back.scale).all()
+    torch.testing.assert_close(back.t_src, t, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(back.scale * to_other.scale, torch.ones_like(t))
+    end = change_of_variables(torch.tensor([other.t_min, other.t_max], dtype=F64), other, vp)
+    assert torch.isfinite(end.t_src).all() and torch.isfinite(end.scale).all()
+    torch.testing.assert_close(end.t_src[1], torch.tensor(vp.t_max, dtype=F64), rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", [n for n in SCHEDULE_IDS if n != "edm"] + ["vp-trained"])
+def test_diffusers_schedule_config_builds_the_stock_scheduler(name):
+    """``diffusers_schedule_config`` gives keys a stock scheduler takes, and that scheduler reads back as the same
+    schedule (EDM has no stock counterpart among the schedulers fewstep reads)."""
+    s = VP(trained_betas=tuple(TRAINED)) if name == "vp-trained" else ALL[name]
+    keys = diffusers_schedule_config(s)
+    if isinstance(s, VP):
+        cls = CogVideoXDDIMScheduler if s.snr_shift_scale != 1.0 else DDPMScheduler
+    else:
+        cls = FlowMatchEulerDiscreteScheduler if isinstance(s, Flow) else SCMScheduler
+    assert schedule_from_diffusers_config(saved_config(cls(**keys)))[0] == s
+
+
+def test_vp_configs_stay_compact():
+    """The step 1-3 keys appear in a VP config only where set, so configs written before they existed (every
+    FewStepScheduler folder exported so far) read back equal; explicit betas are stored as a JSON list."""
+    assert set(VP().config()) == {"kind", "beta_schedule", "beta_start", "beta_end", "num_train_timesteps"}
+    cfg = VP(trained_betas=TRAINED).config()
+    assert cfg["trained_betas"] == TRAINED and json.loads(json.dumps(cfg)) == cfg
+    assert schedule_from_config(cfg) == VP(trained_betas=tuple(TRAINED))
+
+
+def test_inconsistent_configs_are_rejected():
     with pytest.raises(ValueError):
-        schedule_from_diffusers_config(saved_config(cls(rescale_betas_zero_snr=True)))
+        VP(trained_betas=TRAINED[:10])  # 10 betas for num_train_timesteps=1000
+    with pytest.raises(ValueError):
+        VP(trained_betas=[*TRAINED[:-1], 1.0])  # alpha_bar = 0 by a beta of 1: that is rescale_betas_zero_snr's job
+    with pytest.raises(ValueError):
+        VP(snr_shift_scale=0.0)
+    with pytest.raises(ValueError):  # Euler's continuous timesteps feed the model log(sigma) / 4, not the timestep
+        schedule_from_diffusers_config(EulerDiscreteScheduler(timestep_type="continuous", **V))

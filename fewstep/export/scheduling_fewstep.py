@@ -36,6 +36,7 @@ from fewstep.schedules import (
     Flow,
     NoiseSchedule,
     append_dims,
+    diffusers_schedule_config,
     schedule_from_config,
     schedule_from_diffusers_config,
     to_x0,
@@ -62,9 +63,41 @@ class FewStepScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]  # di
         t_min, t_max: ends of the even grid (default the schedule's); t_max also sets ``init_noise_sigma``.
 
     ``FewStepScheduler.from_config(pipe.scheduler.config)`` also reads a stock diffusers scheduler's config (DDPM
-    betas, flow matching, SCM) and keeps its schedule and prediction type.
+    betas with ``trained_betas``, ``rescale_betas_zero_snr`` and CogVideoX's ``snr_shift_scale``, flow matching, SCM)
+    and keeps its schedule and prediction type, as the stock schedulers swap among themselves (``_compatibles``).
+    The way back works too: the config also holds the stock keys that give its schedule
+    (``diffusers_schedule_config``) and, when it was read from a stock config, that config's own keys, so
+    ``DDIMScheduler.from_config(fewstep.config)`` rebuilds the DDIM scheduler it came from.
     """
 
+    # the stock schedulers whose configs schedule_from_diffusers_config reads (all of diffusers' sampling VP, flow
+    # and sCM schedulers; inversion, EDM and other special-purpose ones are left out)
+    _compatibles = [
+        "DDPMScheduler",
+        "DDIMScheduler",
+        "DDPMParallelScheduler",
+        "DDIMParallelScheduler",
+        "PNDMScheduler",
+        "LMSDiscreteScheduler",
+        "EulerDiscreteScheduler",
+        "EulerAncestralDiscreteScheduler",
+        "HeunDiscreteScheduler",
+        "KDPM2DiscreteScheduler",
+        "KDPM2AncestralDiscreteScheduler",
+        "DPMSolverMultistepScheduler",
+        "DPMSolverSinglestepScheduler",
+        "DEISMultistepScheduler",
+        "UniPCMultistepScheduler",
+        "SASolverScheduler",
+        "LCMScheduler",
+        "TCDScheduler",
+        "CogVideoXDDIMScheduler",
+        "CogVideoXDPMScheduler",
+        "FlowMatchEulerDiscreteScheduler",
+        "FlowMatchHeunDiscreteScheduler",
+        "FlowMatchLCMScheduler",
+        "SCMScheduler",
+    ]
     order = 1
 
     @register_to_config
@@ -89,17 +122,27 @@ class FewStepScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]  # di
         for n, times in plan.items():
             if len(times) != int(n) or any(a <= b for a, b in pairwise(times)):
                 raise ValueError(f"plan[{n!r}] must hold {n} strictly decreasing times, got {times}")
-        # Store the canonical JSON-able form so that save_config / from_pretrained round-trips exactly.
-        self.register_to_config(schedule=self.schedule.config(), plan=plan or None)
+        # Store the canonical JSON-able form so that save_config / from_pretrained round-trips exactly, and the stock
+        # keys of the schedule for StockScheduler.from_config(self.config).
+        self.register_to_config(
+            schedule=self.schedule.config(), plan=plan or None, **diffusers_schedule_config(self.schedule)
+        )
 
         self.num_inference_steps: int | None = None
         self.times = torch.empty(0, dtype=torch.float64)  # schedule units, (num_inference_steps,), float64 on CPU
         self.timesteps = torch.empty(0, dtype=torch.float32)  # model units, what pipelines pass to the model
+        self.sigmas = torch.empty(0, dtype=torch.float32)  # (num_inference_steps + 1,): ``sigmas_for``
         self._step_index: int | None = None
         self._begin_index: int | None = None
 
     # ---------------------------------------------------------------------------------------------------------------
     # Reading foreign configs
+
+    @classmethod
+    def _get_compatibles(cls) -> list[Any]:
+        """``_compatibles`` as classes, this one first: diffusers resolves the names in its own namespace only, which
+        leaves FewStepScheduler out of its own list (a stock scheduler's list holds itself)."""
+        return [cls, *(c for c in super()._get_compatibles() if c is not cls)]
 
     @classmethod
     def from_config(  # type: ignore[override]
@@ -109,7 +152,9 @@ class FewStepScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]  # di
         ``schedule_from_diffusers_config`` (the rest takes defaults; ``kwargs`` override as usual).
 
         A config is foreign when it names another class, or (as an unsaved scheduler's config does, which carries no
-        ``_class_name``) when it has no ``schedule`` and holds keys FewStepScheduler does not take.
+        ``_class_name``) when it has no ``schedule`` and holds keys FewStepScheduler does not take. Its keys stay in
+        the new config as diffusers' hidden config (those it set itself: the ones it left at their defaults are
+        dropped, as ``ConfigMixin.extract_init_dict`` drops them), so that the stock scheduler can be rebuilt from it.
         """
         if isinstance(config, dict) and not isinstance(config.get("schedule"), dict):
             name = config.get("_class_name")
@@ -117,13 +162,18 @@ class FewStepScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]  # di
             if (name is not None and name != cls.__name__) or (name is None and unknown):
                 schedule, prediction = schedule_from_diffusers_config(dict(config))
                 dynamic = bool(config.get("use_dynamic_shifting")) and config.get("time_shift_type") != "linear"
-                config = {
-                    "_class_name": cls.__name__,
-                    "schedule": schedule.config(),
-                    "prediction_type": prediction,
-                    "use_dynamic_shifting": dynamic and isinstance(schedule, Flow),
-                }
-        return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)  # type: ignore[arg-type]
+                defaults = set(config.get("_use_default_values", ()))
+                config = {k: v for k, v in config.items() if k not in defaults and k != "_use_default_values"}
+                config.update(
+                    schedule=schedule.config(),
+                    prediction_type=prediction,
+                    use_dynamic_shifting=dynamic and isinstance(schedule, Flow),
+                )
+        out = super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)  # type: ignore[arg-type]
+        # diffusers registers the hidden keys after __init__: where one names the schedule, the schedule's own wins
+        scheduler = out[0] if return_unused_kwargs else out
+        scheduler.register_to_config(**diffusers_schedule_config(scheduler.schedule))
+        return out
 
     # ---------------------------------------------------------------------------------------------------------------
     # Scheduler contract
@@ -135,6 +185,15 @@ class FewStepScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]  # di
     @property
     def t_max(self) -> float:
         return float(self.config["t_max"]) if self.config["t_max"] is not None else float(self.schedule.t_max)
+
+    def sigmas_for(self, times: Tensor) -> Tensor:
+        """The ``sigmas`` a stock scheduler exposes for these times, with a final 0 (the clean end), as pipelines
+        read them (WanPipeline keys its cache context on ``scheduler.sigmas[i]``): the flow time itself on a Flow
+        schedule (FlowMatchEulerDiscreteScheduler's sigmas), the noise-to-signal ratio sigma_t / alpha_t elsewhere
+        (EulerDiscreteScheduler's sqrt((1 - abar) / abar)); inf where alpha is 0 (zero terminal SNR)."""
+        c = self.schedule.coeffs(times.to(torch.float64))
+        sigma = times.to(torch.float64) if isinstance(self.schedule, Flow) else c.sigma / c.alpha
+        return torch.cat([sigma, sigma.new_zeros(1)])
 
     @property
     def init_noise_sigma(self) -> float:
@@ -212,6 +271,7 @@ class FewStepScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]  # di
         self.num_inference_steps = n
         self.times = times  # stays float64 on CPU: it only feeds the coefficient tables
         self.timesteps = self.schedule.to_model_timestep(times).to(device=device, dtype=torch.float32)
+        self.sigmas = self.sigmas_for(times).to(device=device, dtype=torch.float32)
         self._step_index = None
         self._begin_index = None
 

@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import math
 
+import diffusers
 import pytest
 import torch
 from diffusers import (
+    CogVideoXDDIMScheduler,
+    CogVideoXDPMScheduler,
     DDIMScheduler,
     DDPMPipeline,
     DDPMScheduler,
@@ -22,7 +25,17 @@ from diffusers import (
 from diffusers.utils.torch_utils import randn_tensor
 
 from fewstep.export.scheduling_fewstep import FewStepScheduler
-from fewstep.schedules import VP, Coeffs, append_dims, ddim_step, forward_transition, from_x0, to_x0
+from fewstep.schedules import (
+    VP,
+    Coeffs,
+    Flow,
+    append_dims,
+    ddim_step,
+    forward_transition,
+    from_x0,
+    schedule_from_diffusers_config,
+    to_x0,
+)
 
 SHAPE = (2, 3, 4, 4)
 
@@ -37,8 +50,33 @@ CASES = [
     ({"kind": "trigflow", "sigma_data": 0.5}, "trigflow"),
     ({"kind": "edm"}, "epsilon"),
     ({"kind": "edm"}, "sample"),
+    # zero terminal SNR: the first evaluation is at alpha = 0, where epsilon cannot give x0 (test_schedules.py)
+    ({"kind": "vp", "rescale_betas_zero_snr": True}, "v_prediction"),
+    ({"kind": "vp", "rescale_betas_zero_snr": True, "snr_shift_scale": 3.0}, "flow"),
+    ({"kind": "vp", "rescale_betas_zero_snr": True}, "sample"),
 ]
-CASE_IDS = [f"{s['kind']}-{p}" for s, p in CASES]
+CASE_IDS = [f"{s['kind']}{'-zero-snr' if s.get('rescale_betas_zero_snr') else ''}-{p}" for s, p in CASES]
+
+# an explicit beta list that no beta_schedule gives: DDPM's linear betas with a slow ripple
+TRAINED = (
+    torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64) * (1 + 0.1 * torch.sin(torch.arange(1000) / 50))
+).tolist()
+ZSNR = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "rescale_betas_zero_snr": True}
+# THUDM/CogVideoX-2b's scheduler_config.json (tests/test_schedules.py has both CogVideoX models')
+COGVIDEOX_2B = {
+    "_class_name": "CogVideoXDDIMScheduler",
+    **ZSNR,
+    "clip_sample": False,
+    "clip_sample_range": 1.0,
+    "num_train_timesteps": 1000,
+    "prediction_type": "v_prediction",
+    "sample_max_value": 1.0,
+    "set_alpha_to_one": True,
+    "snr_shift_scale": 3.0,
+    "steps_offset": 0,
+    "timestep_spacing": "trailing",
+    "trained_betas": None,
+}
 MIXED = (0, 3, 6, 7)  # one case per kind
 
 
@@ -120,16 +158,8 @@ def test_intermediate_gamma_is_ddim_to_s_then_forward_process(schedule, predicti
     torch.testing.assert_close(prev, c_next.alpha * x0 + c_next.sigma * mix)
 
 
-@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction", "sample"])
-@pytest.mark.parametrize("steps", [1, 2, 4])
-def test_gamma_zero_matches_diffusers_ddim(prediction, steps):
-    ddim = DDIMScheduler(
-        beta_schedule="scaled_linear",
-        prediction_type=prediction,
-        set_alpha_to_one=True,
-        clip_sample=False,
-        timestep_spacing="trailing",  # 999, 749, 499, 249: steps of 1000 // n, as DDIM's prev_timestep assumes
-    )
+def assert_gamma_zero_matches(ddim, steps: int) -> None:
+    """FewStepScheduler read from a DDIM-type scheduler's config, on its timesteps with gamma = 0, steps as it does."""
     ddim.set_timesteps(steps)
     plan = {str(steps): [float(t) for t in ddim.timesteps]}
     ours = FewStepScheduler.from_config(ddim.config, gamma=0.0, plan=plan)
@@ -146,6 +176,32 @@ def test_gamma_zero_matches_diffusers_ddim(prediction, steps):
         torch.testing.assert_close(got.prev_sample, expected.prev_sample, rtol=1e-4, atol=1e-5)
         x = expected.prev_sample
     assert torch.equal(g.get_state(), g_state)  # deterministic: no noise drawn
+
+
+# 999, 749, 499, 249: steps of 1000 // n, as DDIM's prev_timestep assumes
+DDIM_GRID = {"set_alpha_to_one": True, "clip_sample": False, "timestep_spacing": "trailing"}
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction", "sample"])
+@pytest.mark.parametrize("steps", [1, 2, 4])
+def test_gamma_zero_matches_diffusers_ddim(prediction, steps):
+    assert_gamma_zero_matches(
+        DDIMScheduler(beta_schedule="scaled_linear", prediction_type=prediction, **DDIM_GRID), steps
+    )
+
+
+STOCK_DDIM = {
+    "ddim-trained-betas": lambda: DDIMScheduler(trained_betas=TRAINED, prediction_type="v_prediction", **DDIM_GRID),
+    "ddim-zero-snr": lambda: DDIMScheduler(**ZSNR, prediction_type="v_prediction", **DDIM_GRID),
+    "cogvideox-2b": lambda: CogVideoXDDIMScheduler.from_config(COGVIDEOX_2B),
+}
+
+
+@pytest.mark.parametrize("stock", list(STOCK_DDIM))
+@pytest.mark.parametrize("steps", [1, 2, 4])
+def test_gamma_zero_matches_diffusers_ddim_on_every_vp_table(stock, steps):
+    """Explicit betas, zero terminal SNR (the first step starts at alpha = 0) and CogVideoX's shifted table."""
+    assert_gamma_zero_matches(STOCK_DDIM[stock](), steps)
 
 
 @pytest.mark.parametrize("steps,intermediate", [(1, None), (2, 1.3), (3, None), (4, None)])
@@ -179,10 +235,20 @@ def test_trigflow_gamma_one_matches_diffusers_scm(steps, intermediate):
         (lambda: LCMScheduler(beta_end=0.015), "vp", "epsilon", "beta_end", 0.015),
         (lambda: FlowMatchEulerDiscreteScheduler(shift=3.0), "flow", "flow", "shift", 3.0),
         (lambda: SCMScheduler(sigma_data=0.7), "trigflow", "trigflow", "sigma_data", 0.7),
+        (lambda: DDIMScheduler(trained_betas=TRAINED), "vp", "epsilon", "trained_betas", TRAINED),
+        (
+            lambda: LCMScheduler(**ZSNR, prediction_type="v_prediction"),
+            "vp",
+            "v_prediction",
+            "rescale_betas_zero_snr",
+            1,
+        ),
+        (lambda: CogVideoXDPMScheduler.from_config(COGVIDEOX_2B), "vp", "v_prediction", "snr_shift_scale", 3.0),
     ],
-    ids=["ddpm", "ddim", "lcm", "flow-match", "scm"],
+    ids=["ddpm", "ddim", "lcm", "flow-match", "scm", "ddim-trained-betas", "lcm-zero-snr", "cogvideox-dpm"],
 )
 def test_from_config_reads_foreign_schedulers(tmp_path, saved, foreign, kind, prediction, key, value):
+    """FewStepScheduler keeps the stock scheduler's schedule: for VP its alphas_cumprod, to float32's rounding."""
     config = foreign().config
     if saved:  # as pipe.scheduler.config of a loaded pipeline: carries _class_name
         foreign().save_config(tmp_path)
@@ -194,10 +260,69 @@ def test_from_config_reads_foreign_schedulers(tmp_path, saved, foreign, kind, pr
     assert ours.config.prediction_type == prediction
     assert ours.config.gamma == 0.25
     assert FewStepScheduler.from_config(ours.config).config.schedule == ours.config.schedule  # own config: kept
+    if kind == "vp":
+        ref = foreign().alphas_cumprod.double()
+        torch.testing.assert_close(ours.schedule.alphas_cumprod, ref, rtol=1e-4, atol=1e-9)
 
 
 def _public(config) -> dict:
     return {k: v for k, v in config.items() if not k.startswith("_")}
+
+
+def test_compatibles_lists_itself_and_the_stock_schedulers():
+    names = [c.__name__ for c in FewStepScheduler().compatibles]
+    assert names[0] == "FewStepScheduler" and sorted(names[1:]) == sorted(FewStepScheduler._compatibles)
+
+
+def non_default_stock(cls):
+    """cls with a schedule other than its default (and trailing timesteps where it has the key)."""
+    schedule, _ = schedule_from_diffusers_config(cls())
+    if isinstance(schedule, VP):
+        kwargs: dict = {"beta_schedule": "scaled_linear", "beta_start": 0.0009, "beta_end": 0.013}
+    else:
+        kwargs = {"shift": 3.0} if isinstance(schedule, Flow) else {"sigma_data": 0.7}
+    if "timestep_spacing" in cls().config:
+        kwargs["timestep_spacing"] = "trailing"
+    return cls(**kwargs)
+
+
+@pytest.mark.parametrize("name", FewStepScheduler._compatibles)
+def test_every_compatible_scheduler_swaps_in_and_back(tmp_path, name):
+    """What ``_compatibles`` promises, for each class it lists: FewStepScheduler.from_config(stock.config) (in memory
+    and from a saved folder) keeps the stock schedule and prediction type, and samples; Stock.from_config of that
+    config gives the stock scheduler back, its config and table unchanged."""
+    cls = getattr(diffusers, name)
+    stock = non_default_stock(cls)
+    stock.save_config(tmp_path / "stock")
+    expected, prediction = schedule_from_diffusers_config(stock)
+    for config in (stock.config, FewStepScheduler.load_config(tmp_path / "stock")):
+        ours = FewStepScheduler.from_config(config)
+        assert ours.schedule == expected and ours.config.prediction_type == prediction
+        if isinstance(expected, VP):
+            ref = stock.alphas_cumprod.double()
+            torch.testing.assert_close(ours.schedule.alphas_cumprod, ref, rtol=1e-4, atol=1e-9)
+        ours.set_timesteps(2)
+        x = ours.init_noise_sigma * torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
+        for t in ours.timesteps:
+            x = ours.step(0.1 * x, t, x, generator=torch.Generator().manual_seed(1)).prev_sample
+        assert torch.isfinite(x).all()
+
+        back = cls.from_config(ours.config)  # it also carries FewStepScheduler's keys, as diffusers' swaps do
+        assert {k: back.config[k] for k in _public(stock.config)} == _public(stock.config)
+        if isinstance(expected, VP):
+            assert torch.equal(back.alphas_cumprod, stock.alphas_cumprod)
+
+
+def test_explicit_betas_survive_save_and_swap(tmp_path):
+    """A FewStepScheduler read from a config with trained_betas and zero terminal SNR writes them to its JSON, reads
+    them back, and a stock scheduler loaded from its folder has the original table."""
+    ddim = DDIMScheduler(trained_betas=TRAINED, rescale_betas_zero_snr=True, prediction_type="v_prediction")
+    ours = FewStepScheduler.from_config(ddim.config, gamma=0.5, plan={"2": [999.0, 499.0]})
+    ours.save_config(tmp_path)
+    loaded = FewStepScheduler.from_pretrained(tmp_path)
+    assert loaded.schedule == ours.schedule and loaded.schedule.trained_betas == tuple(TRAINED)
+    assert _public(loaded.config) == _public(ours.config)
+    assert torch.equal(LCMScheduler.from_pretrained(tmp_path).alphas_cumprod, ddim.alphas_cumprod)
 
 
 def test_save_load_round_trip(tmp_path):
@@ -268,6 +393,7 @@ def test_drop_in_replacement_in_ddpm_pipeline():
     ).eval()
     scheduler = FewStepScheduler.from_config(DDPMScheduler().config, gamma=0.5)
     pipe = DDPMPipeline(unet=unet, scheduler=scheduler)
+    assert {FewStepScheduler, DDPMScheduler, DDIMScheduler} <= set(pipe.scheduler.compatibles)
     pipe.set_progress_bar_config(disable=True)
     images = pipe(batch_size=2, generator=torch.Generator().manual_seed(0), num_inference_steps=2, output_type="np")
 
@@ -324,3 +450,21 @@ def test_dynamic_shifting_follows_flow_match_euler():
     torch.testing.assert_close(x_ours, x_stock, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="mu"):
         ours.set_timesteps(4)
+
+
+def test_sigmas_are_the_stock_schedulers_own_for_the_same_times() -> None:
+    """Pipelines read ``scheduler.sigmas`` (WanPipeline's cache context): flow times on a Flow schedule, as
+    FlowMatchEulerDiscreteScheduler has them; the noise-to-signal ratio on VP, as EulerDiscreteScheduler has it."""
+    import diffusers
+
+    flow = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
+    ours = FewStepScheduler.from_config(flow.config)
+    flow.set_timesteps(4)
+    ours.set_timesteps(timesteps=flow.timesteps.tolist())
+    torch.testing.assert_close(ours.sigmas, flow.sigmas)
+
+    euler = diffusers.EulerDiscreteScheduler(beta_schedule="scaled_linear", timestep_spacing="trailing")
+    ours = FewStepScheduler.from_config(euler.config)
+    euler.set_timesteps(4)
+    ours.set_timesteps(timesteps=euler.timesteps.tolist())
+    torch.testing.assert_close(ours.sigmas, euler.sigmas, rtol=1e-4, atol=1e-5)
