@@ -144,6 +144,9 @@ def cmd_distill(args: argparse.Namespace) -> int:
     from .distill import run_distill
     from .loading import resolve_source
 
+    if preset is not None and not args.preset:
+        print(f"preset {preset.parent.name}/{preset.stem} (the teacher's; --preset NAME for another)")
+
     resolve_source(args.teacher)
     out = args.output or Path("runs") / f"{args.recipe}-{_run_name(args.teacher)}"
     print(f"wrote {run_distill(recipe, cfg, teacher=args.teacher, output=out, resume=args.resume)}")
@@ -151,11 +154,26 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 
 def _default_preset(recipe: str, teacher: str) -> Path | None:
-    """The recipe's ``digits`` preset for the embedded teacher, when it has one."""
+    """The recipe's preset for the teacher's world or family, when it has one: ``digits.toml`` for the embedded
+    teacher, ``<family>.toml`` (sdxl, sd3, pixart, sana, flux, wan, ...) for a local pipeline folder."""
     from .training.config import presets_dir
 
-    path = presets_dir() / recipe / "digits.toml"
-    return path if teacher == "digits" and path.is_file() else None
+    name = "digits" if teacher == "digits" else teacher_family(teacher)
+    path = presets_dir() / recipe / f"{name}.toml"
+    return path if name is not None and path.is_file() else None
+
+
+def teacher_family(teacher: str) -> str | None:
+    """The family name of a local pipeline folder, from its model_index.json (None when unknown or not local)."""
+    index = Path(teacher) / "model_index.json"
+    try:
+        name = json.loads(index.read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        return None
+    from .training.families import BY_PIPELINE
+
+    family = BY_PIPELINE.get(str(name))
+    return None if family is None else family.name
 
 
 def _run_name(teacher: str) -> str:

@@ -34,6 +34,22 @@ def training_data(pipe: Any, teacher: Denoiser, source: str, cfg: Any, cache_dir
     return PromptBatches.for_teacher(pipe, teacher, source, cfg.data, train.batch_size, train.seed, cache_dir)
 
 
+def prepare_teacher(pipe: Any, denoiser: Denoiser, cfg: Any) -> Denoiser:
+    """A prompt-conditioned teacher, checked for every component its family needs (one line naming a missing one,
+    before any work), at the time shift it samples with at the training size (FLUX.1-dev's dynamic shifting)."""
+    from .worlds.digits.pipeline import DigitsPipeline
+
+    if isinstance(pipe, DigitsPipeline):
+        return denoiser
+    from .training.data import teacher_geometry
+    from .training.families import check_components, dynamic_shift_schedule
+
+    check_components(pipe)
+    _, _, shape = teacher_geometry(pipe, cfg.data)
+    native = dynamic_shift_schedule(pipe, denoiser.native, shape)
+    return denoiser if native == denoiser.native else Denoiser(denoiser.model, native, denoiser.prediction)
+
+
 def export_student(
     recipe: Recipe, student: torch.nn.Module, pipe: Any, native: Any, prediction: str, out: Path
 ) -> Path:
@@ -77,6 +93,7 @@ def run_distill(
     if resume is None and ckpt_dir.is_dir() and any(ckpt_dir.iterdir()):
         raise FewstepError(f"{output} already holds checkpoints: pass --resume to continue or choose another --output")
     denoiser, pipe = load_denoiser(teacher)
+    denoiser = prepare_teacher(pipe, denoiser, cfg)
     recipe = recipe_cls(denoiser, cfg)  # type: ignore[call-arg]
     if recipe.is_lora and not hasattr(type(pipe), "save_lora_weights"):
         raise FewstepError(f"{type(pipe).__name__} cannot load LoRA weights: distill it without lora_rank instead")

@@ -39,6 +39,11 @@ class Backbone:
     packed: latents enter as 2x2 patches (B, H/2 W/2, 4C) with image position ids (Flux).
     defaults: keyword arguments the model needs even when the caller has none (PixArt's added_cond_kwargs).
     shared: condition entries without a batch dimension, shared by both CFG branches (Flux's position ids).
+    trigflow_via_flow: under a TrigFlow scheduler (SanaSprintPipeline's SCMScheduler) the network is a flow-velocity
+        model at flow time s = sin t / (sin t + cos t), called as SanaSprintPipeline calls it (``_trigflow_via_flow``).
+    rotary_3d: the network takes CogVideoX's 3-D rotary embeddings of the latent grid (``image_rotary_emb``) when its
+        config says ``use_rotary_positional_embeddings``; they are computed here from the input's shape.
+    image_first: a block returns (image, text) features, not (text, image) (CogVideoX).
     """
 
     timestep_scale: float = 1.0
@@ -47,6 +52,9 @@ class Backbone:
     packed: bool = False
     defaults: Mapping[str, Any] = field(default_factory=dict)
     shared: tuple[str, ...] = ()
+    trigflow_via_flow: bool = False
+    rotary_3d: bool = False
+    image_first: bool = False
 
 
 BACKBONES: dict[str, Backbone] = {
@@ -57,9 +65,10 @@ BACKBONES: dict[str, Backbone] = {
         learned_sigma=True, defaults={"added_cond_kwargs": {"resolution": None, "aspect_ratio": None}}
     ),
     "SD3Transformer2DModel": Backbone(),
-    "SanaTransformer2DModel": Backbone(timestep_scale_key="timestep_scale"),
+    "SanaTransformer2DModel": Backbone(timestep_scale_key="timestep_scale", trigflow_via_flow=True),
     "FluxTransformer2DModel": Backbone(timestep_scale=1e-3, packed=True, shared=("txt_ids", "img_ids")),
     "WanTransformer3DModel": Backbone(),
+    "CogVideoXTransformer3DModel": Backbone(rotary_3d=True, image_first=True),  # latents (B, F, C, H, W)
 }
 
 
@@ -89,9 +98,38 @@ def pack_2x2(x: Tensor) -> tuple[Tensor, Tensor]:
     return packed, ids.reshape(-1, 3)
 
 
+def rotary_3d(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
+    """CogVideoX's 3-D rotary embeddings (cos, sin) for latents x (B, F, C, H, W), as CogVideoXPipeline prepares them
+    (its own method, fed the latent size with a spatial VAE factor of 1)."""
+    from types import SimpleNamespace
+
+    from diffusers import CogVideoXPipeline
+
+    stand_in = SimpleNamespace(vae_scale_factor_spatial=1, transformer=model)
+    frames, height, width = x.shape[1], x.shape[3], x.shape[4]
+    cos, sin = CogVideoXPipeline._prepare_rotary_positional_embeddings(stand_in, height, width, frames, x.device)  # type: ignore[arg-type]
+    return cos.to(x.dtype), sin.to(x.dtype)
+
+
 def unpack_2x2(packed: Tensor, shape: torch.Size) -> Tensor:
     b, c, h, w = shape
     return packed.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+
+
+def nest_kwargs(cond: Cond, defaults: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Model keyword arguments from a flat condition: a key "a.b" is entry b of the nested argument a (SDXL's
+    ``added_cond_kwargs.time_ids``), merged over ``defaults`` (nested mappings merge, the condition wins).
+
+    Conditions travel flat (cached, batched and stacked for CFG row by row); the nesting is the model's quirk."""
+    out: dict[str, Any] = {k: dict(v) if isinstance(v, Mapping) else v for k, v in (defaults or {}).items()}
+    for key, v in cond.items():
+        head, dot, rest = key.partition(".")
+        if not dot:
+            out[key] = {**out[key], **v} if isinstance(v, Mapping) and isinstance(out.get(key), Mapping) else v
+            continue
+        inner = out.get(head)
+        out[head] = {**(inner if isinstance(inner, Mapping) else {}), **nest_kwargs({rest: v})}
+    return out
 
 
 def expand_cond(cond: Cond, batch: int, shared: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -189,12 +227,16 @@ class Denoiser(nn.Module):
         timestep = self.native.to_model_timestep(t_native) * bb.timestep_scale
         if bb.timestep_scale_key is not None:
             timestep = timestep * float(getattr(self.model.config, bb.timestep_scale_key, 1.0))
-        kwargs: dict[str, Any] = {**bb.defaults, **cond}
+        kwargs = nest_kwargs(cond, bb.defaults)
         if getattr(getattr(self.model, "config", None), "guidance_embeds", False) and "guidance" not in kwargs:
             raise FewstepError(
                 f"{type(self.model).__name__} embeds the guidance scale (guidance_embeds): pass cond['guidance'], "
                 "a (B,) tensor of scales, as its pipeline does"
             )
+        if bb.trigflow_via_flow and self.native.kind == "trigflow":
+            return self._trigflow_via_flow(x, t_native, kwargs)
+        if bb.rotary_3d and getattr(self.model.config, "use_rotary_positional_embeddings", False):
+            kwargs.setdefault("image_rotary_emb", rotary_3d(self.model, x))
         inp = x
         if bb.packed:
             inp, img_ids = pack_2x2(x)
@@ -210,6 +252,24 @@ class Denoiser(nn.Module):
         if bb.learned_sigma and out.shape[1] == 2 * x.shape[1]:
             out = out[:, : x.shape[1]]
         return out
+
+    def _trigflow_via_flow(self, x: Tensor, t: Tensor, kwargs: dict[str, Any]) -> Tensor:
+        """TrigFlow's F at time t (x0 = cos t x_t - sin t sigma_d F) from a flow-velocity network, as
+        SanaSprintPipeline computes it (SANA-Sprint, Chen et al. 2025, Sec. 3.1: the flow model is a TrigFlow model by
+        the change of variables).
+
+        With y = x_t / sigma_d = cos t y0 + sin t eps and s = sin t / (sin t + cos t), the flow input is
+        x_s = y / (cos t + sin t) = y sqrt(s^2 + (1 - s)^2), and the flow velocity v at s gives
+        F = ((1 - 2s) x_s + (1 - 2s + 2s^2) v) / sqrt(s^2 + (1 - s)^2). The network sees s itself, not 1000 s. (The
+        pipeline hands SCMScheduler sigma_d F, whose step is x0 = cos t x_t - sin t (sigma_d F).)"""
+        sigma_d = float(getattr(self.native, "sigma_data", 1.0))
+        s = torch.sin(t) / (torch.cos(t) + torch.sin(t))
+        s_ = append_dims(s, x.ndim)
+        norm = torch.sqrt(s_**2 + (1 - s_) ** 2)
+        x_s = x / sigma_d * norm
+        timestep = s.to(torch.promote_types(x.dtype, torch.float32))
+        v = self.model(x_s, timestep=timestep, return_dict=False, **kwargs)[0]
+        return ((1 - 2 * s_) * x_s + (1 - 2 * s_ + 2 * s_**2) * v) / norm
 
     def forward(self, x_t: Tensor, t: Tensor, cond: Cond | None = None) -> Tensor:
         """x0 estimate (shape and dtype of x_t) at time t (scalar or (B,)) in ``self.schedule``'s units.
@@ -257,7 +317,8 @@ def guidance_condition(model: nn.Module, guidance: Tensor) -> dict[str, Any]:
     """The condition entries through which ``model`` itself embeds a (B,) guidance scale w, as its pipeline passes
     them: UNets with ``time_cond_proj_dim`` take ``timestep_cond``, the embedding of w - 1 (LCM's omega; what
     StableDiffusionPipeline and LatentConsistencyModelPipeline compute); Flux-style ``guidance_embeds`` models take
-    ``guidance``. Empty for models that do not embed w."""
+    ``guidance`` (SANA-Sprint's scaled by its ``guidance_embeds_scale``, as SanaSprintPipeline passes it). Empty for
+    models that do not embed w."""
     config = getattr(model, "config", None)
     dim = getattr(config, "time_cond_proj_dim", None)
     if dim is not None:
@@ -266,8 +327,8 @@ def guidance_condition(model: nn.Module, guidance: Tensor) -> dict[str, Any]:
         # a pure function that diffusers defines as a pipeline method (self is unused)
         embed = LatentConsistencyModelPipeline.get_guidance_scale_embedding
         return {"timestep_cond": embed(None, guidance.float() - 1.0, embedding_dim=dim)}  # type: ignore[arg-type]
-    if getattr(config, "guidance_embeds", False):
-        return {"guidance": guidance.float()}
+    if getattr(config, "guidance_embeds", False):  # SANA-Sprint feeds w times its guidance_embeds_scale (0.1)
+        return {"guidance": guidance.float() * float(getattr(config, "guidance_embeds_scale", 1.0))}
     return {}
 
 
@@ -286,11 +347,12 @@ def feature_blocks(model: nn.Module) -> list[nn.Module]:
     raise FewstepError(f"{type(model).__name__}: no blocks to read features from")
 
 
-def block_tokens(output: Any) -> Tensor:
+def block_tokens(output: Any, image_first: bool = False) -> Tensor:
     """A block's image features as tokens (B, N, C): the last tensor of a tuple output (SD3 and Flux blocks return
-    (text, image); UNet down blocks (hidden, skips)), 4-D maps flattened over space."""
+    (text, image); UNet down blocks (hidden, skips)), or the first where the backbone's blocks return (image, text)
+    (``Backbone.image_first``: CogVideoX); 4-D maps flattened over space."""
     if isinstance(output, tuple | list):
-        output = [o for o in output if isinstance(o, Tensor)][-1]
+        output = [o for o in output if isinstance(o, Tensor)][0 if image_first else -1]
     if output.ndim == 4:
         return output.flatten(2).transpose(1, 2)
     return output

@@ -288,3 +288,23 @@ def test_bench_xformers_without_cuda(tmp_path: Path, capsys: pytest.CaptureFixtu
     code, _, err = run(["bench", "digits", "--attention", "xformers", "--report", str(tmp_path / "r")], capsys)
     assert_one_line_error(code, err, "xformers attention needs CUDA and the gpu extra: pip install 'fewstep[gpu]'")
     assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    ("pipeline", "recipe", "preset"),
+    [("WanPipeline", "rcm", "wan"), ("PixArtSigmaPipeline", "tdm", "pixart"), ("SanaPipeline", "scm", "sana"),
+     ("StableDiffusionXLPipeline", "lcm", "sdxl"), ("StableDiffusion3Pipeline", "sid", "sd3"),
+     ("FluxPipeline", "lcm", None)],
+)  # fmt: skip
+def test_distill_picks_the_teachers_family_preset(
+    pipeline: str, recipe: str, preset: str | None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": pipeline}))
+    code, out, _ = run(["distill", "--recipe", recipe, "--teacher", str(tmp_path), "--dry-run"], capsys)
+    assert code == 0
+    if preset is None:
+        assert "# preset:" not in out
+    else:
+        assert f"# preset: {Path('recipes') / recipe / preset}.toml" in out.replace(str(Path.cwd()) + "/", "")

@@ -14,7 +14,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from fewstep.errors import FewstepError
 from fewstep.loading import load_pipeline, resolve_source
 from fewstep.schedules import VP, Flow, TrigFlow, append_dims, ddim_step, from_x0, schedule_from_diffusers_config
-from fewstep.teacher import Backbone, Denoiser, concat_cond, expand_cond
+from fewstep.teacher import Backbone, Denoiser, concat_cond, expand_cond, nest_kwargs
 
 STEP_INDEX = 3
 
@@ -152,6 +152,18 @@ def test_guidance_batches_both_branches() -> None:
     torch.testing.assert_close(
         denoiser.guided(x, t, cond, uncond, 3.0), x0_u + 3.0 * (x0_c - x0_u), atol=1e-5, rtol=1e-5
     )
+
+
+def test_nest_kwargs_turns_dotted_keys_into_nested_arguments_over_the_defaults() -> None:
+    a, b, c = torch.ones(2, 3), torch.zeros(2, 6), torch.ones(2, 4)
+    flat = {"encoder_hidden_states": a, "added_cond_kwargs.time_ids": b, "added_cond_kwargs.text_embeds": c}
+    nested = nest_kwargs(flat, {"added_cond_kwargs": {"resolution": None, "time_ids": None}})
+    assert nested["encoder_hidden_states"] is a
+    assert nested["added_cond_kwargs"] == {"resolution": None, "time_ids": b, "text_embeds": c}
+    assert nest_kwargs({"x.y.z": a}) == {"x": {"y": {"z": a}}}
+    defaults = {"added_cond_kwargs": {"resolution": None}}
+    nest_kwargs(flat, defaults)
+    assert defaults == {"added_cond_kwargs": {"resolution": None}}  # the backbone's defaults are not mutated
 
 
 def test_expand_cond_broadcasts_one_negative_prompt() -> None:

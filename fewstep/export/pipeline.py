@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from ..sampling import SamplingPlan
-from ..schedules import VP, Flow, NoiseSchedule
+from ..schedules import VP, Flow, NoiseSchedule, diffusers_schedule_config
 from .scheduling_fewstep import FewStepScheduler
 
 
@@ -84,19 +84,14 @@ def stock_candidates(schedule: NoiseSchedule, prediction: str, gamma: float) -> 
     # SCMScheduler is no candidate: its timesteps end with 0 and only SanaSprintPipeline's loop (timesteps[:-1])
     # drives it, so it is not a drop-in for the plain loop; TrigFlow plans export FewStepScheduler.
     if isinstance(schedule, VP) and prediction in ("epsilon", "v_prediction", "sample"):
-        betas = dict(
-            beta_schedule=schedule.beta_schedule,
-            beta_start=schedule.beta_start,
-            beta_end=schedule.beta_end,
-            num_train_timesteps=schedule.num_train_timesteps,
-            prediction_type=prediction,
-        )
+        betas = dict(diffusers_schedule_config(schedule), prediction_type=prediction)
+        ddim = dict(clip_sample=False, set_alpha_to_one=True, timestep_spacing="trailing")
+        if schedule.snr_shift_scale != 1.0:  # only CogVideoX's schedulers shift the SNR; theirs is DDIM's step
+            return [diffusers.CogVideoXDDIMScheduler(**betas, **ddim)] if gamma == 0.0 else []
         if gamma == 1.0:  # TCD is no candidate: its gamma is a step() argument the plain loop never passes
             return [diffusers.LCMScheduler(**betas)]
         if gamma == 0.0:
-            return [
-                diffusers.DDIMScheduler(**betas, clip_sample=False, set_alpha_to_one=True, timestep_spacing="trailing")
-            ]
+            return [diffusers.DDIMScheduler(**betas, **ddim)]
     return []
 
 
@@ -120,10 +115,23 @@ def export_pipeline(pipe: Any, model: torch.nn.Module, scheduler: Any, output: A
 
     slot = backbone_slot(pipe)
     components = {**pipe.components, slot: model, "scheduler": scheduler}
-    student = type(pipe)(**components)
+    student = type(pipe)(**components, **pipeline_settings(pipe))
     with atomic_dir(Path(output), "model_index.json") as tmp:
         student.save_pretrained(tmp)
     return Path(output)
+
+
+def pipeline_settings(pipe: Any) -> dict[str, Any]:
+    """The pipeline's own registered settings that are not components (SDXL's force_zeros_for_empty_prompt, Wan 2.2's
+    boundary_ratio, SD's requires_safety_checker), which a rebuilt pipeline must keep."""
+    import inspect
+
+    params = inspect.signature(type(pipe).__init__).parameters
+    return {
+        key: value
+        for key, value in pipe.config.items()
+        if key in params and key not in pipe.components and not key.startswith("_")
+    }
 
 
 def export_lora(pipe: Any, model: torch.nn.Module, output: Any) -> Any:

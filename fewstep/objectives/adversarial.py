@@ -44,7 +44,10 @@ class TeacherDiscriminator:
 
     def features(self, x_t: Tensor, t: Tensor, cond: dict[str, Any]) -> list[Tensor]:
         found: list[Tensor] = []
-        hooks = [b.register_forward_hook(lambda _m, _i, out: found.append(block_tokens(out))) for b in self.blocks]
+        first = self.teacher.backbone.image_first
+        hooks = [
+            b.register_forward_hook(lambda _m, _i, out: found.append(block_tokens(out, first))) for b in self.blocks
+        ]
         try:
             self.teacher(x_t, t, cond)
         finally:

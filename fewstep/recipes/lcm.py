@@ -96,6 +96,7 @@ class LCM(Recipe):
             model = add_lora(copy.deepcopy(teacher.model), cfg.lora_rank)
         elif cfg.w_embedding and cfg.w_min != cfg.w_max:
             model = add_guidance_embedding(teacher.model, cfg.w_embedding_dim)
+            model = None if model is None else model.requires_grad_(True)  # a copy of the frozen teacher (Flux-dev)
         if model is None:
             model = copy.deepcopy(teacher.model).requires_grad_(True)
         self.embeds_w = bool(guidance_condition(model, torch.ones(1)))

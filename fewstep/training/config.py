@@ -219,6 +219,9 @@ RULES: tuple[tuple[str, Rule], ...] = (
     ("num_*", AT_LEAST_1),  # num_ddim_timesteps, num_teacher_samples
     ("skip", AT_LEAST_1),
     ("w_embedding_dim", AT_LEAST_1),
+    ("height", AT_LEAST_1),  # pixels of a text-to-image or -video teacher's samples
+    ("width", AT_LEAST_1),
+    ("max_sequence_length", AT_LEAST_1),
     ("dmd_start", NON_NEGATIVE),
     ("*rank", NON_NEGATIVE),  # 0: no LoRA
     ("max_minutes", Rule(low=0, low_open=True, allow_inf=True)),  # inf: no time budget

@@ -30,7 +30,12 @@ class DataConfig:
     prompts: str | None = None  # text file, JSONL or parquet (``prompt_field``)
     images: str | None = None  # a folder of captioned images (``--data``): real x0 instead of the teacher's samples
     prompt_field: str = "prompt"
-    negative_prompt: str = ""  # the unconditional branch of guidance
+    negative_prompt: str | None = None  # the unconditional branch of guidance; None: the family's own (Wan's) or ""
+    max_sequence_length: int | None = None  # text tokens; None: the pipeline's __call__ default
+    embedded_guidance: float | None = None  # FLUX.1-dev / SANA-Sprint guidance embedding; None: __call__'s default
+    height: int | None = None  # pixels of the training images or clips; None: the pipeline's __call__ default
+    width: int | None = None
+    num_frames: int | None = None  # video teachers; None: the pipeline's __call__ default (Wan 81, CogVideoX 49)
     image_free: bool = False  # digits: train on the teacher's own samples instead of the train split
     num_teacher_samples: int = 2000  # digits, image-free: how many (class-balanced)
     teacher_steps: int = 25  # Euler steps of the teacher's samples that stand in for images
@@ -76,6 +81,25 @@ def teacher_samples(
     return torch.cat(out)  # type: ignore[arg-type]
 
 
+def encode_options(cfg: DataConfig) -> Any:
+    """The pipeline-call choices of a data config (families.EncodeOptions)."""
+    from .families import EncodeOptions
+
+    return EncodeOptions(
+        negative=cfg.negative_prompt, max_sequence_length=cfg.max_sequence_length,
+        embedded_guidance=cfg.embedded_guidance, height=cfg.height, width=cfg.width, num_frames=cfg.num_frames,
+    )  # fmt: skip
+
+
+def teacher_geometry(pipe: Any, cfg: DataConfig) -> tuple[Any, Any, tuple[int, ...]]:
+    """(encode options, pixel size, latent shape of one sample) of a prompt-conditioned teacher under ``cfg``."""
+    from .families import latent_shape, pixel_size
+
+    options = encode_options(cfg)
+    size = pixel_size(pipe, options)
+    return options, size, latent_shape(pipe, size)
+
+
 class PromptBatches:
     """Rows of (x0, condition) drawn in a seeded per-epoch order; uncond is one shared row. Conditions are prompt
     embeddings (text-to-image) or class labels (digits, image-free)."""
@@ -91,17 +115,17 @@ class PromptBatches:
         from ..errors import FewstepError
         from ..io import cached_tensors
         from .prompts import read_prompts
-        from .text import cache_key, cached_prompt_conditions, latent_shape
+        from .text import cache_key, cached_prompt_conditions
 
         if cfg.images is not None:
             return cls.for_images(pipe, teacher, source, cfg, batch_size, seed, cache_dir)
         if cfg.prompts is None:
             raise FewstepError(f"{type(pipe).__name__} is a text-to-image teacher: pass --prompts FILE or --data DIR")
         prompts = read_prompts(cfg.prompts, cfg.prompt_field)
-        cond, uncond = cached_prompt_conditions(pipe, source, prompts, cfg.negative_prompt, cache_dir)
-        settings = f"{cfg.negative_prompt}|{cfg.teacher_steps}|{cfg.teacher_guidance}|{cfg.seed}"
+        options, size, shape = teacher_geometry(pipe, cfg)
+        cond, uncond = cached_prompt_conditions(pipe, source, prompts, options, size, cache_dir)
+        settings = [cfg.negative_prompt, cfg.teacher_steps, cfg.teacher_guidance, cfg.seed, shape]
         key = cache_key(source, prompts, settings)
-        shape = latent_shape(teacher.model)
         x0 = cached_tensors(
             cache_dir / f"teacher-samples-{key}.safetensors",
             lambda: {"x0": teacher_samples(teacher, cond, uncond, shape, cfg.teacher_guidance, cfg.teacher_steps,
@@ -114,16 +138,23 @@ class PromptBatches:
         cls, pipe: Any, teacher: Denoiser, source: str, cfg: DataConfig, batch_size: int, seed: int, cache_dir: Path
     ) -> PromptBatches:
         """Captioned real images: x0 from the teacher's VAE, conditions from the captions (both cached)."""
+        from ..errors import FewstepError
         from ..io import cached_tensors
+        from .families import family_of
         from .image_data import encode_images, folder_digest, read_captioned_images
-        from .text import cached_prompt_conditions, latent_shape
+        from .text import cached_prompt_conditions
 
         assert cfg.images is not None
+        if family_of(pipe).video or type(pipe).__name__ == "FluxPipeline":
+            raise FewstepError(
+                f"--data (captioned images) is for image teachers with plain latents, not {type(pipe).__name__}: "
+                "distill from --prompts"
+            )
         pairs = read_captioned_images(cfg.images, cfg.prompt_field)
         paths, captions = [p for p, _ in pairs], [c for _, c in pairs]
-        cond, uncond = cached_prompt_conditions(pipe, source, captions, cfg.negative_prompt, cache_dir)
-        shape = latent_shape(teacher.model)
-        key = hashlib.sha256(f"{source}|{folder_digest(pairs)}|{cfg.seed}".encode()).hexdigest()[:16]
+        options, size, shape = teacher_geometry(pipe, cfg)
+        cond, uncond = cached_prompt_conditions(pipe, source, captions, options, size, cache_dir)
+        key = hashlib.sha256(f"{source}|{folder_digest(pairs)}|{cfg.seed}|{shape}".encode()).hexdigest()[:16]
         x0 = cached_tensors(
             cache_dir / f"image-latents-{key}.safetensors", lambda: {"x0": encode_images(pipe, paths, shape, cfg.seed)}
         )["x0"]
