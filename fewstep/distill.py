@@ -110,9 +110,31 @@ def run_distill(
     folder = export_student(recipe, student, pipe, denoiser.native, denoiser.prediction, output / "student")
     summary = {"steps": trainer.step, "skipped": trainer.skipped, "recipe": recipe.name, "teacher": teacher}
     _write_text(output / "training.json", json.dumps(summary) + "\n")
+    write_card(folder, recipe, pipe, teacher, denoiser.native)
     if bench and teacher == "digits" and not recipe.is_lora:
         bench_student(folder, teacher, sorted(recipe.plan()), output / "bench")
+        write_card(folder, recipe, pipe, teacher, denoiser.native, output / "bench" / "report.json")
     return folder
+
+
+def write_card(folder: Path, recipe: Recipe, pipe: Any, teacher: str, native: Any, report: Path | None = None) -> None:
+    """The student's model card (export/card.py), with the bench rows of ``report`` when given."""
+    from .export.card import write_model_card
+    from .sampling import plan_in
+
+    plans = {n: list(plan_in(p, native).times) for n, p in recipe.plan().items()}
+    scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    index = folder / "model_index.json"
+    libraries = (
+        [v[0] for v in json.loads(index.read_text()).values() if isinstance(v, list)] if index.is_file() else []
+    )
+    scheduler = str(scheduler_config.get("_class_name", ""))
+    needs_fewstep = scheduler == "FewStepScheduler" or any(str(lib).startswith("fewstep") for lib in libraries)
+    rows = json.loads(report.read_text()).get("rows", []) if report is not None and report.is_file() else []
+    write_model_card(
+        folder, recipe=recipe.name, paper=type(recipe).paper, teacher=teacher, pipeline=type(pipe).__name__,
+        plans=plans, scheduler=scheduler, lora=recipe.is_lora, needs_fewstep=needs_fewstep, bench_rows=rows,
+    )  # fmt: skip
 
 
 def bench_cache_dir() -> Path:

@@ -3,9 +3,11 @@ teacher's own samples, or data-free), export, reload with stock diffusers, sampl
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -106,3 +108,24 @@ def test_lcm_lora_loads_with_load_lora_weights(sd_folder: Path, prompts: Path, t
     scheduler_cls = getattr(diffusers, name, None) or getattr(fs, name)
     base.scheduler = scheduler_cls.from_pretrained(out, subfolder="scheduler")
     _sample_all_steps(base, guidance_scale=1.0)
+
+
+@pytest.mark.parametrize("lora_rank", [0, 4])
+def test_exported_model_card_states_the_plan_and_its_usage_snippet_runs(
+    lora_rank: int, sd_folder: Path, prompts: Path, tmp_path: Path
+) -> None:
+    run = {**TINY_RUN, "data": {**TINY_RUN["data"], "prompts": str(prompts)}}
+    cfg = merge_into(LCMConfig(lora_rank=lora_rank), run)
+    out = run_distill(LCM, cfg, teacher=str(sd_folder), output=tmp_path / "run")
+    card = (out / "README.md").read_text()
+    meta, body = card.split("---\n")[1], card.split("---\n", 2)[2]
+    assert "library_name: diffusers" in meta and f"base_model: {json.dumps(str(sd_folder))}" in meta
+    assert ("lora" in meta) == bool(lora_rank)
+    scheduler = json.loads((out / "scheduler" / "scheduler_config.json").read_text())["_class_name"]
+    assert f"`{scheduler}`" in body and "lcm" in body
+    for n in cfg.plan_steps:
+        assert f"\n| {n} | " in body  # a plan row per step count
+    snippet = body.split("```python\n")[1].split("```")[0]
+    namespace: dict[str, Any] = {}
+    exec(compile(snippet, "model-card", "exec"), namespace)  # the snippet as a user pastes it
+    assert torch.isfinite(torch.as_tensor(np.asarray(namespace["images"][0]), dtype=torch.float32)).all()

@@ -1,0 +1,94 @@
+"""The model card of an exported student: README.md with YAML metadata, as diffusers models on a hub carry it.
+
+It says what the folder is (recipe, paper, teacher), how to sample it (the plan per step count, the scheduler, a
+usage snippet that runs as written) and, when a bench ran, its rows next to the teacher's.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..io import atomic_file
+
+
+def _yaml_list(name: str, items: Sequence[str]) -> list[str]:
+    return [f"{name}:", *(f"- {json.dumps(item)}" for item in items)]
+
+
+def usage(folder: str, teacher: str, scheduler: str, lora: bool, steps: int, needs_fewstep: bool) -> str:
+    """A snippet that samples the student as exported (importing fewstep first when a component is fewstep's)."""
+    lines = ["from diffusers import DiffusionPipeline"]
+    if needs_fewstep and not lora:
+        lines.append("import fewstep  # noqa: F401  (registers fewstep's components with diffusers)")
+    if not lora:
+        lines.append(f"pipe = DiffusionPipeline.from_pretrained({json.dumps(folder)})")
+    else:
+        source = "fewstep" if scheduler == "FewStepScheduler" else "diffusers"
+        lines += [
+            f"from {source} import {scheduler}",
+            "",
+            f"pipe = DiffusionPipeline.from_pretrained({json.dumps(teacher)})",
+            f"pipe.load_lora_weights({json.dumps(folder)})",
+            f'pipe.scheduler = {scheduler}.from_pretrained({json.dumps(folder)}, subfolder="scheduler")',
+        ]
+    lines.append(f'images = pipe(prompt="a photo of a cat", num_inference_steps={steps}, guidance_scale=1.0).images')
+    return "\n".join(lines)
+
+
+def model_card(
+    *, recipe: str, paper: str, teacher: str, pipeline: str, plans: Mapping[int, Sequence[float]], scheduler: str,
+    lora: bool, folder: str, needs_fewstep: bool, bench_rows: Sequence[Mapping[str, Any]] = (),
+) -> str:  # fmt: skip
+    """The README.md text of an exported student."""
+    tags = ["fewstep", f"fewstep-{recipe}", "few-step", *(["lora"] if lora else [])]
+    meta = ["---", "library_name: diffusers", f"base_model: {json.dumps(teacher)}", *_yaml_list("tags", tags)]
+    meta += [f"pipeline_tag: {'text-to-video' if 'Wan' in pipeline or 'CogVideoX' in pipeline else 'text-to-image'}"]
+    meta += ["---", ""]
+    steps = sorted(plans)
+    body = [
+        f"# {recipe} student of {teacher}",
+        "",
+        f"Distilled with fewstep's recipe `{recipe}` ({paper}) from `{teacher}`"
+        f" ({pipeline}){', as a LoRA' if lora else ''}. It samples in {', '.join(map(str, steps))} steps with"
+        f" `{scheduler}`.",
+        "",
+        "| steps | evaluation times (the teacher's own time units) |",
+        "|---:|---|",
+        *(f"| {n} | {', '.join(f'{t:.6g}' for t in plans[n])} |" for n in steps),
+        "",
+        "## Usage",
+        "",
+        "```python",
+        usage(folder, teacher, scheduler, lora, steps[-1], needs_fewstep),
+        "```",
+    ]
+    if needs_fewstep:
+        body += ["", "A component of this folder is fewstep's own (FewStepScheduler or TimestepExperts): `pip install"
+                 " fewstep` before loading it."]  # fmt: skip
+    if bench_rows:
+        body += [
+            "",
+            "## Bench",
+            "",
+            "| model | steps | NFE | FID | FID (train) | accuracy |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for row in bench_rows:
+            cells = [row.get(k) for k in ("model", "steps", "nfe", "fid", "fid_train", "accuracy")]
+            body.append(
+                "| "
+                + " | ".join("" if c is None else f"{c:.3g}" if isinstance(c, float) else str(c) for c in cells)
+                + " |"
+            )
+    return "\n".join(meta + body) + "\n"
+
+
+def write_model_card(folder: Path, **kwargs: Any) -> Path:
+    """Write (or rewrite) ``folder/README.md`` atomically."""
+    path = Path(folder) / "README.md"
+    with atomic_file(path) as tmp:
+        tmp.write_text(model_card(folder=str(folder), **kwargs))
+    return path
