@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -124,7 +124,8 @@ class PromptBatches:
         prompts = read_prompts(cfg.prompts, cfg.prompt_field)
         options, size, shape = teacher_geometry(pipe, cfg)
         cond, uncond = cached_prompt_conditions(pipe, source, prompts, options, size, cache_dir)
-        settings = [cfg.negative_prompt, cfg.teacher_steps, cfg.teacher_guidance, cfg.seed, shape]
+        # every encoding choice (negative prompt, text length, embedded guidance, size) changes the conditions
+        settings = [asdict(options), cfg.teacher_steps, cfg.teacher_guidance, cfg.seed, shape]
         key = cache_key(source, prompts, settings)
         x0 = cached_tensors(
             cache_dir / f"teacher-samples-{key}.safetensors",

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from ..errors import FewstepError
 from ..schedules import Flow, NoiseSchedule
+from ..teacher import backbone_of
 
 Cond = dict[str, Tensor]
 Encoded = tuple[Cond, Cond]  # (cond, one row per prompt; uncond, one row)
@@ -80,6 +81,11 @@ def _pick(value: Any, pipe: Any, name: str) -> Any:
 
 def _device(pipe: Any) -> torch.device:
     return getattr(pipe, "_execution_device", torch.device("cpu"))
+
+
+def _spatial_factor(pipe: Any) -> int:
+    """Pixels per latent along height and width (video pipelines name it vae_scale_factor_spatial)."""
+    return int(getattr(pipe, "vae_scale_factor_spatial", 0) or getattr(pipe, "vae_scale_factor", 8))
 
 
 def _rows(values: Tensor, n: int) -> Tensor:
@@ -196,7 +202,6 @@ def _encode_umt5_video(pipe: Any, part: list[str], o: EncodeOptions, size: Size)
     return {"encoder_hidden_states": pe}, {"encoder_hidden_states": ne[:1]}
 
 
-_VAE = ("vae",)
 FAMILIES: tuple[Family, ...] = (
     Family(
         "sd", ("StableDiffusionPipeline", "LatentConsistencyModelPipeline"), ("text_encoder", "tokenizer"), _encode_sd
@@ -250,7 +255,7 @@ def check_components(pipe: Any) -> Family:
     """The pipeline's family, after checking that every component it needs (and a VAE, to export and sample) is
     present: a one-line error naming the first missing one, before any work starts."""
     family = family_of(pipe)
-    for name in (*family.components, *_VAE):
+    for name in (*family.components, "vae"):
         if getattr(pipe, name, None) is None:
             raise FewstepError(f"{type(pipe).__name__} teacher has no {name}: the {family.name} family needs it")
     if getattr(pipe, "transformer_2", None) is not None:
@@ -267,9 +272,8 @@ def options_negative(family: Family, negative: str | None) -> str | None:
 
 def pixel_size(pipe: Any, o: EncodeOptions) -> Size:
     """The size the pipeline's ``__call__`` samples by default (or the one asked for)."""
-    model = getattr(pipe, "transformer", None) or pipe.unet
-    config = model.config
-    vsf = int(getattr(pipe, "vae_scale_factor_spatial", 0) or getattr(pipe, "vae_scale_factor", 8))
+    config: Any = backbone_of(pipe).config
+    vsf = _spatial_factor(pipe)
     if type(pipe).__name__ == "CogVideoXPipeline":  # height None -> sample_height * vae factor, frames sample_frames
         default = Size(config.sample_height * vsf, config.sample_width * vsf, int(config.sample_frames))
     else:
@@ -286,9 +290,9 @@ def latent_shape(pipe: Any, size: Size) -> tuple[int, ...]:
     """One latent sample of the backbone at ``size``: (C, H, W) for images (Flux: the unpacked 2x2 latents),
     (C, F, H, W) for Wan, (F, C, H, W) for CogVideoX, with F the VAE's temporal compression of the frames."""
     name = type(pipe).__name__
-    model = getattr(pipe, "transformer", None) or pipe.unet
+    model: Any = backbone_of(pipe)
     channels = int(model.config.in_channels)
-    vsf = int(getattr(pipe, "vae_scale_factor_spatial", 0) or getattr(pipe, "vae_scale_factor", 8))
+    vsf = _spatial_factor(pipe)
     h, w = size.height // vsf, size.width // vsf
     if name == "FluxPipeline":  # FluxPipeline.prepare_latents: 2 * (height // (vae_scale_factor * 2))
         return (channels // 4, 2 * (size.height // (vsf * 2)), 2 * (size.width // (vsf * 2)))

@@ -19,6 +19,7 @@ from fewstep.teacher import Denoiser, pack_2x2, unpack_2x2
 from fewstep.training.families import (
     WAN_NEGATIVE_PROMPT,
     EncodeOptions,
+    call_default,
     check_components,
     dynamic_shift_schedule,
     latent_shape,
@@ -62,7 +63,7 @@ def test_denoiser_on_encoded_prompts_is_the_pipelines_own_one_step_x0(name: str)
     if name not in ("flux_dev", "flux_schnell", "sana_sprint"):
         call["guidance_scale"] = 1.0
     if name == "sana_sprint":  # SCMScheduler, one step from its max_timesteps; latents enter in units of sigma_data
-        t = torch.tensor(pipe.scheduler.config.max_timesteps if "max_timesteps" in pipe.scheduler.config else 1.5708)
+        t = torch.tensor(call_default(pipe, "max_timesteps"))
         call["intermediate_timesteps"] = None
         sigma_d = pipe.scheduler.config.sigma_data
         x_t, latents, to_x0 = noise * sigma_d, noise, lambda out: out * sigma_d
@@ -147,3 +148,21 @@ def test_sdxl_conditions_carry_pooled_embeds_and_size_ids(tmp_path: Path) -> Non
     cond, uncond = encode_prompts(pipe, PROMPTS, options_for("sdxl", negative=None))
     assert cond["added_cond_kwargs.time_ids"].tolist() == [[16.0, 16.0, 0.0, 0.0, 16.0, 16.0]] * 2
     assert not uncond["encoder_hidden_states"].any()  # force_zeros_for_empty_prompt, as StableDiffusionXLPipeline
+
+
+def test_teacher_samples_are_cached_per_encoding_choice(tmp_path: Path) -> None:
+    """The cached x0 follow every choice that changes the conditions (here FLUX.1-dev's embedded guidance), not only
+    the negative prompt: a second run with another scale must not reuse the first run's samples."""
+    from fewstep.training.data import DataConfig, PromptBatches
+
+    pipe = FAMILIES["flux_dev"]()
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    teacher = Denoiser.from_pipeline(pipe)
+    base = {"prompts": str(prompts), "teacher_steps": 2, "height": 16, "width": 16, "max_sequence_length": 16}
+    x0 = {}
+    for scale, cache in ((3.5, "shared"), (1.0, "shared"), (1.0, "fresh")):
+        cfg = DataConfig(**base, embedded_guidance=scale)
+        x0[scale, cache] = PromptBatches.for_teacher(pipe, teacher, "flux", cfg, 2, 0, tmp_path / cache).x0
+    torch.testing.assert_close(x0[1.0, "shared"], x0[1.0, "fresh"])
+    assert not torch.allclose(x0[3.5, "shared"], x0[1.0, "shared"])
