@@ -35,31 +35,52 @@ def training_data(pipe: Any, teacher: Denoiser, source: str, cfg: Any, cache_dir
 
 
 def prepare_teacher(pipe: Any, denoiser: Denoiser, cfg: Any) -> Denoiser:
-    """A prompt-conditioned teacher, checked for every component its family needs (one line naming a missing one,
-    before any work), at the time shift it samples with at the training size (FLUX.1-dev's dynamic shifting)."""
+    """The teacher as recipes see it: checked for every component its family needs (one line naming a missing one,
+    before any work), at the time shift it samples with at the training size (FLUX.1-dev's dynamic shifting), and
+    carrying its pipeline's stock samplers (``export.stock``), which set the recipes' default plans."""
+    from .export.stock import StockPlans
     from .worlds.digits.pipeline import DigitsPipeline
 
-    if isinstance(pipe, DigitsPipeline):
-        return denoiser
-    from .training.data import teacher_geometry
-    from .training.families import check_components, dynamic_shift_schedule
+    native = denoiser.native
+    if not isinstance(pipe, DigitsPipeline):
+        from .training.data import teacher_geometry
+        from .training.families import check_components, dynamic_shift_schedule
 
-    check_components(pipe)
-    _, _, shape = teacher_geometry(pipe, cfg.data)
-    native = dynamic_shift_schedule(pipe, denoiser.native, shape)
-    return denoiser if native == denoiser.native else Denoiser(denoiser.model, native, denoiser.prediction)
+        check_components(pipe)
+        _, _, shape = teacher_geometry(pipe, cfg.data)
+        native = dynamic_shift_schedule(pipe, denoiser.native, shape)
+    stock = StockPlans.of(pipe, native, denoiser.prediction)
+    return Denoiser(denoiser.model, native, denoiser.prediction, backbone=denoiser.backbone, stock=stock)
+
+
+def check_exportable(recipe: Recipe, pipe: Any, teacher: Denoiser) -> None:
+    """Refuse, before any work, a plan the teacher's pipeline cannot run: SanaSprintPipeline's loop runs only
+    SCMScheduler (it drops the scheduler's final timestep and hands it sigma_d F), so its students need SCM's plans."""
+    if type(pipe).__name__ != "SanaSprintPipeline":
+        return
+    from .export.pipeline import scheduler_for_plan
+    from .sampling import plan_in
+
+    plans = {n: plan_in(p, teacher.native) for n, p in recipe.plan().items()}
+    if type(scheduler_for_plan(plans, teacher.prediction, teacher.stock)).__name__ != "SCMScheduler":
+        times = {n: [round(t, 4) for t in p.times] for n, p in plans.items()}
+        raise FewstepError(
+            f"SanaSprintPipeline samples only SCMScheduler's plans (fresh noise at 1.5708, 1.3 for 2 steps, else "
+            f"uniform in angle); {recipe.name}'s plans {times} (gamma {next(iter(plans.values())).gamma}) are not"
+        )
 
 
 def export_student(
-    recipe: Recipe, student: torch.nn.Module, pipe: Any, native: Any, prediction: str, out: Path
+    recipe: Recipe, student: torch.nn.Module, pipe: Any, native: Any, prediction: str, out: Path, stock: Any = None
 ) -> Path:
-    """Write the student with the scheduler that reproduces the recipe's plans in the teacher's own time."""
+    """Write the student with the scheduler that reproduces the recipe's plans in the teacher's own time: the
+    pipeline's stock one (``stock``) where it does, else FewStepScheduler."""
     from .export.pipeline import export_lora, export_pipeline, scheduler_for_plan
     from .io import atomic_dir
     from .sampling import plan_in
 
     plans = {n: plan_in(p, native) for n, p in recipe.plan().items()}
-    scheduler = scheduler_for_plan(plans, prediction)
+    scheduler = scheduler_for_plan(plans, prediction, stock)
     model = recipe.export_module(student)
     if not recipe.is_lora:
         return Path(export_pipeline(pipe, model, scheduler, out))
@@ -67,6 +88,14 @@ def export_student(
     with atomic_dir(out / "scheduler", "scheduler_config.json") as tmp:
         scheduler.save_pretrained(tmp)
     return out
+
+
+def native_plans(recipe: Recipe, native: Any) -> dict[str, Any]:
+    """The recipe's plans in the teacher's own time, as training.json records them: {"plans": {n: times}, "gamma"}."""
+    from .sampling import plan_in
+
+    plans = {n: plan_in(p, native) for n, p in recipe.plan().items()}
+    return {"plans": {str(n): list(p.times) for n, p in plans.items()}, "gamma": next(iter(plans.values())).gamma}
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -95,6 +124,7 @@ def run_distill(
     denoiser, pipe = load_denoiser(teacher)
     denoiser = prepare_teacher(pipe, denoiser, cfg)
     recipe = recipe_cls(denoiser, cfg)  # type: ignore[call-arg]
+    check_exportable(recipe, pipe, denoiser)
     if recipe.is_lora and not hasattr(type(pipe), "save_lora_weights"):
         raise FewstepError(f"{type(pipe).__name__} cannot load LoRA weights: distill it without lora_rank instead")
     train_cfg = cfg.train
@@ -107,8 +137,13 @@ def run_distill(
     _write_text(output / "config.toml", to_toml(cfg))
     trainer.fit()
     student = trainer.ema.get("student") or trainer.accelerator.unwrap_model(trainer.nets["student"])
-    folder = export_student(recipe, student, pipe, denoiser.native, denoiser.prediction, output / "student")
-    summary = {"steps": trainer.step, "skipped": trainer.skipped, "recipe": recipe.name, "teacher": teacher}
+    folder = export_student(
+        recipe, student, pipe, denoiser.native, denoiser.prediction, output / "student", denoiser.stock
+    )
+    summary = {
+        "steps": trainer.step, "skipped": trainer.skipped, "recipe": recipe.name, "teacher": teacher,
+        **native_plans(recipe, denoiser.native),
+    }  # fmt: skip
     _write_text(output / "training.json", json.dumps(summary) + "\n")
     write_card(folder, recipe, pipe, teacher, denoiser.native)
     if bench and teacher == "digits" and not recipe.is_lora:

@@ -61,7 +61,9 @@ def plan_in(plan: SamplingPlan, schedule: NoiseSchedule) -> SamplingPlan:
     rule (defined through noise-to-signal ratios) are unchanged, so sampling gives the same x0 on either schedule."""
     if plan.schedule == schedule:
         return plan
-    ratio = plan.schedule.ratio(torch.tensor(plan.times, dtype=torch.float64))
+    # a time at or past pure noise (SCMScheduler's 1.5708 > pi/2) reads as pure noise
+    times_in = torch.tensor(plan.times, dtype=torch.float64).clamp_max(plan.schedule.t_max)
+    ratio = plan.schedule.ratio(times_in)
     times = schedule.time_at_ratio(ratio.clamp_max(1e30))  # pure noise (infinite ratio) maps to t_max
     times = times.clamp(schedule.t_min, schedule.t_max)
     times = torch.where((times - schedule.t_max).abs() < 1e-9, torch.full_like(times, schedule.t_max), times)

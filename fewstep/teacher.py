@@ -194,6 +194,7 @@ class Denoiser(nn.Module):
         prediction: str,
         schedule: NoiseSchedule | None = None,
         backbone: Backbone | None = None,
+        stock: Any = None,
     ):
         super().__init__()
         self.model = model
@@ -201,6 +202,9 @@ class Denoiser(nn.Module):
         self.schedule = schedule or native
         self.prediction = prediction
         self.backbone = backbone or backbone_for(model)
+        # the stock diffusers samplers of the teacher's pipeline (``export.stock.StockPlans``), which set the recipes'
+        # default plans; None for a network without a pipeline
+        self.stock = stock
 
     @classmethod
     def from_pipeline(cls, pipe: Any) -> Denoiser:
@@ -219,7 +223,7 @@ class Denoiser(nn.Module):
 
     def with_model(self, model: nn.Module) -> Denoiser:
         """Another network of the same kind (a student, a fake score, a target copy) answering as this one does."""
-        return Denoiser(model, self.native, self.prediction, self.schedule, self.backbone)
+        return Denoiser(model, self.native, self.prediction, self.schedule, self.backbone, self.stock)
 
     def model_output(self, x: Tensor, t_native: Tensor, cond: Cond) -> Tensor:
         """The raw network output at native time ``t_native`` (B,), in the model's own prediction type."""

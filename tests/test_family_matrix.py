@@ -4,6 +4,8 @@ of its plan. README's "supported" table is generated from MATRIX (``python tests
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -39,10 +41,10 @@ RECIPES: dict[str, tuple[type, Any]] = {
     "phased_dmd": (PhasedDMD, lambda family: PhasedDMDConfig(phase_steps=1, fake_steps=1)),
 }
 # SanaSprintPipeline runs only SCMScheduler's plans (its loop drops the scheduler's last timestep and hands the
-# scheduler sigma_d F): as a teacher it is read exactly (tests/training/test_encode_families.py), but its students
-# cannot be exported to it until the export writes SCMScheduler for plans that scheduler expresses.
-NOT_YET = {"sana_sprint"}
-MATRIX = [(recipe, family) for family in sorted(FAMILIES) if family not in NOT_YET for recipe in RECIPES]
+# scheduler sigma_d F, and SCMScheduler always re-noises with fresh noise): TDM's deterministic plan and Phased DMD's
+# phase-aligned plans are refused before training (test_sana_sprint_refuses_plans_scm_cannot_run)
+NOT_YET = {("tdm", "sana_sprint"), ("phased_dmd", "sana_sprint")}
+MATRIX = [(recipe, family) for family in sorted(FAMILIES) for recipe in RECIPES if (recipe, family) not in NOT_YET]
 
 
 def data_settings(family: str) -> dict[str, Any]:
@@ -85,28 +87,63 @@ def sample(pipe: Any, family: str, steps: int) -> Tensor:
     kwargs = {k: v for k, v in SIZES[family].items() if k != "complex_human_instruction"}
     if family not in EMBEDS_W and family != "flux_schnell":
         kwargs["guidance_scale"] = 1.0  # few-step students sample without CFG
-    if family == "sana_sprint":
+    if family == "sana_sprint" and steps != 2:  # its __call__ refuses intermediate_timesteps at other step counts
         kwargs["intermediate_timesteps"] = None
     out = pipe(prompt=PROMPTS[:2], num_inference_steps=steps, output_type="pt", **kwargs)
     return out.frames if family in VIDEO else out.images
 
 
+_STUDENTS: dict[tuple[str, str], tuple[Path, Any]] = {}
+
+
+@pytest.fixture(scope="module")
+def distilled(family_folder: Any, prompts: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """(student folder, config) of a recipe x family pair: a few steps from prompts, exported (once per module)."""
+
+    def run(recipe: str, family: str) -> tuple[Path, Any]:
+        if (recipe, family) not in _STUDENTS:
+            recipe_cls, make_config = RECIPES[recipe]
+            data = {"prompts": str(prompts), "teacher_steps": 2, "teacher_guidance": 2.0, **data_settings(family)}
+            train = {"max_steps": 2, "batch_size": 2, "progress": False, "checkpoint_every": 1}
+            cfg = merge_into(make_config(family), {"train": train, "data": data})
+            output = tmp_path_factory.mktemp(f"{recipe}-{family}") / "run"
+            _STUDENTS[recipe, family] = (
+                run_distill(recipe_cls, cfg, teacher=str(family_folder(family)), output=output),
+                cfg,
+            )
+        return _STUDENTS[recipe, family]
+
+    return run
+
+
 @pytest.mark.parametrize(("recipe", "family"), MATRIX)
-def test_distill_export_reload_and_sample(
-    recipe: str, family: str, family_folder: Any, prompts: Path, tmp_path: Path
-) -> None:
+def test_distill_export_reload_and_sample(recipe: str, family: str, distilled: Any) -> None:
     from diffusers import DiffusionPipeline
 
-    recipe_cls, make_config = RECIPES[recipe]
-    data = {"prompts": str(prompts), "teacher_steps": 2, "teacher_guidance": 2.0, **data_settings(family)}
-    run = {"train": {"max_steps": 2, "batch_size": 2, "progress": False, "checkpoint_every": 1}, "data": data}
-    cfg = merge_into(make_config(family), run)
-    student = run_distill(recipe_cls, cfg, teacher=str(family_folder(family)), output=tmp_path / "run")
+    student, cfg = distilled(recipe, family)
     pipe = DiffusionPipeline.from_pretrained(student)
     pipe.set_progress_bar_config(disable=True)
+    # the default plans are the pipeline's stock ones; Phased DMD's phase-aligned plans are stock only where they
+    # fall on the stock grid (uniform sigmas: FluxPipeline)
+    if recipe != "phased_dmd":
+        assert type(pipe.scheduler).__name__ != "FewStepScheduler", (recipe, family)
     for steps in sorted(cfg.plan_steps):
         images = sample(pipe, family, steps)
         assert images.shape[0] == 2 and torch.isfinite(images).all(), (recipe, family, steps)
+
+
+@pytest.mark.parametrize("recipe", sorted({r for r, f in NOT_YET if f == "sana_sprint"}))
+def test_sana_sprint_refuses_plans_scm_cannot_run(
+    recipe: str, family_folder: Any, prompts: Path, tmp_path: Path
+) -> None:
+    from fewstep.errors import FewstepError
+
+    recipe_cls, make_config = RECIPES[recipe]
+    data = {"prompts": str(prompts), "teacher_steps": 2, **data_settings("sana_sprint")}
+    cfg = merge_into(make_config("sana_sprint"), {"train": {"max_steps": 1, "progress": False}, "data": data})
+    with pytest.raises(FewstepError, match="SanaSprintPipeline samples only SCMScheduler"):
+        run_distill(recipe_cls, cfg, teacher=str(family_folder("sana_sprint")), output=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
 
 
 def supported_table() -> str:
@@ -129,3 +166,123 @@ def test_readme_supported_table_is_the_matrix() -> None:
 
 if __name__ == "__main__":
     print(supported_table())
+
+
+# Run in a fresh interpreter where fewstep and fewstep_kernels cannot be imported: what a user without fewstep has.
+NO_FEWSTEP_SCRIPT = """
+import importlib.abc, json, sys
+
+class RefuseFewstep(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in ("fewstep", "fewstep_kernels"):
+            raise ModuleNotFoundError(f"No module named {name!r} (refused: this process runs without fewstep)")
+        return None
+
+sys.meta_path.insert(0, RefuseFewstep())
+import torch
+from diffusers import DiffusionPipeline
+
+torch.set_num_threads(1)
+jobs, results = json.loads(open(sys.argv[1]).read()), {}
+for job in jobs:
+    pipe = DiffusionPipeline.from_pretrained(job["folder"])
+    pipe.set_progress_bar_config(disable=True)
+    for steps, kwargs in job["calls"]:
+        torch.manual_seed(job["seed"])  # the stochastic steps of pipelines that pass no generator draw from it
+        gen = torch.Generator().manual_seed(job["seed"])
+        out = pipe(prompt=job["prompts"], num_inference_steps=steps, generator=gen, output_type="latent", **kwargs)
+        results[job["key"] + "/" + str(steps)] = out[0]
+assert not any(m.partition(".")[0] in ("fewstep", "fewstep_kernels") for m in sys.modules)
+torch.save(results, sys.argv[2])
+"""
+
+
+def call_kwargs(family: str, steps: int) -> dict[str, Any]:
+    kwargs = {k: v for k, v in SIZES[family].items() if k != "complex_human_instruction"}
+    if family not in EMBEDS_W and family != "flux_schnell":
+        kwargs["guidance_scale"] = 1.0
+    if family == "sana_sprint" and steps != 2:
+        kwargs["intermediate_timesteps"] = None
+    return kwargs
+
+
+def needs_fewstep(folder: Path) -> bool:
+    """Whether the exported folder names a fewstep class (its scheduler or its backbone) in model_index.json."""
+    index = json.loads((folder / "model_index.json").read_text())
+    return any(isinstance(v, list) and str(v[0]).startswith("fewstep") for v in index.values())
+
+
+def fewstep_sampling(folder: Path, family: str, steps: int, seed: int) -> Tensor:
+    """fewstep's own sampling of an exported student: its plan (training.json) run by FewStepScheduler in the same
+    pipeline; for SanaSprintPipeline, whose loop runs only SCMScheduler, the plan run on fewstep's Denoiser
+    (``sample_plan``) with the conditions fewstep encodes, the noise drawn in the pipeline's order."""
+    from diffusers import DiffusionPipeline
+
+    from fewstep.export.scheduling_fewstep import FewStepScheduler
+    from fewstep.sampling import SamplingPlan, sample_plan
+    from fewstep.schedules import schedule_from_diffusers_config
+    from fewstep.teacher import Denoiser
+    from fewstep.training.families import EncodeOptions, latent_shape, pixel_size
+    from fewstep.training.text import encode_prompts
+
+    training = json.loads((folder.parent / "training.json").read_text())
+    pipe = DiffusionPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    native, prediction = schedule_from_diffusers_config(pipe.scheduler)
+    plan = SamplingPlan(native, tuple(training["plans"][str(steps)]), training["gamma"])
+    gen = torch.Generator().manual_seed(seed)
+    if family == "sana_sprint":
+        kw = SIZES[family]
+        options = EncodeOptions(
+            max_sequence_length=kw.get("max_sequence_length"), height=kw["height"], width=kw["width"]
+        )
+        size = pixel_size(pipe, options)
+        cond, _ = encode_prompts(pipe, PROMPTS[:2], options, size)
+        denoiser = Denoiser.from_pipeline(pipe)
+        noise = torch.randn(2, *latent_shape(pipe, size), generator=gen)
+        x0 = sample_plan(lambda x, t: denoiser(x, t, cond), plan, noise, generator=gen)
+        return x0 / pipe.scheduler.config.sigma_data  # the pipeline returns latents in units of sigma_data
+    pipe.scheduler = FewStepScheduler(
+        schedule=native.config(), prediction_type=prediction, plan={str(steps): list(plan.times)}, gamma=plan.gamma
+    )
+    torch.manual_seed(seed)
+    return pipe(prompt=PROMPTS[:2], num_inference_steps=steps, generator=gen, output_type="latent",
+                **call_kwargs(family, steps))[0]  # fmt: skip
+
+
+def test_exports_sample_in_plain_diffusers_without_fewstep(distilled: Any, tmp_path: Path) -> None:
+    """Every export of the matrix that names no fewstep class loads and samples in a process that cannot import
+    fewstep, at each step count, and matches fewstep's own sampling of its plan (same seed) to 1e-5; the exports
+    that still need fewstep are exactly the ones README lists."""
+    import subprocess
+    import sys
+
+    jobs, need = [], set()
+    for recipe, family in MATRIX:
+        folder, cfg = distilled(recipe, family)
+        if needs_fewstep(folder):
+            need.add(recipe)
+            continue
+        calls = [(n, call_kwargs(family, n)) for n in sorted(cfg.plan_steps)]
+        jobs.append({"key": f"{recipe}/{family}", "folder": str(folder), "prompts": PROMPTS[:2], "seed": 7,
+                     "calls": calls, "family": family})  # fmt: skip
+    (tmp_path / "jobs.json").write_text(json.dumps(jobs))
+    script = tmp_path / "no_fewstep.py"
+    script.write_text(NO_FEWSTEP_SCRIPT)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "jobs.json"), str(tmp_path / "out.pt")],
+        capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stock = torch.load(tmp_path / "out.pt")
+    assert len(stock) == sum(len(job["calls"]) for job in jobs)
+    for job in jobs:
+        for steps, _ in job["calls"]:
+            ours, key = (
+                fewstep_sampling(Path(job["folder"]), job["family"], steps, job["seed"]),
+                f"{job['key']}/{steps}",
+            )
+            # fp32: eps-prediction latents at t = 999 reach hundreds (x0 = (x - sigma eps) / alpha), hence rtol too
+            torch.testing.assert_close(stock[key], ours, rtol=1e-5, atol=1e-5, msg=key)
+    assert need == {"phased_dmd"}  # its backbone switches experts by time (TimestepExperts): README says so

@@ -18,8 +18,12 @@ def _yaml_list(name: str, items: Sequence[str]) -> list[str]:
     return [f"{name}:", *(f"- {json.dumps(item)}" for item in items)]
 
 
-def usage(folder: str, teacher: str, scheduler: str, lora: bool, steps: int, needs_fewstep: bool) -> str:
-    """A snippet that samples the student as exported (importing fewstep first when a component is fewstep's)."""
+def usage(
+    folder: str, teacher: str, scheduler: str, lora: bool, steps: int, needs_fewstep: bool, pipeline: str = ""
+) -> str:
+    """A snippet that samples the student as exported (importing fewstep first when a component is fewstep's;
+    SanaSprintPipeline takes intermediate_timesteps only for 2 steps; guidance embedded where the pipeline embeds
+    it)."""
     lines = ["from diffusers import DiffusionPipeline"]
     if needs_fewstep and not lora:
         lines.append("import fewstep  # noqa: F401  (registers fewstep's components with diffusers)")
@@ -34,7 +38,11 @@ def usage(folder: str, teacher: str, scheduler: str, lora: bool, steps: int, nee
             f"pipe.load_lora_weights({json.dumps(folder)})",
             f'pipe.scheduler = {scheduler}.from_pretrained({json.dumps(folder)}, subfolder="scheduler")',
         ]
-    lines.append(f'images = pipe(prompt="a photo of a cat", num_inference_steps={steps}, guidance_scale=1.0).images')
+    # no CFG for a few-step student; FLUX.1-dev and SANA-Sprint embed their guidance_scale instead: keep the default
+    extra = "" if pipeline in ("FluxPipeline", "SanaSprintPipeline") else ", guidance_scale=1.0"
+    if pipeline == "SanaSprintPipeline" and steps != 2:
+        extra += ", intermediate_timesteps=None"
+    lines.append(f'images = pipe(prompt="a photo of a cat", num_inference_steps={steps}{extra}).images')
     return "\n".join(lines)
 
 
@@ -62,7 +70,7 @@ def model_card(
         "## Usage",
         "",
         "```python",
-        usage(folder, teacher, scheduler, lora, steps[-1], needs_fewstep),
+        usage(folder, teacher, scheduler, lora, steps[-1], needs_fewstep, pipeline),
         "```",
     ]
     if needs_fewstep:

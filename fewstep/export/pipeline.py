@@ -17,6 +17,7 @@ from torch import Tensor
 from ..sampling import SamplingPlan
 from ..schedules import VP, Flow, NoiseSchedule, diffusers_schedule_config
 from .scheduling_fewstep import FewStepScheduler
+from .stock import StockPlans, StockSampler
 
 
 def fewstep_scheduler(plans: Mapping[int, SamplingPlan], prediction: str) -> FewStepScheduler:
@@ -44,30 +45,51 @@ class _RandomModel:
     def __call__(self, x: Tensor, timestep: Tensor) -> Tensor:
         flat = x.double().flatten(1)
         t = torch.as_tensor(timestep, dtype=torch.float64).reshape(-1, 1)
-        return torch.tanh(flat @ self.weight + torch.sin(1e-2 * t * self.freq)).reshape(x.shape)
+        return torch.tanh(flat @ self.weight + torch.sin(1e-2 * t * self.freq)).reshape(x.shape).to(x.dtype)
 
 
-def run_loop(scheduler: Any, steps: int, model: _RandomModel, noise: Tensor, seed: int = 0) -> Tensor:
-    """The plain diffusers sampling loop, as pipelines write it."""
-    scheduler.set_timesteps(steps)
+def run_loop(
+    scheduler: Any, steps: int, model: _RandomModel, noise: Tensor, seed: int = 0, sampler: StockSampler | None = None
+) -> Tensor:
+    """The diffusers sampling loop, as pipelines write it: plain (``set_timesteps(steps)``, a step per timestep), or
+    as ``sampler``'s pipeline sets the timesteps (FluxPipeline's sigmas and mu) and, for SanaSprintPipeline, runs
+    them: the final 0 dropped, the scheduler handed sigma_d F, x0 of the last step kept."""
+    if sampler is None:
+        scheduler.set_timesteps(steps)
+    else:
+        sampler.set_timesteps(scheduler, steps)
     x = noise * getattr(scheduler, "init_noise_sigma", 1.0)
     gen = torch.Generator().manual_seed(seed)
+    if sampler is not None and sampler.loop == "scm":
+        sigma_d = float(scheduler.config.sigma_data)
+        x = noise * sigma_d
+        for t in scheduler.timesteps[:-1]:
+            x, x0 = scheduler.step(sigma_d * model(x, t), t, x, generator=gen, return_dict=False)
+        return x0
     for t in scheduler.timesteps:
         x = scheduler.step(model(x, t), t, x, generator=gen, return_dict=False)[0]
     return x
 
 
-def reproduces(candidate: Any, reference: Any, step_counts: Iterable[int], atol: float = 1e-4) -> bool:
-    """Whether ``candidate`` ends every sampling loop where ``reference`` does (same model, same noise).
+def reproduces(
+    candidate: Any,
+    reference: Any,
+    step_counts: Iterable[int],
+    atol: float = 1e-4,
+    sampler: StockSampler | None = None,
+) -> bool:
+    """Whether ``candidate`` (run as ``sampler``'s pipeline runs it, if given) ends every sampling loop where
+    ``reference`` does (same model, same noise).
 
-    atol allows for diffusers keeping its alpha tables in float32 (ours are float64).
+    The state is float32, as in pipelines (stock schedulers draw their noise in float32 whatever the state's dtype);
+    atol allows for float32 arithmetic and diffusers' float32 alpha tables (ours are float64).
     """
     shape = (2, 1, 3, 3)
     model = _RandomModel(shape)
-    noise = torch.randn(shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(1), dtype=torch.float32)
     for n in step_counts:
         try:
-            out = run_loop(candidate, n, model, noise)
+            out = run_loop(candidate, n, model, noise, sampler=sampler)
         except (ValueError, IndexError, RuntimeError):  # e.g. SCMScheduler refuses step counts it has no plan for
             return False
         if not torch.allclose(out.double(), run_loop(reference, n, model, noise).double(), atol=atol, rtol=0):
@@ -95,10 +117,20 @@ def stock_candidates(schedule: NoiseSchedule, prediction: str, gamma: float) -> 
     return []
 
 
-def scheduler_for_plan(plans: Mapping[int, SamplingPlan], prediction: str) -> Any:
-    """The stock scheduler that reproduces every plan exactly, if one does; else a FewStepScheduler."""
+def scheduler_for_plan(plans: Mapping[int, SamplingPlan], prediction: str, stock: StockPlans | None = None) -> Any:
+    """The stock scheduler that reproduces every plan exactly, if one does; else a FewStepScheduler.
+
+    With ``stock`` (the teacher pipeline's stock samplers) the one candidate is its sampler for the plans' gamma, run
+    as that pipeline runs it; without, the candidates of ``stock_candidates`` in the plain loop."""
     reference = fewstep_scheduler(plans, prediction)
     first = next(iter(plans.values()))
+    if stock is not None:
+        sampler = stock.sampler(first.gamma)
+        if sampler is not None and first.schedule == stock.native:
+            candidate = sampler.build()
+            if reproduces(candidate, reference, plans, sampler=sampler):
+                return candidate
+        return reference
     for candidate in stock_candidates(first.schedule, prediction, first.gamma):
         if reproduces(candidate, reference, plans):
             return candidate

@@ -26,6 +26,15 @@ def uniform_plans(schedule: NoiseSchedule, steps: Sequence[int], gamma: float) -
     return {n: SamplingPlan(schedule, tuple(euler_times(schedule, n)[:-1]), gamma) for n in steps}
 
 
+def generator_plans(teacher: Denoiser, steps: Sequence[int], gamma: float, plan_times: str) -> dict[int, SamplingPlan]:
+    """The generator's plans: its pipeline's stock times (``export.stock.plans_for``), or with ``plan_times`` =
+    "recipe" the uniform plans above (which, on a pipeline that spaces its own flow sigmas, only FewStepScheduler
+    carries)."""
+    from ..export.stock import plans_for
+
+    return plans_for(teacher, steps, gamma, plan_times, lambda n: euler_times(teacher.native, n)[:-1])
+
+
 def student_network(teacher: nn.Module, lora_rank: int = 0) -> nn.Module:
     """The generator's network, initialized from the teacher's: a trainable full copy in eval mode (no dropout, no
     DiT label dropping), or (``lora_rank`` > 0) a frozen copy with a fresh LoRA adapter."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -48,6 +48,10 @@ class LCMConfig:
     lr: float = 1e-6  # full fine-tuning; LCM-LoRA presets raise it (1e-4)
     betas: tuple[float, float] = (0.9, 0.999)
     plan_steps: tuple[int, ...] = (1, 2, 4)
+    # "stock": the times the teacher pipeline's stock scheduler visits for n steps (export/stock.py), so the export
+    # samples in plain diffusers; "recipe": n points of the skipping grid picked as LCMScheduler picks them,
+    # exported with FewStepScheduler where no stock scheduler runs them
+    plan_times: Literal["stock", "recipe"] = "stock"
     gamma: float = 1.0  # re-noising of multistep sampling: 1 = fresh noise (LCM's multistep sampler)
     # PCM's adversarial consistency term (Wang et al., 2024, Sec. 4.3; its discriminator reads a frozen teacher, as
     # LADD): the student's x0 against real x0, both re-noised, scored by heads on teacher features; 0 = off (LCM)
@@ -175,11 +179,13 @@ class LCM(Recipe):
         return self.cfg.lora_rank > 0
 
     def plan(self) -> dict[int, SamplingPlan]:
-        """n grid times at indices floor(linspace(0, N, n, endpoint=False)) from t_max, as LCMScheduler picks its
-        timesteps (999, 759, 499, 259 for 4 steps on SD's grid), so LCMScheduler can carry the plan on VP teachers."""
-        plans = {}
-        for n in self.cfg.plan_steps:
+        """The teacher pipeline's stock times (``plan_times`` = "stock"; on VP teachers LCMScheduler's own, which
+        are the recipe's), or n grid times at indices floor(linspace(0, N, n, endpoint=False)) from t_max, as
+        LCMScheduler picks its timesteps (999, 759, 499, 259 for 4 steps on SD's grid)."""
+        from ..export.stock import plans_for
+
+        def on_grid(n: int) -> list[float]:
             index = (torch.arange(n, dtype=torch.float64) * self.cfg.num_ddim_timesteps / n).floor().long()
-            times = tuple(float(t) for t in self.grid[index])
-            plans[n] = SamplingPlan(self.teacher.native, times, gamma=self.cfg.gamma)
-        return plans
+            return [float(t) for t in self.grid[index]]
+
+        return plans_for(self.teacher, self.cfg.plan_steps, self.cfg.gamma, self.cfg.plan_times, on_grid)

@@ -145,7 +145,7 @@ class RCM(Recipe):
         if self.cfg.backward_simulation == "rcm":
             return self.simulated_sample(denoise, like, self.simulation_steps(self.cfg, step))
         steps = self.cfg.plan_steps
-        plan = self.scm.plan()[steps[int(torch.randint(len(steps), ()))]]
+        plan = self.scm.trig_plans()[steps[int(torch.randint(len(steps), ()))]]
         with torch.no_grad():
             x = plan_state(denoise, plan, torch.randn_like(like), plan.steps - 1)
         t = torch.full((x.shape[0],), plan.times[-1], dtype=x.dtype, device=x.device)

@@ -41,7 +41,7 @@ from ..objectives.losses import (
     trigflow_weight,
 )
 from ..objectives.tangent import Method, directional_derivative
-from ..sampling import SamplingPlan
+from ..sampling import SamplingPlan, plan_in
 from ..schedules import TrigFlow, append_dims, velocity
 from ..teacher import Denoiser, guidance_condition
 from ..time_embedding import smooth_time_embedding
@@ -92,6 +92,10 @@ class SCMConfig:
     # when given, the n-step plan is (plan_t_max, *plan_mids[:n - 1]) for every n (rCM's mid_t: 1.5, 1.4, 1.0,
     # NVlabs/rcm generate_samples_from_batch); empty: plan_mid for 2 steps, uniform in angle otherwise
     plan_mids: tuple[float, ...] = ()
+    # "stock": the times the teacher pipeline's stock scheduler visits for n steps (export/stock.py: SCMScheduler's
+    # on SANA-Sprint, FlowMatchEulerDiscreteScheduler's or LCMScheduler's elsewhere), so the export samples in plain
+    # diffusers; "recipe": the plan_* times above, exported with FewStepScheduler (except where they are stock)
+    plan_times: Literal["stock", "recipe"] = "stock"
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
 
@@ -138,6 +142,8 @@ class SCM(Recipe):
         self.nets = nn.ModuleDict({"model": student_model, "logvar": self.logvar})
         self.method: Method = cfg.jvp
         self.disc = TeacherDiscriminator(self.teacher, cfg.adv_block_every) if cfg.adv_weight > 0 else None
+        self._plans = self._stock_plans(teacher)  # in the teacher's time where stock, so export matches exactly
+        self._trig_plans = {n: plan_in(p, self.trig) for n, p in self._plans.items()}
 
     def trainable(self) -> dict[str, nn.Module]:
         return {"student": self.nets, **({"critic": self.disc.heads} if self.disc is not None else {})}
@@ -204,9 +210,19 @@ class SCM(Recipe):
         return student["model"]
 
     def plan(self) -> dict[int, SamplingPlan]:
-        """From ``plan_t_max`` (pure noise at pi/2 by default); with ``plan_mids``, n steps visit its first n - 1
-        times (rCM's sampler); else 2 steps re-noise at ``plan_mid`` and n steps at n times uniform in angle (as
-        SCMScheduler: linspace(pi/2, 0, n + 1) without the final 0). Fresh noise, as sCM's multistep sampler."""
+        """``plan_times`` = "stock": the times the teacher pipeline's stock scheduler visits (``export.stock``;
+        SCMScheduler's own on SANA-Sprint), in the teacher's time. "recipe" (or a
+        teacher without a stock sampler): from ``plan_t_max`` (pure noise at pi/2 by default); with ``plan_mids``, n
+        steps visit its first n - 1 times (rCM's sampler); else 2 steps re-noise at ``plan_mid`` and n steps at n
+        times uniform in angle (as SCMScheduler: linspace(pi/2, 0, n + 1) without the final 0). Fresh noise, as
+        sCM's multistep sampler; in TrigFlow time."""
+        return self._plans
+
+    def trig_plans(self) -> dict[int, SamplingPlan]:
+        """The plans in the student's TrigFlow time (backward simulation runs them on the student)."""
+        return self._trig_plans
+
+    def _recipe_plans(self) -> dict[int, SamplingPlan]:
         cfg, plans = self.cfg, {}
         for n in cfg.plan_steps:
             if cfg.plan_mids:
@@ -217,3 +233,11 @@ class SCM(Recipe):
                 times = tuple(cfg.plan_t_max * (1 - i / n) for i in range(n))
             plans[n] = SamplingPlan(self.trig, times, gamma=1.0)
         return plans
+
+    def _stock_plans(self, teacher: Denoiser) -> dict[int, SamplingPlan]:
+        from ..export.stock import plans_for
+
+        stock = getattr(teacher, "stock", None)
+        if self.cfg.plan_times == "recipe" or stock is None or stock.sampler(1.0) is None:
+            return self._recipe_plans()
+        return plans_for(teacher, self.cfg.plan_steps, 1.0, "stock", lambda n: ())

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from ..errors import FewstepError
 from ..objectives.adversarial import TeacherDiscriminator, discriminator_times, score_gan_losses
 from ..objectives.dmd import Weighting, fake_score_loss, fake_score_network, sid_generator_loss, uniform_times
-from ..objectives.generator import FewStepGenerator, student_network, uniform_plans
+from ..objectives.generator import FewStepGenerator, generator_plans, student_network
 from ..sampling import SamplingPlan
 from ..teacher import Denoiser
 from ..training.data import DataConfig
@@ -53,6 +53,10 @@ class SiDConfig:
     alpha: float = 1.2
     train_steps: int = 4  # the generator's n: the uniform mixture is over these steps (few-step SiD)
     plan_steps: tuple[int, ...] = (1, 2, 4)  # exported plans (1 and 2 reuse times of the 4-step plan)
+    # "stock": the times the teacher pipeline's stock scheduler visits for n steps (export/stock.py), so the export
+    # samples in plain diffusers; "recipe": the teacher's n-step Euler times (uniform in unshifted time),
+    # exported with FewStepScheduler where no stock scheduler runs them
+    plan_times: Literal["stock", "recipe"] = "stock"
     gamma: float = 1.0  # re-noising between steps: fresh noise (x_{t_k+1} = alpha x0_G + sigma z)
     guidance_mode: GuidanceMode = "cfg"
     guidance: float = 1.0  # the teacher's scale in "cfg" mode (1: no guidance, the digits presets' setting)
@@ -103,7 +107,7 @@ class SiD(Recipe):
         self.generator = FewStepGenerator(
             teacher,
             student_network(teacher.model, cfg.lora_rank),
-            uniform_plans(teacher.native, cfg.plan_steps, cfg.gamma),
+            generator_plans(teacher, cfg.plan_steps, cfg.gamma, cfg.plan_times),
         )
         fake_model = fake_score_network(teacher.model, cfg.fake_lora_rank).eval()
         self.fake = teacher.with_model(fake_model)

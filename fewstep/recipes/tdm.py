@@ -18,14 +18,14 @@ the saturated pseudo-Huber hands every sample a unit-size sign gradient.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import FewstepError
 from ..objectives.dmd import dmd_normalizer, fake_score_loss, fake_score_network
-from ..objectives.generator import FewStepGenerator, student_network, uniform_plans
+from ..objectives.generator import FewStepGenerator, generator_plans, student_network
 from ..objectives.losses import mean_per_sample, pseudo_huber
 from ..sampling import SamplingPlan
 from ..schedules import append_dims, ddim_step, forward_transition
@@ -39,6 +39,10 @@ from .base import Batch, OptimizerSpec, Recipe
 class TDMConfig:
     train_steps: tuple[int, ...] = (4,)  # the step counts trained (TDM's demo trains 4 segments of its grid)
     plan_steps: tuple[int, ...] = (1, 2, 4)  # exported plans
+    # "stock": the times the teacher pipeline's stock scheduler visits for n steps (export/stock.py), so the export
+    # samples in plain diffusers; "recipe": the teacher's n-step Euler times (uniform in unshifted time),
+    # exported with FewStepScheduler where no stock scheduler runs them
+    plan_times: Literal["stock", "recipe"] = "stock"
     gamma: float = 0.0  # deterministic sampling between segments (TDM's 4-step sampler)
     # the teacher's Ho-Salimans scale in the target (TDM README's training command: --cfg 4.5; the script's default: 2)
     guidance: float = 4.5
@@ -74,7 +78,7 @@ class TDM(Recipe):
         self.generator = FewStepGenerator(
             teacher,
             student_network(teacher.model, cfg.lora_rank),
-            uniform_plans(teacher.native, cfg.plan_steps, cfg.gamma),
+            generator_plans(teacher, cfg.plan_steps, cfg.gamma, cfg.plan_times),
         )
         fake_model = fake_score_network(teacher.model, cfg.fake_lora_rank).eval()
         self.fake = teacher.with_model(fake_model)
