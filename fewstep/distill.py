@@ -125,8 +125,6 @@ def run_distill(
     denoiser = prepare_teacher(pipe, denoiser, cfg)
     recipe = recipe_cls(denoiser, cfg)  # type: ignore[call-arg]
     check_exportable(recipe, pipe, denoiser)
-    if recipe.is_lora and not hasattr(type(pipe), "save_lora_weights"):
-        raise FewstepError(f"{type(pipe).__name__} cannot load LoRA weights: distill it without lora_rank instead")
     train_cfg = cfg.train
     data = training_data(pipe, denoiser, teacher, cfg, output / "cache")
     trainer = Trainer(recipe, train_cfg, ckpt_dir, data)

@@ -286,3 +286,105 @@ def test_exports_sample_in_plain_diffusers_without_fewstep(distilled: Any, tmp_p
             # fp32: eps-prediction latents at t = 999 reach hundreds (x0 = (x - sigma eps) / alpha), hence rtol too
             torch.testing.assert_close(stock[key], ours, rtol=1e-5, atol=1e-5, msg=key)
     assert need == {"phased_dmd"}  # its backbone switches experts by time (TimestepExperts): README says so
+
+
+# LoRA students of every family: LCM-LoRA (Luo et al. 2023b) with a fixed w, trained hard enough (lr 1e-2) that the
+# adapter visibly moves the backbone
+NO_FEWSTEP_LORA_SCRIPT = (
+    NO_FEWSTEP_SCRIPT.split("import torch\n", 1)[0]
+    + """
+import logging, warnings
+import diffusers, torch
+
+messages = []
+class Keep(logging.Handler):
+    def emit(self, record):
+        messages.append(record.getMessage())
+logging.getLogger("diffusers").addHandler(Keep())
+logging.getLogger("peft").addHandler(Keep())
+torch.set_num_threads(1)
+jobs, results = json.loads(open(sys.argv[1]).read()), {}
+for job in jobs:
+    pipe = diffusers.DiffusionPipeline.from_pretrained(job["teacher"])
+    pipe.set_progress_bar_config(disable=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if job["peft"]:  # no diffusers LoRA loader for this pipeline (PixArt): peft's own adapter on its backbone
+            from peft import PeftModel
+            pipe.transformer = PeftModel.from_pretrained(pipe.transformer, job["folder"])
+        else:
+            pipe.load_lora_weights(job["folder"])
+    messages += [str(w.message) for w in caught]
+    name = json.loads(open(job["folder"] + "/scheduler/scheduler_config.json").read())["_class_name"]
+    pipe.scheduler = getattr(diffusers, name).from_pretrained(job["folder"], subfolder="scheduler")
+    for steps, kwargs in job["calls"]:
+        torch.manual_seed(job["seed"])
+        gen = torch.Generator().manual_seed(job["seed"])
+        out = pipe(prompt=job["prompts"], num_inference_steps=steps, generator=gen, output_type="latent", **kwargs)
+        results[job["key"] + "/" + str(steps)] = out[0]
+assert not any(m.partition(".")[0] in ("fewstep", "fewstep_kernels") for m in sys.modules)
+results["messages"] = [m for m in messages if any(w in m.lower() for w in ("unexpected", "no lora keys", "missing"))]
+torch.save(results, sys.argv[2])
+"""
+)
+
+
+def test_lora_exports_load_without_fewstep_and_reproduce_the_student(
+    family_folder: Any, prompts: Path, tmp_path: Path
+) -> None:
+    """Every family's LoRA export loads on its base pipeline in a process without fewstep (load_lora_weights, or
+    peft's PeftModel where diffusers has no LoRA loader), with no key the loader rejects, and samples as the trained
+    student itself (the run's EMA weights in fewstep) does, at every step count, to 1e-5."""
+    import subprocess
+    import sys
+
+    from diffusers import DiffusionPipeline
+
+    from fewstep.teacher import backbone_of
+    from fewstep.training.checkpoint import load_checkpoint
+    from fewstep.training.lora import add_lora
+
+    jobs, runs = [], {}
+    for family in sorted(FAMILIES):
+        data = {"prompts": str(prompts), "teacher_steps": 2, "teacher_guidance": 2.0, **data_settings(family)}
+        train = {"max_steps": 2, "batch_size": 2, "progress": False, "checkpoint_every": 1}
+        cfg = merge_into(LCMConfig(w_min=2.0, w_max=2.0, lora_rank=4, lr=1e-2), {"train": train, "data": data})
+        folder = run_distill(LCM, cfg, teacher=str(family_folder(family)), output=tmp_path / family)
+        runs[family] = (folder, cfg)
+        calls = [(n, call_kwargs(family, n)) for n in sorted(cfg.plan_steps)]
+        peft = (folder / "adapter_config.json").is_file()
+        jobs.append({"key": family, "folder": str(folder), "teacher": str(family_folder(family)), "peft": peft,
+                     "prompts": PROMPTS[:2], "seed": 3, "calls": calls})  # fmt: skip
+    assert {job["key"] for job in jobs if job["peft"]} == {"pixart_alpha", "pixart_sigma"}
+    (tmp_path / "jobs.json").write_text(json.dumps(jobs))
+    script = tmp_path / "no_fewstep_lora.py"
+    script.write_text(NO_FEWSTEP_LORA_SCRIPT)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "jobs.json"), str(tmp_path / "out.pt")],
+        capture_output=True, text=True, timeout=900, env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stock = torch.load(tmp_path / "out.pt")
+    rejected = [m for m in stock.pop("messages") if "prefix='text_encoder" not in m]  # no text-encoder LoRA: fine
+    assert rejected == [], rejected  # no key the loader rejected or could not place
+    for family, (folder, cfg) in runs.items():
+        # the full-weight student in fewstep: the base backbone with the run's EMA adapter weights
+        pipe = DiffusionPipeline.from_pretrained(family_folder(family))
+        pipe.set_progress_bar_config(disable=True)
+        model = add_lora(backbone_of(pipe), 4)
+        _, state = load_checkpoint(folder.parent / "checkpoints")
+        model.load_state_dict(state["ema"]["student"])
+        name = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())["_class_name"]
+        pipe.scheduler = getattr(__import__("diffusers"), name).from_pretrained(folder, subfolder="scheduler")
+        for steps in sorted(cfg.plan_steps):
+            torch.manual_seed(3)
+            gen = torch.Generator().manual_seed(3)
+            ours = pipe(prompt=PROMPTS[:2], num_inference_steps=steps, generator=gen, output_type="latent",
+                        **call_kwargs(family, steps))[0]  # fmt: skip
+            torch.testing.assert_close(stock[f"{family}/{steps}"], ours, rtol=1e-5, atol=1e-5, msg=f"{family} {steps}")
+        base = DiffusionPipeline.from_pretrained(family_folder(family), scheduler=pipe.scheduler)
+        base.set_progress_bar_config(disable=True)
+        torch.manual_seed(3)
+        plain = base(prompt=PROMPTS[:2], num_inference_steps=steps, generator=torch.Generator().manual_seed(3),
+                     output_type="latent", **call_kwargs(family, steps))[0]  # fmt: skip
+        assert not torch.allclose(plain, ours, rtol=1e-3, atol=1e-3), family  # the adapter was trained and applied

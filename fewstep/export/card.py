@@ -19,7 +19,14 @@ def _yaml_list(name: str, items: Sequence[str]) -> list[str]:
 
 
 def usage(
-    folder: str, teacher: str, scheduler: str, lora: bool, steps: int, needs_fewstep: bool, pipeline: str = ""
+    folder: str,
+    teacher: str,
+    scheduler: str,
+    lora: bool,
+    steps: int,
+    needs_fewstep: bool,
+    pipeline: str = "",
+    peft: bool = False,
 ) -> str:
     """A snippet that samples the student as exported (importing fewstep first when a component is fewstep's;
     SanaSprintPipeline takes intermediate_timesteps only for 2 steps; guidance embedded where the pipeline embeds
@@ -31,13 +38,15 @@ def usage(
         lines.append(f"pipe = DiffusionPipeline.from_pretrained({json.dumps(folder)})")
     else:
         source = "fewstep" if scheduler == "FewStepScheduler" else "diffusers"
-        lines += [
-            f"from {source} import {scheduler}",
-            "",
-            f"pipe = DiffusionPipeline.from_pretrained({json.dumps(teacher)})",
-            f"pipe.load_lora_weights({json.dumps(folder)})",
-            f'pipe.scheduler = {scheduler}.from_pretrained({json.dumps(folder)}, subfolder="scheduler")',
-        ]
+        lines += [f"from {source} import {scheduler}"]
+        if peft:  # no diffusers LoRA loader for this pipeline: peft's adapter on its backbone
+            lines += ["from peft import PeftModel"]
+        lines += ["", f"pipe = DiffusionPipeline.from_pretrained({json.dumps(teacher)})"]
+        if peft:
+            lines += [f"pipe.transformer = PeftModel.from_pretrained(pipe.transformer, {json.dumps(folder)})"]
+        else:
+            lines += [f"pipe.load_lora_weights({json.dumps(folder)})"]
+        lines += [f'pipe.scheduler = {scheduler}.from_pretrained({json.dumps(folder)}, subfolder="scheduler")']
     # no CFG for a few-step student; FLUX.1-dev and SANA-Sprint embed their guidance_scale instead: keep the default
     extra = "" if pipeline in ("FluxPipeline", "SanaSprintPipeline") else ", guidance_scale=1.0"
     if pipeline == "SanaSprintPipeline" and steps != 2:
@@ -70,7 +79,16 @@ def model_card(
         "## Usage",
         "",
         "```python",
-        usage(folder, teacher, scheduler, lora, steps[-1], needs_fewstep, pipeline),
+        usage(
+            folder,
+            teacher,
+            scheduler,
+            lora,
+            steps[-1],
+            needs_fewstep,
+            pipeline,
+            (Path(folder) / "adapter_config.json").is_file(),
+        ),
         "```",
     ]
     if needs_fewstep:

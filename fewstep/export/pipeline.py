@@ -168,7 +168,9 @@ def pipeline_settings(pipe: Any) -> dict[str, Any]:
 
 def export_lora(pipe: Any, model: torch.nn.Module, output: Any) -> Any:
     """Write the peft LoRA adapter of ``model`` (the pipeline's unet or transformer) so that
-    ``pipe.load_lora_weights(output)`` on the base pipeline reproduces it."""
+    ``pipe.load_lora_weights(output)`` on the base pipeline reproduces it. A pipeline without diffusers' LoRA loader
+    (PixArt, digits) gets peft's own adapter folder instead (adapter_config.json, adapter_model.safetensors), which
+    ``peft.PeftModel.from_pretrained(pipe.transformer, output)`` loads, as PixArt's LCM-LoRA is loaded."""
     from pathlib import Path
 
     from peft.utils import get_peft_model_state_dict
@@ -180,6 +182,15 @@ def export_lora(pipe: Any, model: torch.nn.Module, output: Any) -> Any:
     layers = get_peft_model_state_dict(model)  # peft key format: load_lora_weights reads it for every layer type
     if not layers:
         raise ValueError("the model carries no LoRA adapter to export")
+    if not hasattr(type(pipe), "save_lora_weights"):
+        from safetensors.torch import save_file
+
+        config = model.peft_config["default"]  # type: ignore[index]
+        with atomic_dir(Path(output), "adapter_model.safetensors") as tmp:
+            config.save_pretrained(str(tmp))
+            tensors = {f"base_model.model.{k}": v.detach().contiguous() for k, v in layers.items()}
+            save_file(tensors, str(tmp / "adapter_model.safetensors"))
+        return Path(output)
     with atomic_dir(Path(output), "pytorch_lora_weights.safetensors") as tmp:
         type(pipe).save_lora_weights(tmp, **{f"{slot}_lora_layers": layers})
     return Path(output)

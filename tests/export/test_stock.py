@@ -82,7 +82,9 @@ def test_sana_sprint_gets_scm_with_its_pipelines_call_defaults() -> None:
         ("SanaSprintPipeline", TrigFlow(sigma_data=0.5), "trigflow", 1.0),
     ],
 )
-def test_plans_at_stock_times_export_the_stock_scheduler(pipeline: str, native: Any, prediction: str, gamma: float) -> None:
+def test_plans_at_stock_times_export_the_stock_scheduler(
+    pipeline: str, native: Any, prediction: str, gamma: float
+) -> None:
     """The identity the export relies on: the stock scheduler, run as the pipeline runs it, ends where FewStepScheduler
     running the same plans ends (random model, same noise); a plan off its times exports FewStepScheduler."""
     stock = StockPlans(pipeline, native, prediction, FLOW_MATCH)

@@ -140,14 +140,30 @@ def test_image_free_digits_run_trains_on_cached_teacher_samples(random_digits: P
     torch.testing.assert_close(data.x0, ref.clamp(-1, 1))
 
 
-def test_lora_on_a_pipeline_without_lora_support_fails_before_training(random_digits: Path, tmp_path: Path) -> None:
+def test_lora_on_a_pipeline_without_a_lora_loader_exports_a_peft_adapter(random_digits: Path, tmp_path: Path) -> None:
+    """DigitsPipeline (like PixArt's pipelines) has no load_lora_weights: the LoRA goes out as peft's own adapter
+    folder, and peft.PeftModel.from_pretrained on the base transformer gives the trained student's outputs."""
+    from peft import PeftModel
+
     from fewstep.distill import run_distill
+    from fewstep.loading import load_pipeline
+    from fewstep.training.checkpoint import load_checkpoint
     from fewstep.training.config import merge_into
 
-    cfg = merge_into(LCMConfig(**FIXED_W, lora_rank=4), {"train": {"max_steps": 1, "progress": False}})
-    with pytest.raises(FewstepError, match="cannot load LoRA weights"):
-        run_distill(LCM, cfg, teacher=str(random_digits), output=tmp_path / "run", bench=False)
-    assert not (tmp_path / "run" / "checkpoints").exists()
+    cfg = merge_into(LCMConfig(**FIXED_W, lora_rank=4, lr=1e-2), {"train": {"max_steps": 2, "progress": False}})
+    out = run_distill(LCM, cfg, teacher=str(random_digits), output=tmp_path / "run", bench=False)
+    assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
+    teacher, _ = load_denoiser(str(random_digits))
+    recipe = LCM(teacher, cfg)
+    _, state = load_checkpoint(tmp_path / "run" / "checkpoints")
+    recipe.model.load_state_dict(state["ema"]["student"])
+    base = load_pipeline(str(random_digits)).transformer
+    x, t, labels = torch.randn(2, 1, 8, 8), torch.tensor([500.0, 200.0]), torch.tensor([1, 2])
+    before = base(x, timestep=t, class_labels=labels).sample
+    loaded = PeftModel.from_pretrained(base, str(out))
+    after = loaded(x, timestep=t, class_labels=labels).sample
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, recipe.model(x, timestep=t, class_labels=labels).sample, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("preset_like,expected", [({}, -0.6 - math.log(0.5)), ({"adv_p_sigma_data": 1.0}, -0.6)])
