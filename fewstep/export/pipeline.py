@@ -185,7 +185,7 @@ def export_lora(pipe: Any, model: torch.nn.Module, output: Any) -> Any:
     if not hasattr(type(pipe), "save_lora_weights"):
         from safetensors.torch import save_file
 
-        config = model.peft_config["default"]  # type: ignore[index]
+        config: Any = model.peft_config["default"]  # type: ignore[index]
         with atomic_dir(Path(output), "adapter_model.safetensors") as tmp:
             config.save_pretrained(str(tmp))
             tensors = {f"base_model.model.{k}": v.detach().contiguous() for k, v in layers.items()}
