@@ -96,6 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--fid-features", default="inception", help="'inception' (needs torch-fidelity) or TorchScript file"
     )
+    p.add_argument(
+        "--protocol", default="mjhq", choices=("mjhq", "coco-dmd2"),
+        help="text-to-image: mjhq (FID at the generated size, CLIP score 100 max(cos, 0)) or coco-dmd2 (DMD2's COCO "
+        "evaluator: center crop + LANCZOS to --fid-resolution, patch-FID, CLIP cos with 'A photo depicts ')",
+    )  # fmt: skip
+    p.add_argument("--fid-resolution", type=_positive_int, help="coco-dmd2: side FID compares at (default 512)")
     from .bench.runtime import ATTENTION, DTYPES
 
     p.add_argument(
@@ -210,7 +216,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .loading import model_label
 
     report_dir = args.report or Path("runs") / f"bench-{model_label(args.model[0])}"
-    text = TextOptions(args.prompts, args.clip, args.reference, args.fid_features)
+    text = TextOptions(args.prompts, args.clip, args.reference, args.fid_features, args.protocol, args.fid_resolution)
     report = run_bench(args.model, report_dir, cfg, text)
     floor = report["reference"]["real_fid_floor"]
     if floor is not None:

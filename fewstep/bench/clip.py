@@ -1,5 +1,6 @@
 """CLIP score with open_clip from a local checkpoint (no hub access): 100 * max(cos(image, text), 0), averaged,
-the definition torchmetrics' CLIPScore uses (Hessel et al., 2021, without the 2.5 rescaling)."""
+the definition torchmetrics' CLIPScore uses (Hessel et al., 2021, without the 2.5 rescaling); or, as a bench
+protocol asks (``protocol.py``), the plain mean cosine with a prompt template and DMD2's image preparation."""
 
 from __future__ import annotations
 
@@ -17,10 +18,25 @@ from ..errors import FewstepError
 class ClipScorer:
     """Scores images (N, 3, H, W) in [0, 1] against their prompts with an open_clip model."""
 
-    def __init__(self, model: Any, tokenizer: Any, batch_size: int = 64):
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        batch_size: int = 64,
+        template: str = "",
+        definition: str = "100*max(cos,0)",
+        image_side: int | None = None,
+    ):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.batch_size = batch_size
+        self.template = template  # prepended to every prompt ("A photo depicts ": Hessel et al. 2021, DMD2)
+        if definition not in ("100*max(cos,0)", "cos"):
+            raise ValueError(f"unknown CLIP score definition {definition!r}")
+        self.definition = definition
+        # None: images resized (bicubic, antialiased) to the model's input; a side: each image center-cropped to a
+        # square and LANCZOS-resized to it, then the model's own eval transform (resize, center crop), as DMD2 does
+        self.image_side = image_side
         size = getattr(model.visual, "image_size", 224)
         self.image_size = tuple(size) if isinstance(size, list | tuple) else (size, size)
         cfg = getattr(model.visual, "preprocess_cfg", {}) or {}
@@ -55,6 +71,16 @@ class ClipScorer:
         return cls(model, open_clip.get_tokenizer(arch))
 
     def preprocess(self, images: Tensor) -> Tensor:
+        if self.image_side is not None:
+            import open_clip
+
+            from .protocol import center_crop_resize, to_pil
+
+            square = center_crop_resize(self.image_side)
+            evaluate = open_clip.image_transform(
+                self.image_size, is_train=False, mean=self.mean.flatten().tolist(), std=self.std.flatten().tolist()
+            )
+            return torch.stack([evaluate(square(image)) for image in to_pil(images)])
         x = F.interpolate(images.float(), size=self.image_size, mode="bicubic", align_corners=False, antialias=True)
         return (x.clamp(0, 1) - self.mean) / self.std
 
@@ -66,9 +92,11 @@ class ClipScorer:
         out = []
         for i in range(0, len(images), self.batch_size):
             img = self.model.encode_image(self.preprocess(images[i : i + self.batch_size]))
-            txt = self.model.encode_text(self.tokenizer(list(prompts[i : i + self.batch_size])))
+            texts = [self.template + p for p in prompts[i : i + self.batch_size]]
+            txt = self.model.encode_text(self.tokenizer(texts))
             out.append(F.cosine_similarity(img.float(), txt.float(), dim=-1))
         return torch.cat(out)
 
     def __call__(self, images: Tensor, prompts: Sequence[str]) -> float:
-        return float((100 * self.cosine(images, prompts).clamp_min(0)).mean())
+        cos = self.cosine(images, prompts)
+        return float(cos.mean() if self.definition == "cos" else (100 * cos.clamp_min(0)).mean())

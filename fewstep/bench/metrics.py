@@ -6,9 +6,11 @@ sample counts of the generated sets: ``num`` train images against the held-out s
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -108,8 +110,11 @@ def to_unit(images: Tensor) -> Tensor:
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
-def load_image_folder(path: str | Path, size: tuple[int, int] | None = None) -> Tensor:
-    """Every image in a folder as (N, 3, H, W) floats in [0, 1], resized to ``size`` (H, W) when given."""
+def load_image_folder(
+    path: str | Path, size: tuple[int, int] | None = None, transform: Callable[[Any], Any] | None = None
+) -> Tensor:
+    """Every image in a folder as (N, 3, H, W) floats in [0, 1]: resized (bicubic) to ``size`` (H, W) when given, or
+    passed through ``transform`` (a PIL image to a PIL image, e.g. a protocol's center crop)."""
     import numpy as np
     from PIL import Image
 
@@ -122,7 +127,9 @@ def load_image_folder(path: str | Path, size: tuple[int, int] | None = None) -> 
     images = []
     for file in files:
         img = Image.open(file).convert("RGB")
-        if size is not None:
+        if transform is not None:
+            img = transform(img)
+        elif size is not None:
             img = img.resize((size[1], size[0]), Image.Resampling.BICUBIC)
         images.append(torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 255)
     if len({tuple(i.shape) for i in images}) > 1:
@@ -149,9 +156,12 @@ class ScriptedFeatures(torch.nn.Module):
         return self.net(images.float())
 
 
-def reference_fid(reference_dir: str | Path, features: str, size: tuple[int, int]) -> FeatureFID:
-    """FID against a folder of real images: Inception (needs torch-fidelity and its weights) or a local network."""
-    reference = load_image_folder(reference_dir, size=size)
+def reference_fid(
+    reference_dir: str | Path, features: str, size: tuple[int, int], transform: Callable[[Any], Any] | None = None
+) -> FeatureFID:
+    """FID against a folder of real images (resized to ``size``, or through ``transform``): Inception (needs
+    torch-fidelity and its weights) or a local network."""
+    reference = load_image_folder(reference_dir, size=size, transform=transform)
     if features != "inception":
         return FeatureFID(ScriptedFeatures(features), reference)
     try:

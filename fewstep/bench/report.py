@@ -146,10 +146,21 @@ def _intro(ref: dict[str, Any]) -> str:
                 else ""
             )
         )
-    return (
+    text = (
         f"Prompts: {ref.get('prompts')} ({ref.get('num_prompts')}); CLIP: {ref.get('clip') or '-'}; FID reference: "
         f"{ref.get('reference_dir') or '-'} ({ref.get('fid_features') or '-'}). Means over noise seeds."
     )
+    protocol = ref.get("protocol")
+    if protocol:
+        side = protocol.get("fid_resolution")
+        patch = ", patch-FID on 299 px center crops" if protocol["patch_fid"] else ""
+        text += (
+            f" Protocol {protocol['name']}: references {protocol['reference_preprocessing']}"
+            f"{f' to {side} px' if side else ''}{patch}"
+            f"; CLIP score {protocol['clip_definition']} with template {protocol['clip_template']!r}"
+            f" (the protocol's CLIP: {protocol['reference_clip']}); prompts sha256 {protocol['prompts_sha256'][:12]}."
+        )
+    return text
 
 
 def _memory_note(env: dict[str, Any]) -> str:
@@ -171,7 +182,7 @@ def _table_row(r: dict[str, Any], floor: float | None) -> str:
     grid = f"[png]({r['grid']})" if r.get("grid") else "-"
     cells = [
         _name(r), r["steps"], r["nfe"], _fmt(r.get("guidance"), 1), fid, _fmt(ratio), _fmt(r.get("fid_train")),
-        _fmt(acc, 1), _fmt(r.get("diversity")), _fmt(r.get("clip_score")),
+        _fmt(acc, 1), _fmt(r.get("diversity")), _fmt(r.get("clip_score")), _fmt(r.get("patch_fid")),
         f"{r['latency_ms']:.1f} ({r['latency_ms_p90']:.1f})", _fmt(r.get("latency_ms_per_image"), 3),
         f"{r['peak_mem_mb']:.0f}", r["num_samples"], grid,
     ]  # fmt: skip
@@ -188,9 +199,9 @@ def markdown(report: dict[str, Any], plots: list[str]) -> str:
         "",
         _memory_note(report.get("env", {})),
         "",
-        "| model | steps | NFE | w | FID | FID / floor | FID train | accuracy | diversity | CLIP | latency ms (p90) "
-        "| ms / image | peak MB | samples | grid |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| model | steps | NFE | w | FID | FID / floor | FID train | accuracy | diversity | CLIP | patch FID "
+        "| latency ms (p90) | ms / image | peak MB | samples | grid |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
         *[_table_row(r, ref.get("real_fid_floor")) for r in rows],
         "",
         *[f"![{p}]({p})" for p in plots],

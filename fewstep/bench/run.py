@@ -77,6 +77,7 @@ class Row:
     accuracy: float | None = None
     diversity: float | None = None  # per-class mean pairwise feature distance (digits)
     clip_score: float | None = None
+    patch_fid: float | None = None  # coco-dmd2 protocol: FID on center 299 x 299 crops (images of >= 299 px)
     fid_floor: float | None = None  # real-vs-real floor at this row's sample count
     fid_seeds: list[float] = field(default_factory=list)
     fid_train_seeds: list[float] = field(default_factory=list)
@@ -153,6 +154,7 @@ def bench_model(
                     accuracy=_mean(per_seed.get("accuracy", [])),
                     diversity=_mean(per_seed.get("diversity", [])),
                     clip_score=_mean(per_seed.get("clip_score", [])),
+                    patch_fid=_mean(per_seed.get("patch_fid", [])),
                     fid_seeds=fids,
                     fid_train_seeds=per_seed.get("fid_train", []),
                     grid=grid,
@@ -237,7 +239,7 @@ def run_bench(
         with tqdm(total=total, desc="bench", disable=not cfg.progress) as bar:
             for pipe, key in zip(pipes, keys, strict=True):
                 rows += bench_model(pipe, key, provisional[key], world, cfg, work, bar)
-        reference = world.reference(cfg.num, cfg.floor_subsets)
+        reference = world.reference(cfg.num, cfg.floor_subsets, cfg.seeds)
         for row in rows:  # each row keeps the floor of its own sample count
             row.fid_floor = reference["real_fid_floor"]
         config = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()}

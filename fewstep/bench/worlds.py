@@ -62,7 +62,7 @@ class DigitsWorld:
     def latency_call(self, steps: int, guidance: float, batch: int) -> dict[str, Any]:
         return {"class_labels": balanced_labels(batch), "num_inference_steps": steps, "guidance_scale": guidance}
 
-    def reference(self, num: int, subsets: int) -> dict[str, Any]:
+    def reference(self, num: int, subsets: int, seeds: int = 1) -> dict[str, Any]:
         floor, floor_std, floor_count = self.metrics.floor(num, subsets=subsets)
         train = load_split("train")
         return {
@@ -78,35 +78,56 @@ class DigitsWorld:
 
 @dataclass(frozen=True)
 class TextOptions:
-    """Inputs of a text-to-image bench: prompts file, ``ARCH:CHECKPOINT`` for CLIP, a reference image folder."""
+    """Inputs of a text-to-image bench: prompts file, ``ARCH:CHECKPOINT`` for CLIP, a reference image folder, the
+    FID feature network, and the named protocol (``protocol.py``) with its FID resolution override."""
 
     prompts: str | None = None
     clip: str | None = None
     reference: str | None = None
     fid_features: str = "inception"
+    protocol: str = "mjhq"
+    fid_resolution: int | None = None
 
 
 @dataclass
 class TextWorld:
     options: TextOptions
     prompts: list[str]
+    protocol: Any = None  # protocol.Protocol
     clip: Any = None  # ClipScorer
     fid: FeatureFID | None = None
+    patch_fid: FeatureFID | None = None
+    resolution: tuple[int, int] = (0, 0)
 
     @classmethod
     def load(cls, pipe: Any, options: TextOptions) -> TextWorld:
         from ..training.prompts import read_prompts
         from .clip import ClipScorer
         from .metrics import reference_fid
+        from .protocol import PATCH, center_crop_resize, center_patch, get_protocol
 
+        protocol = get_protocol(options.protocol, options.fid_resolution)  # a bad name fails before any work
         if options.prompts is None:
             raise FewstepError(f"{type(pipe).__name__} is a text-to-image pipeline: pass --prompts FILE")
-        world = cls(options, read_prompts(options.prompts))
+        world = cls(options, read_prompts(options.prompts), protocol)
         if options.clip:
-            world.clip = ClipScorer.load(options.clip)
+            clip = ClipScorer.load(options.clip)
+            clip.template, clip.definition, clip.image_side = (
+                protocol.clip_template, protocol.clip_definition, protocol.clip_image_side
+            )  # fmt: skip
+            world.clip = clip
+        probe = pipe(prompt=world.prompts[:1], num_inference_steps=1, output_type="pt").images
+        world.resolution = (int(probe.shape[-2]), int(probe.shape[-1]))
         if options.reference:
-            probe = pipe(prompt=world.prompts[:1], num_inference_steps=1, output_type="pt").images
-            world.fid = reference_fid(options.reference, options.fid_features, tuple(probe.shape[-2:]))
+            if protocol.reference_preprocessing == "resize-bicubic":
+                world.fid = reference_fid(options.reference, options.fid_features, world.resolution)
+            else:
+                square = center_crop_resize(protocol.fid_resolution)
+                world.fid = reference_fid(options.reference, options.fid_features, world.resolution, square)
+                if protocol.patch_fid and min(world.resolution) >= PATCH:
+                    world.patch_fid = reference_fid(
+                        options.reference, options.fid_features, world.resolution, center_patch
+                    )
         if world.clip is None and world.fid is None:
             raise FewstepError("nothing to measure quality with: pass --clip ARCH:CHECKPOINT and/or --reference DIR")
         return world
@@ -115,6 +136,8 @@ class TextWorld:
         return [self.prompts[i % len(self.prompts)] for i in range(num)]
 
     def score(self, pipe: Any, num: int, steps: int, guidance: float, seed: int, batch: int) -> Scored:
+        from .protocol import center_crop_resize, center_patch, map_images
+
         prompts = self.cycled(num)
         gen = torch.Generator().manual_seed(seed)
         images = torch.cat([
@@ -124,7 +147,11 @@ class TextWorld:
         ])  # fmt: skip
         values = {}
         if self.fid is not None:
-            values["fid"] = self.fid(images)
+            square = self.protocol.reference_preprocessing == "center-crop-lanczos"
+            compared = map_images(images, center_crop_resize(self.protocol.fid_resolution)) if square else images
+            values["fid"] = self.fid(compared)
+        if self.patch_fid is not None:
+            values["patch_fid"] = self.patch_fid(map_images(images, center_patch))
         if self.clip is not None:
             values["clip_score"] = self.clip(images, prompts)
         return Scored(values, images[:16], nrow=4, upscale=1)
@@ -132,7 +159,10 @@ class TextWorld:
     def latency_call(self, steps: int, guidance: float, batch: int) -> dict[str, Any]:
         return {"prompt": self.cycled(batch), "num_inference_steps": steps, "guidance_scale": guidance}
 
-    def reference(self, num: int, subsets: int) -> dict[str, Any]:
+    def reference(self, num: int, subsets: int, seeds: int = 1) -> dict[str, Any]:
+        from .protocol import record
+
+        assert self.options.prompts is not None
         return {
             "real_fid_floor": None,  # one reference set gives no real-vs-real floor
             "reference_dir": self.options.reference,
@@ -140,4 +170,9 @@ class TextWorld:
             "clip": self.options.clip,
             "prompts": self.options.prompts,
             "num_prompts": len(self.prompts),
-        }
+            "protocol": record(
+                self.protocol, prompts=self.options.prompts, num_prompts=len(self.prompts), seeds=seeds,
+                resolution=self.resolution, clip=self.options.clip, reference=self.options.reference,
+                fid_features=self.options.fid_features if self.options.reference else None,
+            ),
+        }  # fmt: skip
