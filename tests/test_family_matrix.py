@@ -388,3 +388,43 @@ def test_lora_exports_load_without_fewstep_and_reproduce_the_student(
         plain = base(prompt=PROMPTS[:2], num_inference_steps=steps, generator=torch.Generator().manual_seed(3),
                      output_type="latent", **call_kwargs(family, steps))[0]  # fmt: skip
         assert not torch.allclose(plain, ours, rtol=1e-3, atol=1e-3), family  # the adapter was trained and applied
+
+
+def test_phased_dmd_on_wan_exports_wans_own_two_experts(distilled: Any) -> None:
+    """Phased DMD's two experts go out as Wan 2.2's transformer / transformer_2 / boundary_ratio (stock diffusers
+    classes), and WanPipeline's own switch picks the expert TimestepExperts picks at every plan time, the one on the
+    boundary included (it goes to the less noisy expert)."""
+    from diffusers import DiffusionPipeline
+
+    from fewstep.export.experts import TimestepExperts
+
+    folder, cfg = distilled("phased_dmd", "wan")
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["transformer"] == index["transformer_2"] == ["diffusers", "WanTransformer3DModel"]
+    pipe = DiffusionPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    high, low = pipe.transformer, pipe.transformer_2
+    with torch.no_grad():  # two steps leave the EMA experts nearly equal: make them differ so the switch shows
+        for param in low.parameters():
+            param.add_(0.05 * torch.randn(param.shape, generator=torch.Generator().manual_seed(0)))
+    plans = json.loads((folder.parent / "training.json").read_text())["plans"]
+    boundary = plans["2"][1] * 1000  # the 2-step plan's second time opens the second phase (model timesteps)
+    assert boundary in [t * 1000 for t in plans["4"]]
+    wrapped = DiffusionPipeline.from_pretrained(folder, transformer_2=None, boundary_ratio=None)
+    wrapped.transformer = TimestepExperts.from_experts([high, low], [boundary])
+    wrapped.set_progress_bar_config(disable=True)
+    two_experts = {}
+    for steps in sorted(cfg.plan_steps):
+        outs = []
+        for p in (pipe, wrapped):
+            torch.manual_seed(5)
+            outs.append(p(prompt=PROMPTS[:2], num_inference_steps=steps, generator=torch.Generator().manual_seed(5),
+                          output_type="latent", **call_kwargs("wan", steps))[0])  # fmt: skip
+        torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+        two_experts[steps] = outs[0]
+    one = DiffusionPipeline.from_pretrained(folder, transformer_2=None, boundary_ratio=None, transformer=high)
+    one.set_progress_bar_config(disable=True)
+    torch.manual_seed(5)
+    alone = one(prompt=PROMPTS[:2], num_inference_steps=2, generator=torch.Generator().manual_seed(5),
+                output_type="latent", **call_kwargs("wan", 2))[0]  # fmt: skip
+    assert not torch.allclose(alone, two_experts[2])  # the second expert took its step

@@ -211,3 +211,29 @@ def _gather(parts: list[Any], order: Tensor) -> Any:
         fields = {f.name: _gather([getattr(p, f.name) for p in parts], order) for f in dataclasses.fields(first)}
         return cast(Any, type(first))(**fields)
     return first  # None and other non-batch values
+
+
+# pipelines with a stock two-expert loop: (slot of the noisier expert, slot of the other, the setting that splits them)
+TWO_EXPERT_PIPELINES = {"WanPipeline": ("transformer", "transformer_2", "boundary_ratio")}
+
+
+def stock_experts(pipe: Any, model: nn.Module) -> dict[str, Any] | None:
+    """Components and settings that let ``pipe``'s own loop switch two experts as ``model`` (TimestepExperts) does,
+    or None where the pipeline has no such loop (then the TimestepExperts backbone is exported).
+
+    WanPipeline (Wan 2.2) runs ``transformer`` at timesteps t >= boundary_ratio * num_train_timesteps and
+    ``transformer_2`` below. TimestepExperts gives a timestep equal to its boundary b to the less noisy expert, so
+    the ratio puts the switch on the next float32 above b (the pipeline compares float32 timesteps with it).
+    """
+    import numpy as np
+
+    slots = TWO_EXPERT_PIPELINES.get(type(pipe).__name__)
+    if slots is None or not isinstance(model, TimestepExperts) or len(model.experts) != 2:
+        return None
+    high, low, setting = slots
+    total = int(pipe.scheduler.config.num_train_timesteps)
+    above = np.nextafter(np.float32(model.boundaries[0]), np.float32(np.inf))
+    ratio = float(above) / total
+    if np.float32(ratio * total) != above:  # the pipeline's product must land on the same float32
+        ratio = float(np.nextafter(ratio, np.inf))
+    return {high: model.experts[0], low: model.experts[1], setting: ratio}

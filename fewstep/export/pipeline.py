@@ -145,9 +145,16 @@ def export_pipeline(pipe: Any, model: torch.nn.Module, scheduler: Any, output: A
     from ..io import atomic_dir
     from ..teacher import backbone_slot
 
+    from .experts import stock_experts
+
     slot = backbone_slot(pipe)
     components = {**pipe.components, slot: model, "scheduler": scheduler}
-    student = type(pipe)(**components, **pipeline_settings(pipe))
+    settings = pipeline_settings(pipe)
+    experts = stock_experts(pipe, model)  # Phased DMD's two experts as Wan 2.2's transformer / transformer_2
+    if experts is not None:
+        components.update({k: v for k, v in experts.items() if k in pipe.components})
+        settings.update({k: v for k, v in experts.items() if k not in pipe.components})
+    student = type(pipe)(**components, **settings)
     with atomic_dir(Path(output), "model_index.json") as tmp:
         student.save_pretrained(tmp)
     return Path(output)
