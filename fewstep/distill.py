@@ -59,9 +59,8 @@ def check_exportable(recipe: Recipe, pipe: Any, teacher: Denoiser) -> None:
     if type(pipe).__name__ != "SanaSprintPipeline":
         return
     from .export.pipeline import scheduler_for_plan
-    from .sampling import plan_in
 
-    plans = {n: plan_in(p, teacher.native) for n, p in recipe.plan().items()}
+    plans = teacher_plans(recipe, teacher.native)
     if type(scheduler_for_plan(plans, teacher.prediction, teacher.stock)).__name__ != "SCMScheduler":
         times = {n: [round(t, 4) for t in p.times] for n, p in plans.items()}
         raise FewstepError(
@@ -77,9 +76,8 @@ def export_student(
     pipeline's stock one (``stock``) where it does, else FewStepScheduler."""
     from .export.pipeline import export_lora, export_pipeline, scheduler_for_plan
     from .io import atomic_dir
-    from .sampling import plan_in
 
-    plans = {n: plan_in(p, native) for n, p in recipe.plan().items()}
+    plans = teacher_plans(recipe, native)
     scheduler = scheduler_for_plan(plans, prediction, stock)
     model = recipe.export_module(student)
     if not recipe.is_lora:
@@ -90,11 +88,16 @@ def export_student(
     return out
 
 
-def native_plans(recipe: Recipe, native: Any) -> dict[str, Any]:
-    """The recipe's plans in the teacher's own time, as training.json records them: {"plans": {n: times}, "gamma"}."""
+def teacher_plans(recipe: Recipe, native: Any) -> dict[int, Any]:
+    """The recipe's plans (in whatever time it keeps them) in the teacher's own time."""
     from .sampling import plan_in
 
-    plans = {n: plan_in(p, native) for n, p in recipe.plan().items()}
+    return {n: plan_in(p, native) for n, p in recipe.plan().items()}
+
+
+def native_plans(recipe: Recipe, native: Any) -> dict[str, Any]:
+    """The recipe's plans in the teacher's own time, as training.json records them: {"plans": {n: times}, "gamma"}."""
+    plans = teacher_plans(recipe, native)
     return {"plans": {str(n): list(p.times) for n, p in plans.items()}, "gamma": next(iter(plans.values())).gamma}
 
 
@@ -153,9 +156,8 @@ def run_distill(
 def write_card(folder: Path, recipe: Recipe, pipe: Any, teacher: str, native: Any, report: Path | None = None) -> None:
     """The student's model card (export/card.py), with the bench rows of ``report`` when given."""
     from .export.card import write_model_card
-    from .sampling import plan_in
 
-    plans = {n: list(plan_in(p, native).times) for n, p in recipe.plan().items()}
+    plans = {n: list(p.times) for n, p in teacher_plans(recipe, native).items()}
     scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     index = folder / "model_index.json"
     libraries = (

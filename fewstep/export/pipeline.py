@@ -144,7 +144,6 @@ def export_pipeline(pipe: Any, model: torch.nn.Module, scheduler: Any, output: A
 
     from ..io import atomic_dir
     from ..teacher import backbone_slot
-
     from .experts import stock_experts
 
     slot = backbone_slot(pipe)
