@@ -129,3 +129,31 @@ def test_exported_model_card_states_the_plan_and_its_usage_snippet_runs(
     namespace: dict[str, Any] = {}
     exec(compile(snippet, "model-card", "exec"), namespace)  # the snippet as a user pastes it
     assert torch.isfinite(torch.as_tensor(np.asarray(namespace["images"][0]), dtype=torch.float32)).all()
+
+
+def test_a_bench_of_a_student_puts_its_rows_in_the_model_card(
+    sd_folder: Path, prompts: Path, tiny_clip_spec: str, tmp_path: Path
+) -> None:
+    """`fewstep bench` on an exported text-to-image student writes its rows (CLIP score here) into the student's card,
+    under the protocol's name; a second bench replaces the section rather than adding another."""
+    from fewstep.bench.run import BenchConfig, run_bench
+    from fewstep.bench.worlds import TextOptions
+    from fewstep.errors import FewstepError
+
+    run = {**TINY_RUN, "data": {**TINY_RUN["data"], "prompts": str(prompts)}}
+    out = run_distill(LCM, merge_into(LCMConfig(), run), teacher=str(sd_folder), output=tmp_path / "run")
+    before = (out / "README.md").read_text()
+    assert "## Bench" not in before
+    cfg = BenchConfig(steps=(1, 2), num=2, seeds=1, batch_size=2, latency_batch=1, repeats=1, progress=False)
+    for protocol in ("mjhq", "coco-dmd2"):
+        text = TextOptions(str(prompts), tiny_clip_spec, protocol=protocol)
+        run_bench([str(out)], tmp_path / f"report-{protocol}", cfg, text)
+    with pytest.raises(FewstepError, match="holds rows of the coco-dmd2 protocol"):
+        run_bench([str(out)], tmp_path / "report-coco-dmd2", cfg, TextOptions(str(prompts), tiny_clip_spec))
+    card = (out / "README.md").read_text()
+    assert card.startswith(before.rstrip("\n")) and card.count("## Bench") == 1
+    section = card.split("## Bench")[1]
+    assert "Protocol `coco-dmd2`" in section and "CLIP score" in section and "accuracy" not in section
+    assert (
+        len([line for line in section.splitlines() if line.startswith("| run ") or line.startswith("| student")]) == 2
+    )

@@ -211,6 +211,28 @@ def merge_into_report(
     return report
 
 
+def check_protocol(report_dir: Path, text: TextOptions | None) -> None:
+    """Rows merge into a report only under the protocol it was made with (their numbers mean different things)."""
+    path = report_dir / "report.json"
+    if text is None or not path.is_file():
+        return
+    old = (json.loads(path.read_text()).get("reference", {}).get("protocol") or {}).get("name")
+    if old is not None and old != text.protocol:
+        raise FewstepError(
+            f"{report_dir} holds rows of the {old} protocol: bench {text.protocol} into another --report"
+        )
+
+
+def update_cards(report: dict[str, Any], keys: Sequence[str]) -> None:
+    """Each benched student folder that carries a fewstep model card gets its rows of ``report`` in that card."""
+    from ..export.card import add_bench_rows
+
+    protocol = (report["reference"].get("protocol") or {}).get("name")
+    for key in keys:
+        if Path(key).is_dir():
+            add_bench_rows(Path(key), [r for r in report["rows"] if r.get("source") == key], protocol)
+
+
 def run_bench(
     sources: Sequence[str], report_dir: Path, cfg: BenchConfig, text: TextOptions | None = None
 ) -> dict[str, Any]:
@@ -225,6 +247,7 @@ def run_bench(
         resolve_source(source)
     report_dir = report_dir.expanduser().absolute()
     check_writable_parent(report_dir, "report.json")
+    check_protocol(report_dir, text)
     pipes = load_pipelines(sources, cfg.device, cfg.attention, cfg.compile, cfg.dtype)
     digits = [isinstance(p, DigitsPipeline) for p in pipes]
     if any(digits) and not all(digits):
@@ -243,6 +266,8 @@ def run_bench(
         for row in rows:  # each row keeps the floor of its own sample count
             row.fid_floor = reference["real_fid_floor"]
         config = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()}
-        return merge_into_report(report_dir, [asdict(row) for row in rows], work, reference, config)
+        report = merge_into_report(report_dir, [asdict(row) for row in rows], work, reference, config)
+        update_cards(report, keys)
+        return report
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -95,21 +95,49 @@ def model_card(
         body += ["", "A component of this folder is fewstep's own (FewStepScheduler or TimestepExperts): `pip install"
                  " fewstep` before loading it."]  # fmt: skip
     if bench_rows:
-        body += [
-            "",
-            "## Bench",
-            "",
-            "| model | steps | NFE | FID | FID (train) | accuracy |",
-            "|---|---:|---:|---:|---:|---:|",
-        ]
-        for row in bench_rows:
-            cells = [row.get(k) for k in ("model", "steps", "nfe", "fid", "fid_train", "accuracy")]
-            body.append(
-                "| "
-                + " | ".join("" if c is None else f"{c:.3g}" if isinstance(c, float) else str(c) for c in cells)
-                + " |"
-            )
+        body += ["", *bench_section(bench_rows)]
     return "\n".join(meta + body) + "\n"
+
+
+# the bench columns a card shows, where any row has a value: digits (FID vs train, accuracy), text-to-image (CLIP
+# score, patch-FID), both (FID)
+BENCH_COLUMNS = (
+    ("model", "model"), ("steps", "steps"), ("nfe", "NFE"), ("guidance", "w"), ("fid", "FID"),
+    ("fid_train", "FID (train)"), ("accuracy", "accuracy"), ("clip_score", "CLIP score"), ("patch_fid", "patch FID"),
+    ("latency_ms_per_image", "ms / image"),
+)  # fmt: skip
+
+
+def bench_section(rows: Sequence[Mapping[str, Any]], protocol: str | None = None) -> list[str]:
+    """The card's "## Bench" section: one line per report row, the columns some row fills."""
+    columns = [(k, name) for k, name in BENCH_COLUMNS if any(r.get(k) is not None for r in rows)]
+    lines = ["## Bench", ""]
+    if protocol:
+        lines += [f"Protocol `{protocol}` (report.json records its settings).", ""]
+    lines += ["| " + " | ".join(n for _, n in columns) + " |", "|---|" + "---:|" * (len(columns) - 1)]
+    for row in rows:
+        cells = [row.get(k) for k, _ in columns]
+        lines.append(
+            "| "
+            + " | ".join("" if c is None else f"{c:.3g}" if isinstance(c, float) else str(c) for c in cells)
+            + " |"
+        )
+    return lines
+
+
+def add_bench_rows(folder: Path, rows: Sequence[Mapping[str, Any]], protocol: str | None = None) -> bool:
+    """Put ``rows`` (a bench report's rows of this model) into ``folder``'s fewstep model card, replacing an earlier
+    bench section; False (nothing written) when the folder has no fewstep card."""
+    path = Path(folder) / "README.md"
+    if not rows or not path.is_file():
+        return False
+    text = path.read_text()
+    if '- "fewstep"' not in text.split("---\n", 2)[1 if text.startswith("---") else 0]:
+        return False
+    body = text.split("\n## Bench\n")[0].rstrip("\n")
+    with atomic_file(path) as tmp:
+        tmp.write_text(body + "\n\n" + "\n".join(bench_section(rows, protocol)) + "\n")
+    return True
 
 
 def write_model_card(folder: Path, **kwargs: Any) -> Path:
