@@ -29,6 +29,7 @@ def _text_to_image(
     pipe: Any, prompt: str, num: int, steps: int, guidance: float, seed: int
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # the noise of stochastic schedulers in pipelines that pass them no generator (SD3, Flux)
     out = pipe(
         prompt=prompt,
         num_images_per_prompt=num,

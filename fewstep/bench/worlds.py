@@ -140,6 +140,9 @@ class TextWorld:
 
         prompts = self.cycled(num)
         gen = torch.Generator().manual_seed(seed)
+        # pipelines that pass no generator to scheduler.step (SD3, Flux, Wan) draw a stochastic scheduler's noise
+        # (FlowMatchEuler's stochastic_sampling) from the global generator: seed it too, so a seed is one sample set
+        torch.manual_seed(seed)
         images = torch.cat([
             pipe(prompt=prompts[i : i + batch], num_inference_steps=steps, guidance_scale=guidance, generator=gen,
                  output_type="pt").images.float().cpu()

@@ -129,3 +129,22 @@ def test_coco_dmd2_bench_records_its_protocol(
     assert "Protocol coco-dmd2" in (tmp_path / "report" / "report.md").read_text()
     saved = json.loads((tmp_path / "report" / "report.json").read_text())
     assert saved["reference"]["protocol"] == protocol
+
+
+def test_a_seed_is_one_sample_set_with_a_stochastic_stock_scheduler(sd3_folder: Path, tmp_path: Path) -> None:
+    """StableDiffusion3Pipeline passes no generator to scheduler.step, so FlowMatchEuler's stochastic_sampling draws
+    from the global generator: the bench seeds that too, and the same seed scores the same images."""
+    from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
+
+    pipe = DiffusionPipeline.from_pretrained(sd3_folder)
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, stochastic_sampling=True)
+    pipe.set_progress_bar_config(disable=True)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\na dog\n")
+    world = TextWorld(TextOptions(str(prompts)), ["a cat", "a dog"], get_protocol("mjhq"))
+    a = world.score(pipe, 2, 2, 1.0, 0, 2).grid
+    torch.manual_seed(123)  # whatever ran before
+    b = world.score(pipe, 2, 2, 1.0, 0, 2).grid
+    c = world.score(pipe, 2, 2, 1.0, 1, 2).grid
+    torch.testing.assert_close(a, b)
+    assert not torch.allclose(a, c)
