@@ -1,17 +1,22 @@
 """Train and bench every registered recipe on the digits teacher, then compare them in one table and one plot.
 
     python benchmarks/compare_recipes.py [--recipes lcm,scm,...] [--output runs/compare] [--reuse] [--threads N]
+                                         [--train-seeds N]
 
 Runs `fewstep distill --recipe NAME --output OUT/NAME` for each recipe (its digits preset), reads each run's
 bench/report.json and writes OUT/compare.json, OUT/compare.md and OUT/quality_vs_nfe.png. --reuse keeps finished runs
-and resumes unfinished ones. A failed run is a row of the table; the script then exits 1.
+and resumes unfinished ones. A failed run is a row of the table; the script then exits 1. --train-seeds N trains each
+recipe N times (OUT/NAME/seed0 .. seedN-1, --set train.seed=k) and reports each number as the mean +- std over the
+N trainings (each training's FID is itself the mean over the bench's own sampling seeds).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -41,6 +46,7 @@ class Run:
     train_wall_s: float | None = None  # start -> training.json written (training, export)
     run_wall_s: float | None = None  # the whole command (training, export, bench)
     reused: bool = False
+    seed: int | None = None  # the training seed (--train-seeds); None: the preset's
 
 
 def has_checkpoints(folder: Path) -> bool:
@@ -76,7 +82,7 @@ def aggregate(runs: Sequence[Run]) -> dict[str, Any]:
     """Every run's bench/report.json -> one comparison: the students' rows with the teacher's 50-step FID ratios,
     the teacher's Euler rows (first run that has a step count wins: they are the same in every run) and each run's
     status. Reads files only; trains nothing."""
-    reports = {run.recipe: _read_json(run.folder / "bench" / "report.json") for run in runs}
+    reports = {run.folder: _read_json(run.folder / "bench" / "report.json") for run in runs}
     teacher_rows: dict[tuple[int, Any], dict[str, Any]] = {}
     for report in reports.values():
         for row in report.get("rows", []):
@@ -85,7 +91,7 @@ def aggregate(runs: Sequence[Run]) -> dict[str, Any]:
     teacher_50 = next((r for (s, g), r in teacher_rows.items() if s == 50 and g in (None, 1.0)), {})
     rows, statuses = [], []
     for run in runs:
-        report, training = reports[run.recipe], _read_json(run.folder / "training.json")
+        report, training = reports[run.folder], _read_json(run.folder / "training.json")
         students = sorted((r for r in report.get("rows", []) if not _is_teacher(r)), key=lambda r: r["steps"])
         if run.returncode not in (0, None):
             status = "failed"
@@ -94,6 +100,7 @@ def aggregate(runs: Sequence[Run]) -> dict[str, Any]:
         statuses.append(
             {
                 "recipe": run.recipe,
+                "seed": run.seed,
                 "status": status,
                 "returncode": run.returncode,
                 "folder": str(run.folder),
@@ -105,8 +112,9 @@ def aggregate(runs: Sequence[Run]) -> dict[str, Any]:
         )
         if status == "ok":
             extra = {k: statuses[-1][k] for k in ("train_steps", "train_wall_s", "run_wall_s")}
-            rows += [{**_with_ratios(r, run.recipe, teacher_50), **extra} for r in students]
+            rows += [{**_with_ratios(r, run.recipe, teacher_50), **extra, "seed": run.seed} for r in students]
     first = next((r for r in reports.values() if r), {})
+    rows = over_seeds(rows, teacher_50)
     return {
         "rows": rows,
         "teacher": [_with_ratios(r, TEACHER, teacher_50) for _, r in sorted(teacher_rows.items(), key=_order)],
@@ -116,6 +124,35 @@ def aggregate(runs: Sequence[Run]) -> dict[str, Any]:
         "latency_batch": first.get("config", {}).get("latency_batch"),
         "env": first.get("env", {}),
     }
+
+
+SEED_MEANS = ("fid", "fid_train", "accuracy", "diversity", "latency_ms", "train_steps", "train_wall_s", "run_wall_s")
+
+
+def over_seeds(rows: list[dict[str, Any]], teacher_50: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per (recipe, steps, guidance): a recipe trained with several seeds gets the mean of each number over
+    its trainings, ``fid_std`` / ``fid_train_std`` their std across trainings (``fid_sampling_std``: the mean of the
+    runs' own spreads over sampling seeds) and the per-training values; a single training's row is unchanged."""
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["recipe"], r["steps"], r.get("guidance")), []).append(r)
+    out = []
+    for group in groups.values():
+        if len(group) == 1:
+            out.append(group[0])
+            continue
+        row = dict(group[0])
+        for key in SEED_MEANS:
+            values = [g[key] for g in group if g.get(key) is not None]
+            row[key] = statistics.fmean(values) if values else None
+        for key in ("fid", "fid_train"):
+            values = [g[key] for g in group if g.get(key) is not None]
+            row[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else None
+            row[f"{key}_per_seed"] = values
+        row["fid_sampling_std"] = statistics.fmean(g["fid_std"] for g in group if g.get("fid_std") is not None)
+        row["train_seeds"] = [g["seed"] for g in group]
+        out.append(row | _with_ratios(row, row["recipe"], teacher_50))  # ratios of the means
+    return out
 
 
 def _order(item: tuple[tuple[int, Any], dict[str, Any]]) -> tuple[float, int]:
@@ -143,7 +180,7 @@ def _table_row(r: dict[str, Any], wall: str) -> str:
         label,
         f"{r['steps']} ({r['nfe']})",
         _fid_cell(r["fid"], r["fid_ratio"], r["fid_std"]),
-        _fid_cell(r["fid_train"], r["fid_train_ratio"]),
+        _fid_cell(r["fid_train"], r["fid_train_ratio"], r.get("fid_train_std")),
         "-" if r["accuracy"] is None else f"{100 * r['accuracy']:.1f}%",
         "-" if r["diversity"] is None else f"{r['diversity']:.2f}",
         "-" if r["latency_ms"] is None else f"{r['latency_ms']:.1f}",
@@ -170,14 +207,23 @@ def markdown(compare: dict[str, Any]) -> str:
     ]
     shown = {r["steps"] for r in compare["rows"]} | {50}
     lines += [_table_row(r, "-") for r in compare["teacher"] if not compare["rows"] or r["steps"] in shown]
-    for run in compare["runs"]:
-        wall = _duration(run["train_wall_s"])
-        wall += f" ({run['train_steps']} steps)" if run["train_steps"] is not None else ""
-        if run["status"] == "ok":
-            lines += [_table_row(r, wall) for r in compare["rows"] if r["recipe"] == run["recipe"]]
-        else:
-            why = f"failed (exit {run['returncode']})" if run["status"] == "failed" else run["status"]
-            lines.append(f"| {run['recipe']} | {why} | - | - | - | - | - | {_duration(run['run_wall_s'])} |")
+    for recipe in dict.fromkeys(run["recipe"] for run in compare["runs"]):
+        ok = [r for r in compare["rows"] if r["recipe"] == recipe]
+        if ok:
+            first = ok[0]
+            wall = _duration(first["train_wall_s"])
+            steps = first["train_steps"]
+            wall += f" ({steps:.0f} steps)" if steps is not None else ""
+            seeds = first.get("train_seeds")
+            wall += f", mean of {len(seeds)} seeds" if seeds else ""
+            lines += [_table_row(r, wall) for r in ok]
+        for run in compare["runs"]:
+            if run["recipe"] == recipe and run["status"] != "ok":
+                why = f"failed (exit {run['returncode']})" if run["status"] == "failed" else run["status"]
+                seed = "" if run.get("seed") is None else f" seed {run['seed']}"
+                lines.append(f"| {recipe}{seed} | {why} | - | - | - | - | - | {_duration(run['run_wall_s'])} |")
+    if any(r.get("train_seeds") for r in compare["rows"]):
+        lines += ["", "Recipes trained with several seeds: each number is the mean over the trainings, +- their std."]
     return "\n".join(lines) + "\n"
 
 
@@ -289,6 +335,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--reuse", action="store_true", help="keep finished runs, resume unfinished ones")
     parser.add_argument("--threads", type=int, help="torch threads of each run (default: torch's own)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="passed to every distill")
+    parser.add_argument("--train-seeds", type=int, default=1, help="trainings per recipe (seeds 0..N-1; default 1)")
     args = parser.parse_args(argv)
 
     registry = available()
@@ -301,7 +348,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.threads is not None and args.threads < 1:
         print(f"compare_recipes: error: --threads must be >= 1, got {args.threads}", file=sys.stderr)
         return 2
-    folders = {name: args.output / name for name in names}
+    if args.train_seeds < 1:
+        print(f"compare_recipes: error: --train-seeds must be >= 1, got {args.train_seeds}", file=sys.stderr)
+        return 2
+    seeds: list[int | None] = [None] if args.train_seeds == 1 else list(range(args.train_seeds))
+    folders = {
+        (name, seed): args.output / name / ("" if seed is None else f"seed{seed}") for name in names for seed in seeds
+    }
     if not args.reuse:  # distill refuses a folder with checkpoints: say so before hours of training, not after
         taken = ", ".join(str(f) for f in folders.values() if has_checkpoints(f))
         if taken:
@@ -310,13 +363,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     runs = []
     try:
-        for name, folder in folders.items():
+        for (name, seed), folder in folders.items():
             if args.reuse and is_finished(folder):
                 print(f"== {name}: reusing {folder}")
-                runs.append(reused(name, folder))
+                runs.append(dataclasses.replace(reused(name, folder), seed=seed))
             else:
                 resume = args.reuse and has_checkpoints(folder)
-                runs.append(train(name, folder, resume, args.set, args.threads))
+                sets = args.set if seed is None else [*args.set, f"train.seed={seed}"]
+                runs.append(dataclasses.replace(train(name, folder, resume, sets, args.threads), seed=seed))
     except KeyboardInterrupt:
         print("compare_recipes: interrupted; finished runs are kept (--reuse picks them up)", file=sys.stderr)
         return 130

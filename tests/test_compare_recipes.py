@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import random
+import statistics
 import subprocess
 import sys
 from dataclasses import asdict
@@ -216,3 +217,35 @@ def test_unknown_recipe_exits_2_and_writes_nothing(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert "nosuch" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_train_seeds_average_each_number_over_the_trainings(cr: ModuleType, tmp_path: Path, monkeypatch: Any) -> None:
+    """--train-seeds 3 trains each recipe with train.seed 0, 1, 2 into its own folder and reports the mean over the
+    three trainings with their std (the spread of the per-training means, not the bench's sampling spread)."""
+    out = tmp_path / "out"
+    rng = random.Random(2)
+    specs = {k: {"exit": 0, "report": report(rng, out / "rcm" / f"seed{k}", [1, 2])} for k in range(3)}
+    calls: list[tuple[Path, str]] = []
+
+    def fake(recipe: str, folder: Path, resume: bool, sets: list[str]) -> list[str]:
+        seed = int(sets[-1].split("=")[1])
+        calls.append((folder, sets[-1]))
+        return [sys.executable, "-c", FAKE_DISTILL, str(folder), json.dumps(specs[seed])]
+
+    monkeypatch.setattr(cr, "distill_command", fake)
+    assert cr.main(["--recipes", "rcm", "--output", str(out), "--train-seeds", "3"]) == 0
+    assert calls == [(out / "rcm" / f"seed{k}", f"train.seed={k}") for k in range(3)]
+    compare = json.loads((out / "compare.json").read_text())
+    t50 = compare["teacher_50"]
+    for r in compare["rows"]:
+        per_run = [next(x for x in specs[k]["report"]["rows"] if x["source"] != "digits" and x["steps"] == r["steps"])
+                   for k in range(3)]  # fmt: skip
+        for key in ("fid", "fid_train", "accuracy"):
+            assert r[key] == pytest.approx(sum(x[key] for x in per_run) / 3), key
+        assert r["fid_std"] == pytest.approx(statistics.stdev(x["fid"] for x in per_run))
+        assert r["fid_train_std"] == pytest.approx(statistics.stdev(x["fid_train"] for x in per_run))
+        assert r["fid_ratio"] == pytest.approx(r["fid"] / t50["fid"]) and r["train_seeds"] == [0, 1, 2]
+    cells = table_lines((out / "compare.md").read_text())
+    rcm = [c for c in cells if c[0] == "rcm"]
+    assert len(rcm) == 2 and all("+-" in c[3] and "mean of 3 seeds" in c[7] for c in rcm)
+    assert cr.main(["--recipes", "rcm", "--output", str(out), "--train-seeds", "0"]) == 2
