@@ -46,8 +46,9 @@ class ClipScorer:
         self.std = torch.tensor(cfg.get("std", OPENAI_DATASET_STD)).view(1, 3, 1, 1)
 
     @classmethod
-    def load(cls, spec: str) -> ClipScorer:
-        """``ARCH:CHECKPOINT``: an open_clip architecture name (or a JSON model config file) and local weights."""
+    def load(cls, spec: str, **options: Any) -> ClipScorer:
+        """``ARCH:CHECKPOINT``: an open_clip architecture name (or a JSON model config file) and local weights;
+        ``options``: the scorer's template, definition and image_side (a bench protocol's)."""
         try:
             import open_clip
         except ImportError:
@@ -68,7 +69,7 @@ class ClipScorer:
             raise FewstepError(
                 f"could not load CLIP {spec}: {str(err).splitlines()[0] if str(err) else err}"
             ) from None
-        return cls(model, open_clip.get_tokenizer(arch))
+        return cls(model, open_clip.get_tokenizer(arch), **options)
 
     def preprocess(self, images: Tensor) -> Tensor:
         if self.image_side is not None:

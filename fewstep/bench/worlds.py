@@ -98,6 +98,7 @@ class TextWorld:
     fid: FeatureFID | None = None
     patch_fid: FeatureFID | None = None
     resolution: tuple[int, int] = (0, 0)
+    fid_transform: Any = None  # PIL -> PIL for both image sets (coco-dmd2's center crop); None: references resized
 
     @classmethod
     def load(cls, pipe: Any, options: TextOptions) -> TextWorld:
@@ -111,23 +112,20 @@ class TextWorld:
             raise FewstepError(f"{type(pipe).__name__} is a text-to-image pipeline: pass --prompts FILE")
         world = cls(options, read_prompts(options.prompts), protocol)
         if options.clip:
-            clip = ClipScorer.load(options.clip)
-            clip.template, clip.definition, clip.image_side = (
-                protocol.clip_template, protocol.clip_definition, protocol.clip_image_side
+            world.clip = ClipScorer.load(
+                options.clip, template=protocol.clip_template, definition=protocol.clip_definition,
+                image_side=protocol.clip_image_side,
             )  # fmt: skip
-            world.clip = clip
         probe = pipe(prompt=world.prompts[:1], num_inference_steps=1, output_type="pt").images
         world.resolution = (int(probe.shape[-2]), int(probe.shape[-1]))
+        if protocol.reference_preprocessing == "center-crop-lanczos":  # both sets; else references resized to ours
+            world.fid_transform = center_crop_resize(protocol.fid_resolution)
         if options.reference:
-            if protocol.reference_preprocessing == "resize-bicubic":
-                world.fid = reference_fid(options.reference, options.fid_features, world.resolution)
-            else:
-                square = center_crop_resize(protocol.fid_resolution)
-                world.fid = reference_fid(options.reference, options.fid_features, world.resolution, square)
-                if protocol.patch_fid and min(world.resolution) >= PATCH:
-                    world.patch_fid = reference_fid(
-                        options.reference, options.fid_features, world.resolution, center_patch
-                    )
+            world.fid = reference_fid(options.reference, options.fid_features, world.resolution, world.fid_transform)
+            if protocol.patch_fid and min(world.resolution) >= PATCH:
+                world.patch_fid = reference_fid(
+                    options.reference, options.fid_features, world.resolution, center_patch
+                )
         if world.clip is None and world.fid is None:
             raise FewstepError("nothing to measure quality with: pass --clip ARCH:CHECKPOINT and/or --reference DIR")
         return world
@@ -136,7 +134,7 @@ class TextWorld:
         return [self.prompts[i % len(self.prompts)] for i in range(num)]
 
     def score(self, pipe: Any, num: int, steps: int, guidance: float, seed: int, batch: int) -> Scored:
-        from .protocol import center_crop_resize, center_patch, map_images
+        from .protocol import center_patch, map_images
 
         prompts = self.cycled(num)
         gen = torch.Generator().manual_seed(seed)
@@ -150,8 +148,7 @@ class TextWorld:
         ])  # fmt: skip
         values = {}
         if self.fid is not None:
-            square = self.protocol.reference_preprocessing == "center-crop-lanczos"
-            compared = map_images(images, center_crop_resize(self.protocol.fid_resolution)) if square else images
+            compared = images if self.fid_transform is None else map_images(images, self.fid_transform)
             values["fid"] = self.fid(compared)
         if self.patch_fid is not None:
             values["patch_fid"] = self.patch_fid(map_images(images, center_patch))

@@ -34,6 +34,8 @@ from ..schedules import VP, Flow, NoiseSchedule, TrigFlow, diffusers_schedule_co
 
 # pipelines whose __call__ passes sigmas = linspace(1, 1/n, n) to a flow scheduler (FluxPipeline's rule)
 UNIFORM_SIGMAS = frozenset({"FluxPipeline", "DigitsPipeline"})
+# SanaSprintPipeline.__call__'s max_timesteps and intermediate_timesteps (diffusers 0.42), when a pipeline has none
+SCM_CALL = (1.5708, 1.3)
 # the FlowMatchEulerDiscreteScheduler keys that set its grid, copied from a teacher's own FlowMatch config
 FLOW_GRID_KEYS = (
     "shift", "use_dynamic_shifting", "base_shift", "max_shift", "base_image_seq_len", "max_image_seq_len",
@@ -51,7 +53,7 @@ class StockSampler:
     gamma: float
     loop: str = "steps"  # "steps": set_timesteps(n); "uniform_sigmas": FluxPipeline's; "scm": SanaSprintPipeline's
     mu: float | None = None  # the dynamic shift the loop passes (FLUX.1-dev at the training size)
-    scm_call: tuple[float, float] = (1.5708, 1.3)  # SanaSprintPipeline's max_timesteps, intermediate_timesteps
+    scm_call: tuple[float, float] = SCM_CALL  # SanaSprintPipeline's max_timesteps, intermediate_timesteps
 
     def build(self) -> Any:
         import diffusers
@@ -90,14 +92,14 @@ class StockPlans:
     native: NoiseSchedule
     prediction: str
     teacher_scheduler: dict[str, Any] = field(hash=False)
-    scm_call: tuple[float, float] = (1.5708, 1.3)  # SanaSprintPipeline's __call__ defaults
+    scm_call: tuple[float, float] = SCM_CALL  # SanaSprintPipeline's __call__ defaults
 
     @classmethod
     def of(cls, pipe: Any, native: NoiseSchedule, prediction: str) -> StockPlans:
         from ..training.families import call_default
 
         top, mid = call_default(pipe, "max_timesteps"), call_default(pipe, "intermediate_timesteps")
-        scm_call = (float(top), float(mid)) if top is not None and mid is not None else (1.5708, 1.3)
+        scm_call = (float(top), float(mid)) if top is not None and mid is not None else SCM_CALL
         return cls(type(pipe).__name__, native, prediction, dict(pipe.scheduler.config), scm_call)
 
     def sampler(self, gamma: float) -> StockSampler | None:
@@ -150,14 +152,20 @@ def shifted_betas(schedule: VP) -> list[float]:
 PLAN_TIMES = ("stock", "recipe")
 
 
+def stock_sampler(teacher: Any, gamma: float, plan_times: str) -> StockSampler | None:
+    """The stock sampler a recipe's plans follow: the teacher pipeline's for ``gamma`` when ``plan_times`` is
+    "stock" and the teacher has one; None means the recipe's own plan."""
+    if plan_times not in PLAN_TIMES:
+        raise FewstepError(f"plan_times must be one of {', '.join(PLAN_TIMES)}, got {plan_times!r}")
+    stock = getattr(teacher, "stock", None)
+    return stock.sampler(gamma) if plan_times == "stock" and stock is not None else None
+
+
 def plans_for(
     teacher: Any, steps: Sequence[int], gamma: float, plan_times: str, rule: Callable[[int], Sequence[float]]
 ) -> dict[int, SamplingPlan]:
     """Each n-step plan on ``teacher.native``: the times its pipeline's stock scheduler visits (``plan_times`` =
     "stock", where the teacher has a stock sampler for ``gamma``), else the recipe's own ``rule(n)``."""
-    if plan_times not in PLAN_TIMES:
-        raise FewstepError(f"plan_times must be one of {', '.join(PLAN_TIMES)}, got {plan_times!r}")
-    stock = getattr(teacher, "stock", None)
-    sampler = stock.sampler(gamma) if plan_times == "stock" and stock is not None else None
+    sampler = stock_sampler(teacher, gamma, plan_times)
     times = sampler.times if sampler is not None else rule
     return {n: SamplingPlan(teacher.native, tuple(float(t) for t in times(n)), gamma) for n in steps}

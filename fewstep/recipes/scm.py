@@ -235,9 +235,9 @@ class SCM(Recipe):
         return plans
 
     def _stock_plans(self, teacher: Denoiser) -> dict[int, SamplingPlan]:
-        from ..export.stock import plans_for
+        from ..export.stock import stock_sampler
 
-        stock = getattr(teacher, "stock", None)
-        if self.cfg.plan_times == "recipe" or stock is None or stock.sampler(1.0) is None:
+        sampler = stock_sampler(teacher, 1.0, self.cfg.plan_times)
+        if sampler is None:  # the recipe's own plans, kept in TrigFlow time
             return self._recipe_plans()
-        return plans_for(teacher, self.cfg.plan_steps, 1.0, "stock", lambda n: ())
+        return {n: SamplingPlan(teacher.native, sampler.times(n), gamma=1.0) for n in self.cfg.plan_steps}
