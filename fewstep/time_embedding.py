@@ -55,7 +55,16 @@ def smooth_time_embedding(model: nn.Module, max_freq: float) -> int:
         keep = (freqs <= max_freq).to(linear.weight.dtype).to(linear.weight.device)
         with torch.no_grad():
             linear.weight.mul_(keep)
-        if linear.weight.requires_grad:
-            linear.weight.register_hook(lambda grad, keep=keep: grad * keep)
+        # the removed channels are masked out of the layer's input, so their columns get no gradient and stay zero.
+        # A gradient hook on the weight would do the same on one process, but FSDP2 / replicate train other tensors
+        # than the Parameter the hook sits on, and it would be lost there (the columns then trained again)
+        linear.register_forward_pre_hook(_masked_input(keep))
         removed += int((keep == 0).sum())
     return removed
+
+
+def _masked_input(keep: Tensor) -> Any:
+    def hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        return (args[0] * keep.to(args[0]), *args[1:])
+
+    return hook

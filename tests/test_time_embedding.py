@@ -97,3 +97,23 @@ def test_flux_guidance_embedding_is_left_alone() -> None:
     assert smooth_time_embedding(model, 0.1) > 0
     assert torch.equal(guidance_before, embedder.guidance_embedder.linear_1.weight)
     assert torch.any(embedder.timestep_embedder.linear_1.weight == 0)
+
+
+def test_time_embedding_mask_survives_a_replaced_parameter() -> None:
+    """FSDP2 and replicate train other tensors than the Parameter a gradient hook was put on; the removed time
+    channels must stay out of training anyway (they trained again on two processes before the mask moved to the
+    layer's input)."""
+    from diffusers.models.embeddings import TimestepEmbedding, Timesteps
+
+    torch.manual_seed(0)
+    parent = torch.nn.Module()
+    parent.time_proj = Timesteps(32, flip_sin_to_cos=False, downscale_freq_shift=0)
+    parent.timestep_embedder = TimestepEmbedding(32, 8)
+    smooth_time_embedding(parent, max_freq=math.exp(-3))
+    ((linear, freqs),) = time_input_layers(parent)
+    linear.weight = torch.nn.Parameter(linear.weight.detach().clone())  # what an engine does to a module's parameters
+    out = parent.timestep_embedder(parent.time_proj(torch.rand(4) * 1000))
+    out.square().mean().backward()
+    assert linear.weight.grad is not None
+    assert torch.all(linear.weight.grad[:, freqs > math.exp(-3)] == 0)
+    assert torch.any(linear.weight.grad[:, freqs <= math.exp(-3)] != 0)
