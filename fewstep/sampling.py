@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import batch_random
 from .schedules import Coeffs, Flow, NoiseSchedule, append_dims, ddim_step, forward_transition, velocity
 
 
@@ -112,9 +113,16 @@ def advance(
         x0 = denoise(x, t_b)
         c_t = schedule.coeffs(append_dims(t_b, x.ndim))
         c_next = schedule.coeffs(append_dims(torch.full_like(t_b, t_next), x.ndim))
-        z = None if gamma == 0 else torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+        z = None if gamma == 0 else _noise(x, generator)
         x = renoise(x0, x, c_t, c_next, gamma, z)
     return x
+
+
+def _noise(x: Tensor, generator: torch.Generator | None) -> Tensor:
+    """N(0, 1) like x: from ``generator`` (on the CPU), else a per-sample draw of the training batch (batch_random)."""
+    if generator is None:
+        return batch_random.randn(x.shape, dtype=x.dtype).to(x.device)
+    return torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
 
 
 def euler_times(

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import batch_random
 from ..schedules import NoiseSchedule
 from ..teacher import Denoiser, block_channels, block_tokens, feature_blocks
 
@@ -75,7 +76,7 @@ def discriminator_times(
     exp(N) / p_sigma_data (written through the ratio so that it means the same on every schedule). SANA-Sprint's
     LADD draws t_D = atan(exp(N) / 0.5) on latents scaled to std 0.5 (NVlabs/Sana train_scm_ladd.py, the
     "logit_normal_trigflow" sampler): ``p_sigma_data`` = 0.5 on unit latents. 1 states the ratio itself."""
-    ratio = torch.exp(p_mean + p_std * torch.randn(n, dtype=torch.float64)) / p_sigma_data
+    ratio = torch.exp(p_mean + p_std * batch_random.randn((n,), dtype=torch.float64)) / p_sigma_data
     return schedule.time_at_ratio(ratio).clamp(schedule.t_min, schedule.t_max).float()
 
 
@@ -86,8 +87,8 @@ def ladd_losses(
     scored on its features. The fake's features are computed once: the critic reads them detached (the teacher is
     frozen, so they equal the features of the detached fake), and the real ones need no graph."""
     schedule = disc.teacher.schedule
-    fake = schedule.add_noise(x0_fake, torch.randn_like(x0_fake), t_d)
-    real = schedule.add_noise(x0_real, torch.randn_like(x0_real), t_d)
+    fake = schedule.add_noise(x0_fake, batch_random.randn_like(x0_fake), t_d)
+    real = schedule.add_noise(x0_real, batch_random.randn_like(x0_real), t_d)
     fake_features = disc.features(fake, t_d, cond)
     with torch.no_grad():
         real_features = disc.features(real, t_d, cond)
@@ -99,7 +100,7 @@ def ladd_losses(
 def with_largest_time(t: Tensor, t_max: float, prob: float) -> Tensor:
     """t with each entry replaced by t_max with probability ``prob`` (SANA-Sprint's train_largest_timestep: the
     one-step generator from pure noise gets a share of the adversarial signal)."""
-    return torch.where(torch.rand(t.shape) < prob, torch.full_like(t, t_max), t)
+    return torch.where(batch_random.rand(t.shape) < prob, torch.full_like(t, t_max), t)
 
 
 def score_gan_losses(
@@ -110,8 +111,8 @@ def score_gan_losses(
     features are recomputed with their graph, so the critic loss trains the heads and the fake score's backbone
     together (DMD2 adds it to the fake score's denoising loss); the generator's reaches x0_fake."""
     schedule = disc.teacher.schedule
-    fake = schedule.add_noise(x0_fake, torch.randn_like(x0_fake), t_d)
-    real = schedule.add_noise(x0_real, torch.randn_like(x0_real), t_d)
+    fake = schedule.add_noise(x0_fake, batch_random.randn_like(x0_fake), t_d)
+    real = schedule.add_noise(x0_real, batch_random.randn_like(x0_real), t_d)
     generator = F.softplus(-disc(fake, t_d, cond)).mean()
     critic = F.softplus(disc(fake.detach(), t_d, cond)).mean() + F.softplus(-disc(real, t_d, cond)).mean()
     return generator, critic

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import batch_random
 from ..schedules import Coeffs, NoiseSchedule, transition
 
 Denoise = Callable[[Tensor, Tensor], Tensor]  # (x_t, t (B,)) -> x0
@@ -48,7 +49,7 @@ def ho_scale(w: float, convention: GuidanceConvention) -> float:
 
 def uniform_times(schedule: NoiseSchedule, n: int, lo: float = 0.02, hi: float = 0.98) -> Tensor:
     """n times uniform over the fraction [lo, hi] of the schedule's range (DMD2 draws t in [20, 980] of 1000)."""
-    u = lo + (hi - lo) * torch.rand(n)
+    u = lo + (hi - lo) * batch_random.rand((n,))
     return schedule.t_min + (schedule.t_max - schedule.t_min) * u
 
 
@@ -84,7 +85,7 @@ def distribution_matching_loss(
     alpha_t x0_G + sigma_t eps where a recipe noises its samples its own way (TDM: along the student's trajectory)."""
     with torch.no_grad():
         if x_t is None:
-            x_t = schedule.add_noise(x0_gen.detach(), torch.randn_like(x0_gen) if eps is None else eps, t)
+            x_t = schedule.add_noise(x0_gen.detach(), batch_random.randn_like(x0_gen) if eps is None else eps, t)
         grad = dmd_gradient(x0_gen.detach(), real(x_t, t), fake(x_t, t))
     return dmd_generator_loss(x0_gen, grad), grad
 
@@ -119,7 +120,9 @@ def fake_score_loss(
     rCM's own critic (``rcm.rcm_critic_loss``) runs in TrigFlow time.
     ``snr_clip`` caps the SNR weight (TDM clips at 5). ``x_t``: the noised input when the recipe builds it itself."""
     x0 = x0_gen.detach()
-    x_t = schedule.add_noise(x0, torch.randn_like(x0) if eps is None else eps, t) if x_t is None else x_t.detach()
+    x_t = (
+        schedule.add_noise(x0, batch_random.randn_like(x0) if eps is None else eps, t) if x_t is None else x_t.detach()
+    )
     err = (fake(x_t, t) - x0).pow(2).flatten(1).mean(1)
     if weighting == "x0":
         weight = torch.ones_like(t)

@@ -10,6 +10,7 @@ import math
 import torch
 from torch import Tensor
 
+from .. import batch_random
 from ..schedules import append_dims
 
 
@@ -53,7 +54,9 @@ def trigflow_time_proposal(
     exp(N) / p_sigma_data, and on TrigFlow with ``sigma_data`` = sd, where that ratio is sd tan t,
     t = atan(exp(N) / (p_sigma_data sd)). The reference std is the paper's, independent of the schedule's sd.
     """
-    log_sigma = p_mean + p_std * torch.randn(n, generator=generator, dtype=torch.float64)
+    z = (torch.randn(n, generator=generator, dtype=torch.float64) if generator is not None
+         else batch_random.randn((n,), dtype=torch.float64))  # fmt: skip
+    log_sigma = p_mean + p_std * z
     return torch.atan(torch.exp(log_sigma) / (p_sigma_data * sigma_data)).float()
 
 

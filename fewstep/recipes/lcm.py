@@ -21,6 +21,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
+from .. import batch_random
 from ..errors import FewstepError
 from ..objectives.adversarial import TeacherDiscriminator, discriminator_times, ladd_losses, with_largest_time
 from ..objectives.losses import lcm_boundary, pseudo_huber
@@ -136,13 +137,13 @@ class LCM(Recipe):
             raise FewstepError("lcm needs x0 samples (real images, or teacher samples for image-free runs)")
         x0 = batch.x0
         b = x0.shape[0]
-        n = torch.randint(0, cfg.num_ddim_timesteps - cfg.skip + 1, (b,))
+        n = batch_random.randint(cfg.num_ddim_timesteps - cfg.skip + 1, (b,))
         t, s = self.grid[n].to(x0), self.grid[n + cfg.skip].to(x0)  # t = t_{n+k} > s = t_n
-        w = cfg.w_min + (cfg.w_max - cfg.w_min) * torch.rand(b)
+        w = cfg.w_min + (cfg.w_max - cfg.w_min) * batch_random.rand((b,))
         cond = dict(batch.cond)
         if self.embeds_w:
             cond.update(guidance_condition(self.model, w))
-        x_t = native.add_noise(x0, torch.randn_like(x0), t)
+        x_t = native.add_noise(x0, batch_random.randn_like(x0), t)
         with torch.no_grad():
             guidance: float | Tensor = cfg.w_min if cfg.w_min == cfg.w_max else w
             x0_teacher = self.teacher.guided(x_t, t, batch.cond, batch.uncond, guidance)
@@ -155,7 +156,7 @@ class LCM(Recipe):
             return {"student": loss}
         # the adversarial term: the student's x0 at a grid time, or from pure noise for a share of the batch
         t_g = with_largest_time(t, float(self.grid[0]), cfg.adv_largest_t_prob)
-        x_g = native.add_noise(x0, torch.randn_like(x0), t_g)
+        x_g = native.add_noise(x0, batch_random.randn_like(x0), t_g)
         t_d = discriminator_times(native, b, cfg.adv_p_mean, cfg.adv_p_std, cfg.adv_p_sigma_data)
         generator, critic = ladd_losses(self.disc, self.f(self.student, x_g, t_g, cond), x0, t_d, batch.cond)
         return {"student": loss + cfg.adv_weight * generator, "critic": critic}

@@ -29,6 +29,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from .. import batch_random
 from ..errors import FewstepError
 from ..objectives.dmd import dmd_generator_loss, dmd_gradient, fake_score_network, subinterval_mean
 from ..objectives.generator import student_network
@@ -148,7 +149,7 @@ class PhasedDMD(Recipe):
         within = [t for t in plan.times if self.phase_of(t) == p]
         denoise = self.route(batch.cond)
         with torch.no_grad():  # the finished experts bring x to the phase's start
-            x = plan_state(denoise, plan, torch.randn_like(batch.x0), plan.times.index(start))
+            x = plan_state(denoise, plan, batch_random.randn_like(batch.x0), plan.times.index(start))
         student_step = step % cfg.fake_steps == 0
         with torch.set_grad_enabled(student_step):  # the phase's own steps, with gradient through all of them
             if s == native.t_min:  # the last phase ends on x0
@@ -159,9 +160,9 @@ class PhasedDMD(Recipe):
         b = x_s.shape[0]
         s_b = torch.full((b,), s, dtype=x_s.dtype)
         u_lo = torch.full((b,), u_s, dtype=x_s.dtype).clamp_min(cfg.t_floor)
-        t = grid_time(native, u_lo + (u_start - u_lo) * torch.rand(b, dtype=x_s.dtype))
+        t = grid_time(native, u_lo + (u_start - u_lo) * batch_random.rand((b,), dtype=x_s.dtype))
         c_s, c_t = self.coeffs(s_b, x_s), self.coeffs(t, x_s)
-        x_t = forward_transition(x_s.detach(), c_s, c_t, torch.randn_like(x_s))
+        x_t = forward_transition(x_s.detach(), c_s, c_t, batch_random.randn_like(x_s))
         fake = self.fakes[p]
         m_fake = subinterval_mean(fake(x_t, t, batch.cond), x_t, c_s, c_t)
         b2 = transition(c_s, c_t)[1].flatten(1)[:, 0]

@@ -26,6 +26,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
+from .. import batch_random
 from ..objectives.dmd import (
     Denoise,
     Weighting,
@@ -78,7 +79,7 @@ def shifted_uniform_times(schedule: NoiseSchedule, n: int, shift: float) -> Tens
     """(n,) times of rCM's UniformShift (rcm/utils/timestep_utils.py): u ~ U[0, 1), the flow time
     rf = shift u / (1 + (shift - 1) u), then the time of ``schedule`` with the same noise-to-signal ratio rf / (1 - rf)
     (on TrigFlow with sd 1, rCM's atan(rf / (1 - rf)))."""
-    u = torch.rand(n, dtype=torch.float64)
+    u = batch_random.rand((n,), dtype=torch.float64)
     rf = shift * u / (1 + (shift - 1) * u)
     return schedule.time_at_ratio(rf / (1 - rf)).clamp(schedule.t_min, schedule.t_max).float()
 
@@ -147,7 +148,7 @@ class RCM(Recipe):
         steps = self.cfg.plan_steps
         plan = self.scm.trig_plans()[steps[int(torch.randint(len(steps), ()))]]
         with torch.no_grad():
-            x = plan_state(denoise, plan, torch.randn_like(like), plan.steps - 1)
+            x = plan_state(denoise, plan, batch_random.randn_like(like), plan.steps - 1)
         t = torch.full((x.shape[0],), plan.times[-1], dtype=x.dtype, device=x.device)
         return denoise(x, t)
 
@@ -156,12 +157,12 @@ class RCM(Recipe):
         times carried to TrigFlow by their noise-to-signal ratio), x = cos t_k x0 + sin t_k sd z between steps."""
         trig, native, b = self.scm.trig, self.real.schedule, like.shape[0]
         t = torch.full((b,), math.pi / 2, dtype=like.dtype, device=like.device)
-        x = trig.sigma_data * torch.randn_like(like)
+        x = trig.sigma_data * batch_random.randn_like(like)
         with torch.no_grad():
             for _ in range(n - 1):
                 ratio = native.ratio(self.dmd_times(b).double()).clamp_max(1e30)
                 t_next = torch.minimum(trig.time_at_ratio(ratio).to(t), t)
-                x, t = trig.add_noise(denoise(x, t), torch.randn_like(like), t_next), t_next
+                x, t = trig.add_noise(denoise(x, t), batch_random.randn_like(like), t_next), t_next
         return denoise(x, t)
 
     def loss(self, batch: Batch, step: int) -> dict[str, Tensor]:

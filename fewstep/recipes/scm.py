@@ -29,6 +29,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
+from .. import batch_random
 from ..errors import FewstepError
 from ..objectives.adversarial import TeacherDiscriminator, discriminator_times, ladd_losses, with_largest_time
 from ..objectives.losses import (
@@ -170,7 +171,7 @@ class SCM(Recipe):
         x0, cond = batch.x0, dict(batch.cond)
         cond.update(guidance_condition(self.student.model, torch.full((x0.shape[0],), cfg.guidance)))
         t = self.proposal(x0.shape[0]).clamp(1e-3, math.pi / 2 - 1e-3)
-        eps = torch.randn_like(x0)
+        eps = batch_random.randn_like(x0)
         x_t = self.trig.add_noise(x0, eps, t)
         c_t = self.trig.coeffs(append_dims(t, x_t.ndim))
         with torch.no_grad():
@@ -198,7 +199,7 @@ class SCM(Recipe):
         b = x0.shape[0]
         t_g = self.proposal(b).clamp(1e-3, math.pi / 2)
         t_g = with_largest_time(t_g, math.pi / 2, cfg.adv_largest_t_prob)
-        x_g = self.trig.add_noise(x0, torch.randn_like(x0), t_g)
+        x_g = self.trig.add_noise(x0, batch_random.randn_like(x0), t_g)
         c_g = self.trig.coeffs(append_dims(t_g, x0.ndim))
         x0_theta = c_g.alpha * x_g - c_g.sigma * self.F(x_g, t_g, cond)  # Lu & Song, Eq. 4
         t_d = discriminator_times(self.trig, b, cfg.adv_p_mean, cfg.adv_p_std, cfg.adv_p_sigma_data)

@@ -32,6 +32,7 @@ from typing import Any, ClassVar, Literal, get_args
 import torch
 from torch import Tensor, nn
 
+from .. import batch_random
 from ..errors import FewstepError
 from ..objectives.adversarial import TeacherDiscriminator, discriminator_times, score_gan_losses
 from ..objectives.dmd import Weighting, fake_score_loss, fake_score_network, sid_generator_loss, uniform_times
@@ -151,7 +152,7 @@ class SiD(Recipe):
         real, fake = self.scores(batch)
         plan, k = self.generator.draw([cfg.train_steps])
         with torch.set_grad_enabled(generator_step):
-            _, _, x0_G = self.generator.sample(batch.cond, torch.randn_like(batch.x0), plan, k)
+            _, _, x0_G = self.generator.sample(batch.cond, batch_random.randn_like(batch.x0), plan, k)
         # the fake score learns the mixture by DSM on its detached samples, at its training scale (SiD-LSG's kappa1):
         # the guided combination is what is regressed, so every branch that is read gets trained
         fake_train_w = self.guidance_scales()[2]
@@ -161,7 +162,7 @@ class SiD(Recipe):
         if not generator_step:
             return out
         t = uniform_times(native, b, cfg.t_min, cfg.t_max)
-        x_t = native.add_noise(x0_G, torch.randn_like(x0_G), t)  # keeps the graph to x0_G: SiD differentiates
+        x_t = native.add_noise(x0_G, batch_random.randn_like(x0_G), t)  # keeps the graph to x0_G: SiD differentiates
         loss = sid_generator_loss(x0_G, real(x_t, t), fake(x_t, t), cfg.alpha)  # through both networks' inputs
         if self.disc is not None:
             t_d = discriminator_times(native, b, cfg.adv_p_mean, cfg.adv_p_std, cfg.adv_p_sigma_data)

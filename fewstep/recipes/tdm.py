@@ -23,6 +23,7 @@ from typing import ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
+from .. import batch_random
 from ..errors import FewstepError
 from ..objectives.dmd import dmd_normalizer, fake_score_loss, fake_score_network
 from ..objectives.generator import FewStepGenerator, generator_plans, student_network
@@ -99,8 +100,8 @@ class TDM(Recipe):
         end = torch.full_like(t_k, t_end)
         c_end = native.coeffs(append_dims(end, nd))
         x_mid = ddim_step(x0_G, x_k, c_k, c_end)
-        t = end + (t_k - end) * torch.rand_like(t_k)
-        return forward_transition(x_mid, c_end, native.coeffs(append_dims(t, nd)), torch.randn_like(x_mid)), t
+        t = end + (t_k - end) * batch_random.rand_like(t_k)
+        return forward_transition(x_mid, c_end, native.coeffs(append_dims(t, nd)), batch_random.randn_like(x_mid)), t
 
     def loss(self, batch: Batch, step: int) -> dict[str, Tensor]:
         cfg, native = self.cfg, self.teacher.native
@@ -111,7 +112,7 @@ class TDM(Recipe):
         student_step = step % cfg.fake_steps == 0
         plan, k = self.generator.draw(cfg.train_steps)
         with torch.set_grad_enabled(student_step):
-            x_k, t_k, x0_G = self.generator.sample(batch.cond, torch.randn_like(batch.x0), plan, k)
+            x_k, t_k, x0_G = self.generator.sample(batch.cond, batch_random.randn_like(batch.x0), plan, k)
         t_end = plan.times[k + 1] if k + 1 < plan.steps else native.t_min
         x_t, t = self.segment_noise(x_k, t_k, x0_G.detach(), t_end)
         fake = lambda x, s: self.fake(x, s, batch.cond)  # noqa: E731
