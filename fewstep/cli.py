@@ -68,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", help="prompt file (text, JSONL or parquet) for text-to-image teachers")
     p.add_argument("--data", metavar="DIR", help="text-to-image: captioned real images, encoded by the teacher's VAE")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--no-bench", action="store_true", help="digits: skip the bench report after training")
 
     p = sub.add_parser("sample", help="sample a model at any step count and save a grid")
     p.add_argument("model", help="diffusers folder (teacher or student), hub id, or 'digits'")
@@ -155,7 +156,9 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
     resolve_source(args.teacher)
     out = args.output or Path("runs") / f"{args.recipe}-{_run_name(args.teacher)}"
-    print(f"wrote {run_distill(recipe, cfg, teacher=args.teacher, output=out, resume=args.resume)}")
+    folder = run_distill(recipe, cfg, teacher=args.teacher, output=out, resume=args.resume, bench=not args.no_bench)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"wrote {folder}")
     return 0
 
 

@@ -115,34 +115,48 @@ def run_distill(
 
     ``resume``: None starts fresh (refusing a folder that already holds checkpoints), "" continues from the last good
     checkpoint in ``output/checkpoints``, a path continues from that checkpoint.
+
+    Under a launcher (``torchrun``, ``accelerate launch``) with ``train.parallel`` set, every process trains its slice
+    of each batch; the first then reads the final (sharded) checkpoint back into one process, whole, and exports
+    from it exactly as a one-process run does, while the others end.
     """
-    from .loading import load_denoiser
     from .training.config import to_toml, validate_config
+    from .training.parallel import Processes, alone
     from .training.trainer import Trainer
 
     validate_config(cfg)  # callers that built cfg themselves: still nothing written for a bad value
+    processes = Processes.start(cfg.train.parallel, cfg.train.dist_timeout_s)
     ckpt_dir = output / "checkpoints"
     if resume is None and ckpt_dir.is_dir() and any(ckpt_dir.iterdir()):
         raise FewstepError(f"{output} already holds checkpoints: pass --resume to continue or choose another --output")
-    denoiser, pipe = load_denoiser(teacher)
-    denoiser = prepare_teacher(pipe, denoiser, cfg)
-    recipe = recipe_cls(denoiser, cfg)  # type: ignore[call-arg]
-    check_exportable(recipe, pipe, denoiser)
-    train_cfg = cfg.train
+    denoiser, pipe, recipe = _setup(recipe_cls, cfg, teacher)
     data = training_data(pipe, denoiser, teacher, cfg, output / "cache")
-    trainer = Trainer(recipe, train_cfg, ckpt_dir, data)
+    processes.barrier()  # every process has checked the folder before the first one writes to it
+    trainer = Trainer(recipe, cfg.train, ckpt_dir, data, processes=processes)
     if resume is not None:
         found = trainer.resume(Path(resume) if resume else None)
-        print(f"resumed from {found} (step {trainer.step})")
-    output.mkdir(parents=True, exist_ok=True)
-    _write_text(output / "config.toml", to_toml(cfg))
+        if processes.is_main:
+            print(f"resumed from {found} (step {trainer.step})")
+    if processes.is_main:
+        output.mkdir(parents=True, exist_ok=True)
+        _write_text(output / "config.toml", to_toml(cfg))
     trainer.fit()
+    if processes.active:
+        processes.finish()
+        if not processes.is_main:
+            return output / "student"
+        del trainer, recipe, denoiser, pipe, data  # sharded on a group that is gone: read the checkpoint back whole
+        with alone():
+            denoiser, pipe, recipe = _setup(recipe_cls, cfg, teacher)
+            trainer = Trainer(recipe, cfg.train, ckpt_dir, None, processes=Processes())
+            trainer.resume()
     student = trainer.ema.get("student") or trainer.accelerator.unwrap_model(trainer.nets["student"])
     folder = export_student(
         recipe, student, pipe, denoiser.native, denoiser.prediction, output / "student", denoiser.stock
     )
     summary = {
         "steps": trainer.step, "skipped": trainer.skipped, "recipe": recipe.name, "teacher": teacher,
+        "processes": processes.world, "parallel": cfg.train.parallel if processes.active else "none",
         **native_plans(recipe, denoiser.native),
     }  # fmt: skip
     _write_text(output / "training.json", json.dumps(summary) + "\n")
@@ -151,6 +165,20 @@ def run_distill(
         bench_student(folder, teacher, sorted(recipe.plan()), output / "bench")
         write_card(folder, recipe, pipe, teacher, denoiser.native, output / "bench" / "report.json")
     return folder
+
+
+def _setup(recipe_cls: type[Recipe], cfg: Any, teacher: str) -> tuple[Denoiser, Any, Recipe]:
+    """(teacher Denoiser, its pipeline, the recipe on it), checked as exportable before any training."""
+    from .loading import load_denoiser
+
+    # networks a recipe initializes (critic heads, logvar heads, LoRA adapters) start from the run's seed: the same
+    # run twice, and every process of one run, begin from the same weights
+    torch.manual_seed(cfg.train.seed)
+    denoiser, pipe = load_denoiser(teacher)
+    denoiser = prepare_teacher(pipe, denoiser, cfg)
+    recipe = recipe_cls(denoiser, cfg)  # type: ignore[call-arg]
+    check_exportable(recipe, pipe, denoiser)
+    return denoiser, pipe, recipe
 
 
 def write_card(folder: Path, recipe: Recipe, pipe: Any, teacher: str, native: Any, report: Path | None = None) -> None:

@@ -44,6 +44,9 @@ class Backbone:
     rotary_3d: the network takes CogVideoX's 3-D rotary embeddings of the latent grid (``image_rotary_emb``) when its
         config says ``use_rotary_positional_embeddings``; they are computed here from the input's shape.
     image_first: a block returns (image, text) features, not (text, image) (CogVideoX).
+    reached_into: submodules of a block that the model's own forward calls before that block runs (DiT embeds the
+        timestep and class with ``transformer_blocks[0].norm1.emb``); FSDP2 makes each a unit of its own, gathered
+        when it is called (``training/parallel.py``).
     """
 
     timestep_scale: float = 1.0
@@ -55,12 +58,13 @@ class Backbone:
     trigflow_via_flow: bool = False
     rotary_3d: bool = False
     image_first: bool = False
+    reached_into: tuple[str, ...] = ()
 
 
 BACKBONES: dict[str, Backbone] = {
     "UNet2DModel": Backbone(),
     "UNet2DConditionModel": Backbone(),
-    "DiTTransformer2DModel": Backbone(learned_sigma=True),
+    "DiTTransformer2DModel": Backbone(learned_sigma=True, reached_into=("transformer_blocks.0.norm1.emb",)),
     "PixArtTransformer2DModel": Backbone(
         learned_sigma=True, defaults={"added_cond_kwargs": {"resolution": None, "aspect_ratio": None}}
     ),

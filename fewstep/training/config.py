@@ -225,6 +225,7 @@ RULES: tuple[tuple[str, Rule], ...] = (
     ("dmd_start", NON_NEGATIVE),
     ("*rank", NON_NEGATIVE),  # 0: no LoRA
     ("max_minutes", Rule(low=0, low_open=True, allow_inf=True)),  # inf: no time budget
+    ("dist_timeout_s", Rule(low=0, low_open=True)),  # seconds a process waits for the others
     # optimizers
     ("lr", POSITIVE),
     ("*_lr", POSITIVE),
