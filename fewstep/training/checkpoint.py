@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shutil
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -156,5 +157,7 @@ def _load_sharded(target: Path, template: Callable[[dict[str, Any]], dict[str, A
         state = optim.get("state", {})
         for fqn in [k for k in state if k not in saved]:
             del state[fqn]
-    dcp.load(tensors, checkpoint_id=str(target / "state"), no_dist=not dist.is_initialized())
+    with warnings.catch_warnings():  # DCP warns that it reads into one process when there is no group: we mean it
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(tensors, checkpoint_id=str(target / "state"), no_dist=not dist.is_initialized())
     return {**tensors, **extra, "sharded": True}

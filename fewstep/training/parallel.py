@@ -341,6 +341,12 @@ def _tensors(tree: Any) -> Iterator[Tensor]:
             yield from _tensors(v)
 
 
+def lost_peer(err: BaseException) -> bool:
+    """Whether a collective failed because another process is gone (it crashed, or its machine did)."""
+    text = str(err)
+    return any(s in text for s in ("Connection reset", "Connection closed", "Broken pipe", "timed out", "NCCL error"))
+
+
 def first_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return text[0] if text else type(err).__name__

@@ -36,7 +36,7 @@ from .. import batch_random
 from ..errors import FewstepError
 from ..recipes.base import Recipe
 from .checkpoint import load_checkpoint, save_checkpoint, save_sharded_checkpoint
-from .parallel import Parallel, Processes, recipe_networks, slice_batch
+from .parallel import Parallel, Processes, first_line, lost_peer, recipe_networks, slice_batch
 
 
 @dataclass(frozen=True)
@@ -410,6 +410,14 @@ class Trainer:
                 # every process stops at the same step: a signal or a spent budget on any one stops them all
                 if par.any(spent or self._signal is not None):
                     break
+        except RuntimeError as err:
+            restore()
+            if par.active and lost_peer(err):
+                raise FewstepError(
+                    f"another process of this run stopped at step {self.step} ({first_line(err)}); the last "
+                    "checkpoint is intact: continue with --resume"
+                ) from None
+            raise
         except KeyboardInterrupt:  # a second Ctrl-C, or one while the handler was not installed
             bar.close()
             restore()

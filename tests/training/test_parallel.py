@@ -318,3 +318,29 @@ def test_processes_launched_without_a_parallel_mode_are_a_one_line_error(tmp_pat
     assert done.returncode != 0
     assert done.stderr.strip().count("\n") == 0 and "train.parallel" in done.stderr
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_a_crashed_process_ends_the_other_with_one_line_and_keeps_the_last_checkpoint(tmp_path: Path) -> None:
+    """Rank 1 killed outright (SIGKILL: no handler runs) after the first checkpoint: rank 0 ends with one line that
+    says so instead of hanging, and the checkpoint is whole (a one-process run resumes from it)."""
+    import psutil
+
+    out = tmp_path / "run"
+    args = distill_args(out, LONG, "--set", "train.checkpoint_every=10", "--set", "train.parallel=ddp")
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    proc = subprocess.Popen([*launcher, "-m", "fewstep", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=full_env)  # fmt: skip
+    _wait_for(out / "checkpoints" / "checkpoints" / "step-00000010", proc)
+    workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if "fewstep" in " ".join(p.cmdline())]
+    sorted(workers, key=lambda p: p.pid)[-1].kill()
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    errors = [line for line in stderr.splitlines() if line.startswith("fewstep: error:")]
+    assert len(errors) == 1 and "another process of this run stopped" in errors[0], stderr[-3000:]
+    saved = [p.name for p in sorted((out / "checkpoints" / "checkpoints").iterdir())]
+    assert saved and all(name.startswith("step-") for name in saved)
+    last = int(saved[-1].removeprefix("step-"))
+    done = fewstep(*distill_args(out, last + 2, "--resume"))
+    assert done.returncode == 0, done.stderr
