@@ -218,6 +218,13 @@ def test_fsdp_distill_exports_what_one_process_exports(one_process_run: Path, tm
     summary = json.loads((out / "training.json").read_text())
     assert summary["processes"] == 2 and summary["parallel"] == "fsdp"
     assert done.stdout.count("wrote ") == 1  # one process reports (and writes) the student
+    # a damaged shard of the newest checkpoint: a one-line error that names the last good one, nothing touched
+    shard = next((out / "checkpoints" / "checkpoints" / "step-00000006" / "state").glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:-8] + b"damaged!")
+    done = torchrun("-m", "fewstep", *distill_args(out, 9, "--set", "train.parallel=fsdp", "--resume"))
+    errors = [line for line in done.stderr.splitlines() if line.startswith("fewstep: error:")]
+    assert done.returncode != 0 and errors and "damaged" in errors[0] and "step-00000003" in errors[0], errors
+    assert shard.read_bytes().endswith(b"damaged!")
 
 
 @pytest.mark.slow
