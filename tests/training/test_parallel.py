@@ -351,3 +351,30 @@ def test_a_crashed_process_ends_the_other_with_one_line_and_keeps_the_last_check
     last = int(saved[-1].removeprefix("step-"))
     done = fewstep(*distill_args(out, last + 2, "--resume"))
     assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("recipe", "teacher"), [("tdm", "sd3_folder"), ("rcm", "sd_folder")])
+def test_prompt_teachers_on_two_processes_match_one(
+    recipe: str, teacher: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """A text-to-image teacher's presets in fp32 under FSDP: prompt conditions sliced per process with the shared
+    negative row kept whole; TDM's SD3 preset trains LoRA students and fake scores with gradient checkpointing, rCM
+    reaches its DMD term on a UNet."""
+    folder = request.getfixturevalue(teacher)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\nthe blue square\na green line\nthe yellow dot\n")
+    extra = {"rcm": ["--set", "dmd_start=2", "--set", "student_update_freq=1"]}.get(recipe, [])
+
+    def args(out: Path) -> list[str]:
+        return [
+            "distill", "--recipe", recipe, "--teacher", str(folder), "--prompts", str(prompts), "--output", str(out),
+            "--no-bench", "--set", "train.max_steps=5", "--set", "train.batch_size=4", "--set", "train.progress=false",
+            "--set", 'train.mixed_precision="no"', "--set", "data.teacher_steps=2", *extra,
+        ]  # fmt: skip
+
+    one = fewstep(*args(tmp_path / "one"))
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = torchrun("-m", "fewstep", *args(tmp_path / "two"), "--set", "train.parallel=fsdp")
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert same_losses(losses(tmp_path / "two"), losses(tmp_path / "one"))
