@@ -65,7 +65,9 @@ def test_smoothed_time_mlp_sees_only_slow_channels() -> None:
     assert float(h_dot.detach().abs().max()) > 0  # still depends on time
 
 
-def test_removed_columns_stay_zero_through_training() -> None:
+def _smoothed_time_mlp() -> tuple[torch.nn.Module, torch.nn.Linear, torch.Tensor]:
+    """(a parent with a 32-channel sinusoid and its time MLP, smoothed at exp(-3); its first linear; the columns'
+    frequencies)."""
     from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 
     torch.manual_seed(0)
@@ -74,6 +76,11 @@ def test_removed_columns_stay_zero_through_training() -> None:
     parent.timestep_embedder = TimestepEmbedding(32, 8)
     smooth_time_embedding(parent, max_freq=math.exp(-3))
     ((linear, freqs),) = time_input_layers(parent)
+    return parent, linear, freqs
+
+
+def test_removed_columns_stay_zero_through_training() -> None:
+    parent, linear, freqs = _smoothed_time_mlp()
     opt = torch.optim.AdamW(parent.parameters(), lr=1e-2, weight_decay=0.1)
     for _ in range(3):
         out = parent.timestep_embedder(parent.time_proj(torch.rand(4) * 1000))
@@ -103,14 +110,7 @@ def test_time_embedding_mask_survives_a_replaced_parameter() -> None:
     """FSDP2 and replicate train other tensors than the Parameter a gradient hook was put on; the removed time
     channels must stay out of training anyway (they trained again on two processes before the mask moved to the
     layer's input)."""
-    from diffusers.models.embeddings import TimestepEmbedding, Timesteps
-
-    torch.manual_seed(0)
-    parent = torch.nn.Module()
-    parent.time_proj = Timesteps(32, flip_sin_to_cos=False, downscale_freq_shift=0)
-    parent.timestep_embedder = TimestepEmbedding(32, 8)
-    smooth_time_embedding(parent, max_freq=math.exp(-3))
-    ((linear, freqs),) = time_input_layers(parent)
+    parent, linear, freqs = _smoothed_time_mlp()
     linear.weight = torch.nn.Parameter(linear.weight.detach().clone())  # what an engine does to a module's parameters
     out = parent.timestep_embedder(parent.time_proj(torch.rand(4) * 1000))
     out.square().mean().backward()

@@ -208,7 +208,7 @@ class Trainer:
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
         if stepped is None:
-            stepped = [k for k in self.nets if self._optimizer(k).state]
+            stepped = self._stepped()
         return {
             "nets": {k: get_model_state_dict(self._module(k)) for k in self.nets},
             # an optimizer that never stepped is left out: reading its state would take a zero step and change it
@@ -217,13 +217,17 @@ class Trainer:
             "recipe": self.recipe.state_dict(),
         }
 
+    def _stepped(self) -> list[str]:
+        """The networks whose optimizers hold state (have stepped), in the trainer's order."""
+        return [k for k in self.nets if self._optimizer(k).state]
+
     def extra_state(self) -> dict[str, Any]:
         """Everything else (the same on every process): counters, loss history, scaler, RNG streams, config."""
         return {
             "step": self.step,
             "skipped": self.skipped,
             "history": self.history,
-            "stepped": [k for k in self.nets if self._optimizer(k).state],
+            "stepped": self._stepped(),
             "scaler": self.accelerator.scaler.state_dict() if self.accelerator.scaler is not None else None,
             "rng": _rng_state(),
             "config": asdict(self.cfg),
@@ -253,12 +257,14 @@ class Trainer:
                 set_optimizer_state_dict(
                     self._module(name), self._optimizer(name), state["optimizers"][name], options=partial
                 )
-        local = self.tensor_state([]) if full and self.processes.active else None
+        # whole tensors into a sharded run: the EMAs' and the recipe's own state take the layout they have here
+        distribute = full and self.processes.active
         for name, ema in self.ema.items():
             value = state["ema"][name]
-            ema.load_state_dict(_distribute_like(local["ema"][name], value) if local else value)
+            ema.load_state_dict(_distribute_like(ema.state_dict(), value) if distribute else value)
         recipe_state = state["recipe"]
-        self.recipe.load_state_dict(_distribute_like(local["recipe"], recipe_state) if local else recipe_state)
+        local = self.recipe.state_dict() if distribute else None
+        self.recipe.load_state_dict(_distribute_like(local, recipe_state) if distribute else recipe_state)
         if state["scaler"] is not None and self.accelerator.scaler is not None:
             self.accelerator.scaler.load_state_dict(state["scaler"])
         self.step, self.skipped, self.history = state["step"], state["skipped"], list(state["history"])
