@@ -1,12 +1,14 @@
 """What a recipe gives the Trainer. Recipes compose loss pieces from ``losses.py``; they do not inherit behaviour.
 
 A recipe owns its networks (students, critics, frozen teacher, target copies) and says, step by step, which of its
-trainable networks take an optimizer step: ``loss(batch, step)`` returns one scalar per optimizer stepping now.
+trainable networks take an optimizer step: ``loss(batch, step)`` returns one scalar per optimizer stepping now
+(``turns`` splits them where a later loss must see an earlier step).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -26,6 +28,19 @@ class Batch:
     x0: Tensor | None
     cond: dict[str, Any]
     uncond: dict[str, Any]
+
+    def rows(self, rows: slice, n: int) -> Batch:
+        """The samples ``rows`` of this batch of ``n``: every tensor whose first dimension is n is cut (x0, per-sample
+        conditions); the rest (a shared unconditional row, settings) is kept whole."""
+
+        def cut(value: Any) -> Any:
+            if isinstance(value, Tensor) and value.ndim and value.shape[0] == n:
+                return value[rows]
+            if isinstance(value, dict):
+                return {k: cut(v) for k, v in value.items()}
+            return value
+
+        return Batch(cut(self.x0), cut(self.cond), cut(self.uncond))
 
 
 @dataclass(frozen=True)
@@ -59,6 +74,12 @@ class Recipe(ABC):
     @abstractmethod
     def loss(self, batch: Any, step: int) -> dict[str, Tensor]:
         """Scalar losses keyed by the networks that step now; each loss only updates its own network."""
+
+    def turns(self, batch: Any, step: int) -> Iterator[dict[str, Tensor]]:
+        """This step's losses in turns: the Trainer back-propagates and steps the networks of each yielded dict before
+        it asks for the next, so a later turn sees the networks an earlier one updated (SiD steps its fake score, then
+        the generator against it). One turn, ``loss``, by default."""
+        yield self.loss(batch, step)
 
     def after_step(self, step: int) -> None:
         """The recipe's own bookkeeping after the optimizers stepped (e.g. an EMA target network)."""

@@ -316,15 +316,7 @@ def slice_batch(batch: Any, index: int, count: int) -> Any:
     if n is None or n % count:
         raise FewstepError(f"the global batch of {n} does not split into {count} equal slices: set train.batch_size")
     b = n // count
-
-    def cut(value: Any) -> Any:
-        if isinstance(value, Tensor) and value.ndim and value.shape[0] == n:
-            return value[index * b : (index + 1) * b]
-        if isinstance(value, dict):
-            return {k: cut(v) for k, v in value.items()}
-        return value
-
-    return Batch(cut(batch.x0), cut(batch.cond), cut(batch.uncond))
+    return batch.rows(slice(index * b, (index + 1) * b), n)
 
 
 def _rows(cond: dict[str, Any]) -> int | None:

@@ -1,7 +1,8 @@
 """The Trainer: one explicit loop over a Recipe, on accelerate.
 
 Per step: draw the batch (a pure function of the step, so data order survives a resume), ask the recipe for its
-losses, back-propagate each loss into its own network only (``backward(inputs=...)``), clip, step those optimizers,
+losses, back-propagate each loss into its own network only (``backward(inputs=...)``), clip, step those optimizers
+(turn by turn, where a recipe computes later losses with networks its earlier ones stepped: ``Recipe.turns``),
 update the evaluation EMAs, let the recipe update its own targets. Non-finite losses or gradients skip the step;
 ``nan_patience`` of them in a row stop the run with a clear message. Checkpoints hold weights, EMAs, optimizers, the
 grad scaler, the recipe's own state and every RNG stream, so a resumed run repeats the uninterrupted one exactly.
@@ -297,28 +298,47 @@ class Trainer:
         return [p for group in self._optimizer(name).param_groups for p in group["params"]]
 
     def train_step(self) -> dict[str, float] | None:
-        """One optimizer step (over ``grad_accum`` micro-batches); None when it was skipped as non-finite."""
-        cfg = self.cfg
-        stepping: set[str] = set()
-        totals: dict[str, float] = {}
-        par = self.processes
+        """One step: each turn of the recipe's losses (``Recipe.turns``; one turn for most recipes) over ``grad_accum``
+        micro-batches, then an optimizer step of that turn's networks before the next turn is computed. None when a
+        turn was skipped as non-finite (the turns before it stay stepped)."""
+        cfg, par = self.cfg, self.processes
+        turns = []
         for micro in range(cfg.grad_accum):
             batch = self.data(self.step * cfg.grad_accum + micro) if self.data is not None else None
-            batch = slice_batch(batch, par.rank, par.world)
-            with self.accelerator.autocast(), batch_random.batch_slice(par.rank, par.world):
-                losses = self.recipe.loss(batch, self.step)
-            if unknown := set(losses) - set(self.nets):
-                raise FewstepError(f"recipe {self.recipe.name!r} returned losses for unknown networks {unknown}")
-            values = par.mean({k: float(v.detach().float().mean()) for k, v in losses.items()})
-            if not all(math.isfinite(v) for v in values.values()):
-                self._skip()
-                return None
-            names = list(losses)
-            for i, name in enumerate(names):  # each loss reaches only its own network
-                self._backward(name, losses[name] / cfg.grad_accum, retain=i + 1 < len(names))
-                totals[name] = totals.get(name, 0.0) + values[name] / cfg.grad_accum
-            stepping |= set(names)
-        par.reshard()
+            turns.append(self.recipe.turns(slice_batch(batch, par.rank, par.world), self.step))
+        totals: dict[str, float] = {}
+        while True:
+            stepping: set[str] = set()
+            for it in turns:
+                with self.accelerator.autocast(), batch_random.batch_slice(par.rank, par.world):
+                    losses = next(it, None)
+                if losses is None:  # every micro-batch has the same turns
+                    break
+                if unknown := set(losses) - set(self.nets):
+                    raise FewstepError(f"recipe {self.recipe.name!r} returned losses for unknown networks {unknown}")
+                values = par.mean({k: float(v.detach().float().mean()) for k, v in losses.items()})
+                if not all(math.isfinite(v) for v in values.values()):
+                    self._skip()
+                    return None
+                names = list(losses)
+                for i, name in enumerate(names):  # each loss reaches only its own network
+                    self._backward(name, losses[name] / cfg.grad_accum, retain=i + 1 < len(names))
+                    totals[name] = totals.get(name, 0.0) + values[name] / cfg.grad_accum
+                stepping |= set(names)
+            else:
+                if not self._step_networks(stepping):
+                    self._skip()
+                    return None
+                continue
+            break
+        self._update_ema()
+        self.recipe.after_step(self.step)
+        return totals
+
+    def _step_networks(self, stepping: set[str]) -> bool:
+        """Clip and step the optimizers of ``stepping`` (gradients in place); False if a norm is not finite."""
+        cfg = self.cfg
+        self.processes.reshard()
         # in the trainer's own order: a set's order differs between processes (string hashing is seeded per process),
         # and clipping under FSDP is a collective per network, which every process must reach in the same order
         ordered = [name for name in self.nets if name in stepping]
@@ -326,8 +346,7 @@ class Trainer:
             if cfg.grad_clip is not None:
                 norm = self._clip(name, cfg.grad_clip)
                 if not math.isfinite(norm):
-                    self._skip()
-                    return None
+                    return False
         factor = self.lr_factor(self.step)  # the schedule follows the trainer's step, whichever networks step
         for name in ordered:
             for group, lr in zip(self.optimizers[name].param_groups, self.base_lr[name], strict=True):
@@ -335,9 +354,7 @@ class Trainer:
             self.optimizers[name].step()
         for opt in self.optimizers.values():
             opt.zero_grad(set_to_none=True)
-        self._update_ema()
-        self.recipe.after_step(self.step)
-        return totals
+        return True
 
     def _backward(self, name: str, loss: Tensor, retain: bool) -> None:
         """Gradients of ``loss`` into network ``name`` only. One process: ``backward(inputs=...)``. Several: the

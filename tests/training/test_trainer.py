@@ -145,6 +145,39 @@ def test_gradient_accumulation_matches_the_full_batch(tmp_path: Path) -> None:
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+class Turns(Toy):
+    """The critic steps first; the student's loss then reads the stepped critic (SiD's order)."""
+
+    def __init__(self) -> None:
+        super().__init__(noise=False)
+        self.seen: list[list[torch.Tensor]] = []
+
+    def turns(self, batch, step):
+        x, y = batch
+        pred = self.student(x)
+        yield {"critic": ((self.critic(pred.detach()) - 1) ** 2).mean()}
+        self.seen.append([p.detach().clone() for p in self.critic.parameters()])
+        yield {"student": ((pred - y) ** 2).mean() + self.critic(pred).mean()}
+
+
+def test_a_later_turn_sees_the_networks_an_earlier_turn_stepped(tmp_path: Path) -> None:
+    recipe = Turns()
+    before = [p.detach().clone() for p in recipe.critic.parameters()]
+    trainer = Trainer(recipe, cfg(max_steps=1), tmp_path / "a", data(8).batch)
+    trainer.fit()
+    after = list(recipe.critic.parameters())
+    assert not any(torch.equal(a, b) for a, b in zip(before, after, strict=True))  # the critic stepped...
+    assert all(torch.equal(s, a) for s, a in zip(recipe.seen[0], after, strict=True))  # ...before the student's turn
+    assert set(trainer.history[0]) == {"step", "critic", "student"}
+    # turns over micro-batches: each turn accumulates over all of them before its step
+    whole = Trainer(Turns(), cfg(max_steps=3), tmp_path / "b", data(8).batch)
+    halves = Trainer(Turns(), cfg(max_steps=3, grad_accum=2), tmp_path / "c", data(4).batch)
+    whole.fit()
+    halves.fit()
+    for a, b in zip(weights(whole), weights(halves), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path: Path) -> None:
     trainer = Trainer(Toy(nan_from=2), cfg(max_steps=20, nan_patience=3), tmp_path, data().batch)
     with pytest.raises(FewstepError, match="3 non-finite losses or gradients in a row"):
