@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
-# The one script to run when a GPU is lent (about 3-5 minutes; each step has a time limit, 9 minutes in all):
+# The one script to run when a GPU is lent (about 5-7 minutes; each step has a time limit, 12 minutes in all):
 #   1. the kernel tests on the compiled kernels (tests/kernels without the slow AOT build) and CUDA memory,
 #   2. bench_attention_jvp.py --device cuda at N = 4096, head dims 64 and 128, bf16 (issue 4's GPU goal),
-#      one JSON per head dim in OUT_DIR, next to the test log.
+#      one JSON per head dim in OUT_DIR, next to the test log,
+#   3. bench_train_step.py on CUDA (every recipe against a plain fine-tune step, CUDA peak memory; one process: NCCL
+#      refuses two ranks on one device),
+#   4. the NCCL + FSDP2 path: `torchrun --nproc_per_node 1 -m fewstep distill` of sCM with train.parallel = "fsdp"
+#      and bf16 through FSDP2's MixedPrecisionPolicy, 20 steps (the JVP runs through the sharded student).
 # Usage: benchmarks/gpu_check.sh OUT_DIR    (run from anywhere; PYTHON overrides the interpreter)
 set -euo pipefail
 
@@ -33,6 +37,11 @@ for d in 64 128; do
   timeout 120 "$py" benchmarks/bench_attention_jvp.py --device cuda --sizes 4096 --head-dim "$d" --dtype bfloat16 \
     --out "$out/bench_attention_jvp_d$d.json" || status=$?
 done
+timeout 150 "$py" benchmarks/bench_train_step.py --nproc 0 --steps 5 --json "$out/bench_train_step.json" \
+  2>&1 | tee "$out/bench_train_step.log" || status=$?
+timeout 150 "$py" -m torch.distributed.run --standalone --nproc_per_node 1 -m fewstep distill --recipe scm \
+  --output "$out/scm_fsdp_nccl" --no-bench --set train.parallel=fsdp --set train.mixed_precision=bf16 \
+  --set train.max_steps=20 --set train.progress=false 2>&1 | tee "$out/scm_fsdp_nccl.log" || status=$?
 if [[ $status -ne 0 ]]; then
   echo "gpu_check.sh: a step failed (exit $status); logs and results in $out" >&2
   exit "$status"
