@@ -1,10 +1,11 @@
 """SiD, few-step: data-free score identity distillation (Zhou et al. 2024; few-step, Zhou et al. 2025).
 
 The generator starts as the teacher and samples with an n-step plan (predict x0, re-noise with fresh noise). Each
-iteration (SiD Alg. 1 with the few-step uniform mixture):
+iteration (SiD Alg. 1 with the few-step uniform mixture), in two turns as SiD's loops do (``turns``):
   k ~ U{0..n-1}: x0_G = G(x_{t_k}, t_k) with x_{t_k} from the generator's own first k steps (no gradient)
-  fake score:  denoising score matching on sg(x0_G) (``dmd.fake_score_loss``)
-  generator:   t ~ U[t_min, t_max], x_t = alpha_t x0_G + sigma_t eps (graph kept), x0_real and x0_fake at x_t,
+  fake score:  denoising score matching on sg(x0_G) (``dmd.fake_score_loss``), then an optimizer step
+  generator:   fresh x0_G (graph kept), t ~ U[t_min, t_max], x_t = alpha_t x0_G + sigma_t eps, x0_real and x0_fake
+               at x_t from the updated fake,
                loss = (x0_real - x0_fake) . ((x0_real - x0_G) - alpha (x0_real - x0_fake)) / mean|x0_G - x0_real|
 No image is read: batches give conditions only (and real x0 to the optional Diffusion-GAN term).
 
@@ -26,6 +27,7 @@ generator then makes those samples unconditionally); fewstep does not.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, get_args
 
@@ -37,7 +39,7 @@ from ..errors import FewstepError
 from ..objectives.adversarial import TeacherDiscriminator, discriminator_times, score_gan_losses
 from ..objectives.dmd import Weighting, fake_score_loss, fake_score_network, sid_generator_loss, uniform_times
 from ..objectives.generator import FewStepGenerator, generator_plans, student_network
-from ..sampling import SamplingPlan
+from ..sampling import SamplingPlan, plan_state
 from ..teacher import Denoiser
 from ..training.data import DataConfig
 from ..training.trainer import TrainConfig
@@ -71,6 +73,11 @@ class SiDConfig:
     fake_lr: float = 1e-5  # the fake score (SiD trains both at one lr)
     betas: tuple[float, float] = (0.0, 0.999)  # SiD's Adam betas for both networks
     fake_steps: int = 1  # fake-score steps per generator step (SiD alternates 1:1)
+    # ours, not SiD's: one fake score per generation step k, trained on the k-th step's outputs only and read by that
+    # step's generator loss, so that each step's outputs match the data and not only their uniform mixture. With one
+    # fake score of the mixture a sharper step can make up for a blurrier one (on digits the 4-step mixture's last
+    # step ends noisy: diversity above the data's). Costs n fake networks; each learns from 1/n of the batch
+    fake_per_step: bool = False
     fake_lora_rank: int = 0  # 0: the fake score is a full copy of the teacher
     fake_weighting: Weighting = "eps"  # SiD trains the fake score with the teacher's own DSM weighting
     lora_rank: int = 0  # > 0: the generator is a LoRA on the teacher (exported as LoRA weights)
@@ -110,10 +117,15 @@ class SiD(Recipe):
             student_network(teacher.model, cfg.lora_rank),
             generator_plans(teacher, cfg.plan_steps, cfg.gamma, cfg.plan_times),
         )
-        fake_model = fake_score_network(teacher.model, cfg.fake_lora_rank).eval()
-        self.fake = teacher.with_model(fake_model)
+        if cfg.fake_per_step and cfg.adv_weight > 0:
+            raise FewstepError("sid: fake_per_step does not combine with the GAN term (adv_weight > 0)")
+        n_fakes = cfg.train_steps if cfg.fake_per_step else 1
+        fake_models = [fake_score_network(teacher.model, cfg.fake_lora_rank).eval() for _ in range(n_fakes)]
+        self.fakes = [teacher.with_model(m) for m in fake_models]
+        self.fake = self.fakes[0]
         self.disc = TeacherDiscriminator(self.fake, cfg.adv_block_every) if cfg.adv_weight > 0 else None
         heads = {} if self.disc is None else {"heads": self.disc.heads}
+        fake_model = fake_models[0] if n_fakes == 1 else nn.ModuleList(fake_models)
         self.fake_nets = nn.ModuleDict({"model": fake_model, **heads}) if heads else fake_model
 
     def trainable(self) -> dict[str, nn.Module]:
@@ -133,44 +145,100 @@ class SiD(Recipe):
             "anti": (1.0, cfg.anti_guidance, cfg.anti_guidance),
         }[cfg.guidance_mode]
 
-    def scores(self, batch: Batch) -> tuple[Any, Any]:
-        """(real, fake) as (x_t, t) -> x0, as the generator loss reads them."""
+    def scores(self, batch: Batch, k: int = 0) -> tuple[Any, Any]:
+        """(real, fake) as (x_t, t) -> x0, as the generator loss of step k reads them."""
         c, u = batch.cond, batch.uncond
         real_w, fake_w, _ = self.guidance_scales()
+        fake_k = self.fakes[k if self.cfg.fake_per_step else 0]
         real = lambda x, t: self.teacher.guided(x, t, c, u, real_w)  # noqa: E731
-        fake = lambda x, t: self.fake.guided(x, t, c, u, fake_w)  # noqa: E731
+        fake = lambda x, t: fake_k.guided(x, t, c, u, fake_w)  # noqa: E731
         return real, fake
 
-    def loss(self, batch: Batch, step: int) -> dict[str, Tensor]:
-        cfg, native = self.cfg, self.teacher.native
+    def turns(self, batch: Batch, step: int) -> Iterator[dict[str, Tensor]]:
+        """SiD's order (mingyuanzhou/SiD-LSG training/sid_training_loop.py, as SiD's EDM loop): the fake score steps
+        first, on the generator's detached samples; the generator's loss then reads the updated fake score on fresh
+        samples. (Both from one sample at the same weights, the first generator gradient is exactly zero, as the fake
+        starts as the teacher, and Adam turns its rounding into a step.)"""
         if batch.x0 is None:
             raise FewstepError(
                 "sid needs a batch shape: x0 (real or teacher samples) gives it; their values are unused"
             )
-        b = batch.x0.shape[0]
-        generator_step = step % cfg.fake_steps == 0
-        real, fake = self.scores(batch)
-        plan, k = self.generator.draw([cfg.train_steps])
-        with torch.set_grad_enabled(generator_step):
-            _, _, x0_G = self.generator.sample(batch.cond, batch_random.randn_like(batch.x0), plan, k)
-        # the fake score learns the mixture by DSM on its detached samples, at its training scale (SiD-LSG's kappa1):
-        # the guided combination is what is regressed, so every branch that is read gets trained
-        fake_train_w = self.guidance_scales()[2]
-        fake_train = lambda x, t: self.fake.guided(x, t, batch.cond, batch.uncond, fake_train_w)  # noqa: E731
+        yield {"fake": self.fake_loss(batch)}
+        if step % self.cfg.fake_steps == 0:
+            yield {"student": self.generator_loss(batch)}
+
+    def loss(self, batch: Batch, step: int) -> dict[str, Tensor]:
+        """Both turns at the current weights (the Trainer steps the fake score in between: ``turns``)."""
+        return {name: value for turn in self.turns(batch, step) for name, value in turn.items()}
+
+    def _sample(self, batch: Batch) -> tuple[int, Tensor]:
+        """(k, x0_G) of the uniform mixture: the generator's k-th step, k ~ U{0..n-1}, from its own first k steps."""
+        assert batch.x0 is not None
+        plan, k = self.generator.draw([self.cfg.train_steps])
+        return k, self.generator.sample(batch.cond, batch_random.randn_like(batch.x0), plan, k)[2]
+
+    def _trajectory(self, batch: Batch) -> list[Tensor]:
+        """x0_G of every step of one run of the n-step plan (n forwards, without gradient)."""
+        assert batch.x0 is not None
+        plan, outputs = self.generator.plans[self.cfg.train_steps], []
+        denoise = self.generator.bind(batch.cond)
+
+        def recorded(x: Tensor, t: Tensor) -> Tensor:
+            outputs.append(denoise(x, t))
+            return outputs[-1]
+
+        with torch.no_grad():
+            x = plan_state(recorded, plan, batch_random.randn_like(batch.x0), plan.steps - 1)
+            recorded(x, torch.full((x.shape[0],), plan.times[-1], dtype=x.dtype, device=x.device))
+        return outputs
+
+    def fake_loss(self, batch: Batch) -> Tensor:
+        """DSM of the fake score on detached mixture samples, at its training scale (SiD-LSG's kappa1): the guided
+        combination is what is regressed, so every branch that is read gets trained. With the GAN term, plus the
+        critic's loss (its heads ride on the fake score's features). ``fake_per_step``: one run of the n-step plan,
+        and fake k learns step k's outputs on the batch's rows k, k + n, ... (so n fakes cost one full-batch DSM
+        pass; the rows of a process's slice are the same rows of the global batch), their losses summed."""
+        cfg, native = self.cfg, self.teacher.native
+        w = self.guidance_scales()[2]
+        with torch.no_grad():
+            samples = self._trajectory(batch) if cfg.fake_per_step else [self._sample(batch)[1]]
+        n, b = len(samples), samples[0].shape[0]
+        if b < n:
+            raise FewstepError(f"sid: fake_per_step needs at least {n} samples per process, got {b}")
         t_f = uniform_times(native, b, cfg.t_min, cfg.t_max)
-        out = {"fake": fake_score_loss(x0_G, t_f, native, fake_train, weighting=cfg.fake_weighting)}
-        if not generator_step:
-            return out
-        t = uniform_times(native, b, cfg.t_min, cfg.t_max)
-        x_t = native.add_noise(x0_G, batch_random.randn_like(x0_G), t)  # keeps the graph to x0_G: SiD differentiates
-        loss = sid_generator_loss(x0_G, real(x_t, t), fake(x_t, t), cfg.alpha)  # through both networks' inputs
+        eps = batch_random.randn_like(samples[0])
+        losses = []
+        for k, (fake_k, x0_G) in enumerate(zip(self.fakes, samples, strict=True)):
+            rows = slice(k, None, n)
+            part = batch.rows(rows, b)
+            fake_train = lambda x, t, f=fake_k, c=part: f.guided(x, t, c.cond, c.uncond, w)  # noqa: E731
+            losses.append(
+                fake_score_loss(x0_G[rows], t_f[rows], native, fake_train, eps=eps[rows], weighting=cfg.fake_weighting)
+            )
+        loss = torch.stack(losses).sum()
         if self.disc is not None:
-            t_d = discriminator_times(native, b, cfg.adv_p_mean, cfg.adv_p_std, cfg.adv_p_sigma_data)
-            gan, critic = score_gan_losses(self.disc, x0_G, batch.x0, t_d, batch.cond)
-            loss = loss + cfg.adv_weight * gan
-            out["fake"] = out["fake"] + cfg.adv_critic_weight * critic
-        out["student"] = loss
-        return out
+            loss = loss + cfg.adv_critic_weight * self._gan(samples[0], batch)[1]
+        return loss
+
+    def generator_loss(self, batch: Batch) -> Tensor:
+        """SiD's generator loss on fresh mixture samples, graph kept through x0_G into both scores' inputs."""
+        cfg, native = self.cfg, self.teacher.native
+        k, x0_G = self._sample(batch)
+        real, fake = self.scores(batch, k)
+        t = uniform_times(native, x0_G.shape[0], cfg.t_min, cfg.t_max)
+        x_t = native.add_noise(x0_G, batch_random.randn_like(x0_G), t)
+        loss = sid_generator_loss(x0_G, real(x_t, t), fake(x_t, t), cfg.alpha)
+        if self.disc is not None:
+            loss = loss + cfg.adv_weight * self._gan(x0_G, batch)[0]
+        return loss
+
+    def _gan(self, x0_G: Tensor, batch: Batch) -> tuple[Tensor, Tensor]:
+        assert self.disc is not None and batch.x0 is not None
+        cfg = self.cfg
+        t_d = discriminator_times(
+            self.teacher.native, x0_G.shape[0], cfg.adv_p_mean, cfg.adv_p_std, cfg.adv_p_sigma_data
+        )
+        return score_gan_losses(self.disc, x0_G, batch.x0, t_d, batch.cond)
 
     @property
     def is_lora(self) -> bool:

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import fewstep.recipes.sid as sid_module
+from fewstep.errors import FewstepError
 from fewstep.loading import load_denoiser
 from fewstep.recipes.sid import SiD, SiDConfig
 from fewstep.training.config import find_preset, merge_into, read_toml
@@ -129,3 +130,65 @@ def test_sid_guided_fake_trains_on_prompts(sd3_folder: Path, tmp_path: Path, mod
     history = json.loads((tmp_path / "run" / "checkpoints" / "losses.json").read_text())
     assert len(history) == 2
     assert all(torch.isfinite(torch.tensor(v)) for h in history for v in h.values() if isinstance(v, float))
+
+
+def test_sid_per_step_fakes_learn_each_step_of_one_trajectory(
+    random_digits: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``fake_per_step``: the k-th fake score regresses the k-th step's output of one run of the n-step plan (the
+    outputs equal the generator's own backward simulation to step k from the same noise) on its share of the rows."""
+    teacher, _ = load_denoiser(str(random_digits))
+    recipe = SiD(teacher, SiDConfig(fake_per_step=True, train_steps=4, plan_steps=(1, 2, 4)))
+    assert len(recipe.fakes) == 4 and len({id(f.model) for f in recipe.fakes}) == 4
+    batch = DigitsBatches(null_class_of(teacher.model), batch_size=4)(0)
+    torch.manual_seed(3)
+    outputs = recipe._trajectory(batch)
+    plan = recipe.generator.plans[4]
+    for k in range(4):
+        torch.manual_seed(3)
+        with torch.no_grad():
+            _, _, x0_k = recipe.generator.sample(batch.cond, torch.randn_like(batch.x0), plan, k)
+        torch.testing.assert_close(outputs[k], x0_k)
+    pairs: list[tuple[torch.Tensor, Any]] = []
+    real_loss = sid_module.fake_score_loss
+    monkeypatch.setattr(
+        sid_module, "fake_score_loss", lambda x0, t, s, f, **kw: pairs.append((x0, f)) or real_loss(x0, t, s, f, **kw)
+    )
+    torch.manual_seed(3)
+    recipe.fake_loss(batch)
+    x, t = torch.randn(1, 1, 8, 8), torch.full((1,), 0.6)
+    assert len(pairs) == 4
+    for k, (x0, f) in enumerate(pairs):  # fake k: step k's output on rows k, k + 4, ... (row k of 4 here)
+        torch.testing.assert_close(x0, outputs[k][k : k + 1])
+        with torch.no_grad():
+            torch.testing.assert_close(f(x, t), recipe.fakes[k](x, t, batch.rows(slice(k, k + 1), 4).cond))
+
+
+def test_sid_per_step_generator_loss_reads_its_steps_fake(random_digits: Path) -> None:
+    """The generator loss of step k reads fake k: changing another step's fake leaves it, changing fake k moves it."""
+    teacher, _ = load_denoiser(str(random_digits))
+    recipe = SiD(teacher, SiDConfig(fake_per_step=True, train_steps=4, plan_steps=(1, 2, 4)))
+    batch = DigitsBatches(null_class_of(teacher.model), batch_size=4)(0)
+    plan = recipe.generator.plans[4]
+    recipe.generator.draw = lambda choices=None: (plan, 2)  # type: ignore[method-assign]
+
+    def loss() -> float:
+        torch.manual_seed(5)
+        with torch.no_grad():
+            return float(recipe.generator_loss(batch))
+
+    base = loss()
+    with torch.no_grad():
+        for p in recipe.fakes[1].model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    assert loss() == base
+    with torch.no_grad():
+        for p in recipe.fakes[2].model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    assert loss() != base
+
+
+def test_sid_per_step_fakes_refuse_the_gan_term(random_digits: Path) -> None:
+    teacher, _ = load_denoiser(str(random_digits))
+    with pytest.raises(FewstepError, match="fake_per_step"):
+        SiD(teacher, SiDConfig(fake_per_step=True, adv_weight=0.01))
