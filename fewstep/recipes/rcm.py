@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import batch_random
+from ..errors import FewstepError
 from ..objectives.dmd import (
     Denoise,
     Weighting,
@@ -73,6 +74,11 @@ class RCMConfig(SCMConfig):
     # "rcm": n cycling 1..max_simulation_steps, from pi/2 through per-sample times min(previous, t ~ p_D)
     backward_simulation: Literal["plan", "rcm"] = "plan"
     max_simulation_steps: int = 4  # rCM's max_simulation_steps_fake
+    # ours, not rCM's (with backward_simulation = "plan"): one fake score per plan of plan_steps, each trained on its
+    # plan's samples and read by that plan's DMD term, so each step count's outputs match the data and not only their
+    # mixture (SiD's fake_per_step, where one fake of the mixture measurably lets one step make up for another); the
+    # plan drawn for an iteration picks its fake, so each fake steps on 1 / len(plan_steps) of the iterations
+    fake_per_plan: bool = False
 
 
 def shifted_uniform_times(schedule: NoiseSchedule, n: int, shift: float) -> Tensor:
@@ -111,11 +117,16 @@ class RCM(Recipe):
         self.cfg = cfg
         self.scm = SCM(teacher, cfg)
         self.real = teacher.with_schedule(teacher.native)  # DMD runs in the teacher's own time
-        fake_model = fake_score_network(teacher.model, cfg.fake_lora_rank).eval()
-        self.fake = teacher.with_model(fake_model)
+        if cfg.fake_per_plan and cfg.backward_simulation != "plan":
+            raise FewstepError('rcm: fake_per_plan needs backward_simulation = "plan"')
+        n_fakes = len(cfg.plan_steps) if cfg.fake_per_plan else 1
+        fake_models = [fake_score_network(teacher.model, cfg.fake_lora_rank).eval() for _ in range(n_fakes)]
+        self.fakes = [teacher.with_model(m) for m in fake_models]
+        self.fake = self.fakes[0]
+        self.fake_nets = fake_models[0] if n_fakes == 1 else nn.ModuleList(fake_models)
 
     def trainable(self) -> dict[str, nn.Module]:
-        return {**self.scm.trainable(), "fake": self.fake.model}
+        return {**self.scm.trainable(), "fake": self.fake_nets}
 
     def optimizer(self, name: str) -> OptimizerSpec:
         if name == "fake":
@@ -138,19 +149,20 @@ class RCM(Recipe):
         count = effective if since % cfg.student_update_freq == 0 else step - effective - 1
         return count % cfg.max_simulation_steps + 1
 
-    def student_sample(self, cond: dict[str, Any], like: Tensor, step: int = 0) -> Tensor:
-        """x0_G by backward simulation: n - 1 student steps without gradient, then the last (with gradient where the
-        caller records one). "plan": the student's n-step plan, n drawn from ``plan_steps``; "rcm": from pi/2 through
-        per-sample times min(previous, t ~ p_D) with fresh noise, n from ``simulation_steps``."""
+    def student_sample(self, cond: dict[str, Any], like: Tensor, step: int = 0) -> tuple[int, Tensor]:
+        """(j, x0_G) by backward simulation: n - 1 student steps without gradient, then the last (with gradient where
+        the caller records one). "plan": the student's n-step plan, n = plan_steps[j] with j drawn; "rcm" (j = 0):
+        from pi/2 through per-sample times min(previous, t ~ p_D) with fresh noise, n from ``simulation_steps``."""
         denoise = lambda x, t: self.scm.student(x, t, cond)  # noqa: E731
         if self.cfg.backward_simulation == "rcm":
-            return self.simulated_sample(denoise, like, self.simulation_steps(self.cfg, step))
+            return 0, self.simulated_sample(denoise, like, self.simulation_steps(self.cfg, step))
         steps = self.cfg.plan_steps
-        plan = self.scm.trig_plans()[steps[int(torch.randint(len(steps), ()))]]
+        j = int(torch.randint(len(steps), ()))
+        plan = self.scm.trig_plans()[steps[j]]
         with torch.no_grad():
             x = plan_state(denoise, plan, batch_random.randn_like(like), plan.steps - 1)
         t = torch.full((x.shape[0],), plan.times[-1], dtype=x.dtype, device=x.device)
-        return denoise(x, t)
+        return j, denoise(x, t)
 
     def simulated_sample(self, denoise: Denoise, like: Tensor, n: int) -> Tensor:
         """rCM's backward_simulation: x = sd z at pi/2; n - 1 times t_k = min(t_{k-1}, t ~ p_D) per sample (p_D's
@@ -174,10 +186,11 @@ class RCM(Recipe):
         cond = {**batch.cond, **guidance_condition(self.scm.student.model, torch.full((b,), cfg.guidance))}
         student_step = (step - cfg.dmd_start) % cfg.student_update_freq == 0
         native = self.real.schedule
-        fake = lambda x, t: self.fake(x, t, batch.cond)  # noqa: E731
         out = self.scm.loss(batch, step) if student_step and cfg.scm_weight > 0 else {}
         with torch.set_grad_enabled(student_step):
-            x0_G = self.student_sample(cond, batch.x0, step)
+            j, x0_G = self.student_sample(cond, batch.x0, step)
+        fake_net = self.fakes[j if cfg.fake_per_plan else 0]
+        fake = lambda x, t: fake_net(x, t, batch.cond)  # noqa: E731
         if student_step:
             real = lambda x, t: self.real.guided(x, t, batch.cond, batch.uncond, cfg.guidance)  # noqa: E731
             dmd, grad = distribution_matching_loss(x0_G, self.dmd_times(b), native, real, fake)
@@ -188,7 +201,7 @@ class RCM(Recipe):
             return out
         t_f = self.dmd_times(b)
         if cfg.dmd_loss == "rcm":
-            fake_trig = self.fake.with_schedule(self.scm.trig)
+            fake_trig = fake_net.with_schedule(self.scm.trig)
             out["fake"] = rcm_critic_loss(x0_G, t_f, native, self.scm.trig, lambda x, t: fake_trig(x, t, batch.cond))
         else:
             out["fake"] = fake_score_loss(x0_G, t_f, native, fake, weighting=cfg.fake_weighting)

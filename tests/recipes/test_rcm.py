@@ -268,7 +268,7 @@ def test_rcm_backward_simulation_draws_decreasing_times(random_digits: Path) -> 
 
     recipe.scm.student = student  # type: ignore[assignment]
     torch.manual_seed(0)
-    x0_G = recipe.student_sample({}, torch.zeros(64, 1, 8, 8), 4)
+    _, x0_G = recipe.student_sample({}, torch.zeros(64, 1, 8, 8), 4)
     assert torch.equal(x0_G, torch.full_like(x0_G, 0.3))
     assert [grad for *_, grad in calls] == [False, False, False, True]
     times = [t for _, t, _ in calls]
@@ -292,3 +292,51 @@ def test_fake_score_steps_on_student_iterations_only_when_asked(random_digits: P
     steps = {step: set(recipe.loss(batch, step)) for step in range(3)}
     fake_on_student = {"student", "fake"} if on_student_steps else {"student"}
     assert steps == {0: fake_on_student, 1: {"fake"}, 2: fake_on_student}
+
+
+def test_fake_per_plan_trains_and_reads_the_drawn_plans_fake(random_digits: Path) -> None:
+    """``fake_per_plan``: the plan drawn for an iteration picks the one fake score its critic loss trains and its DMD
+    term reads; the other plans' fakes get no gradient and do not change the student's loss."""
+    teacher, _ = load_denoiser(str(random_digits))
+    recipe = RCM(teacher, RCMConfig(dmd_start=0, student_update_freq=1, plan_steps=(1, 2, 4), fake_per_plan=True))
+    assert len({id(f.model) for f in recipe.fakes}) == 3
+    batch = DigitsBatches(null_class_of(teacher.model), batch_size=4)(0)
+    drawn: list[int] = []
+    sample = recipe.student_sample
+
+    def recording(*a: Any, **k: Any) -> tuple[int, torch.Tensor]:
+        j, x0 = sample(*a, **k)
+        drawn.append(j)
+        return j, x0
+
+    recipe.student_sample = recording  # type: ignore[method-assign]
+
+    def losses() -> dict[str, torch.Tensor]:
+        torch.manual_seed(11)
+        return recipe.loss(batch, 0)
+
+    out = losses()
+    j = drawn[-1]
+    params = [list(f.model.parameters()) for f in recipe.fakes]
+    grads = torch.autograd.grad(out["fake"], [p for ps in params for p in ps], allow_unused=True)
+    per_fake = [grads[i * len(params[0]) : (i + 1) * len(params[0])] for i in range(3)]
+    for i, g in enumerate(per_fake):
+        reached = any(x is not None and bool(x.abs().max() > 0) for x in g)
+        assert reached == (i == j), (i, j)
+    student = float(out["student"])
+    with torch.no_grad():
+        for p in params[(j + 1) % 3]:
+            p.add_(0.05 * torch.randn_like(p))
+    assert float(losses()["student"]) == student and drawn[-1] == j
+    with torch.no_grad():
+        for p in params[j]:
+            p.add_(0.05 * torch.randn_like(p))
+    assert float(losses()["student"]) != student
+
+
+def test_fake_per_plan_needs_the_plan_simulation(random_digits: Path) -> None:
+    from fewstep.errors import FewstepError
+
+    teacher, _ = load_denoiser(str(random_digits))
+    with pytest.raises(FewstepError, match="fake_per_plan"):
+        RCM(teacher, RCMConfig(fake_per_plan=True, backward_simulation="rcm"))
