@@ -8,6 +8,8 @@ iteration (SiD Alg. 1 with the few-step uniform mixture), in two turns as SiD's 
                at x_t from the updated fake,
                loss = (x0_real - x0_fake) . ((x0_real - x0_G) - alpha (x0_real - x0_fake)) / mean|x0_G - x0_real|
 No image is read: batches give conditions only (and real x0 to the optional Diffusion-GAN term).
+``fake_per_step`` (ours) keeps one fake score per step k, trained on and read for step k's outputs only: one fake of
+the mixture matches only the mixture, and on digits its sharp last step made up for its blurry first one (noisy).
 
 Guidance (``guidance_mode``; every scale in Ho-Salimans form x0_u + w (x0_c - x0_u)). Each mode trains the fake score
 at the scale the generator loss reads it at, so the branch that is read learns the generator's distribution:
