@@ -199,7 +199,7 @@ class SiD(Recipe):
         combination is what is regressed, so every branch that is read gets trained. With the GAN term, plus the
         critic's loss (its heads ride on the fake score's features). ``fake_per_step``: one run of the n-step plan,
         and fake k learns step k's outputs on the batch's rows k, k + n, ... (so n fakes cost one full-batch DSM
-        pass; the rows of a process's slice are the same rows of the global batch), their losses summed."""
+        pass; where a process's slice divides by n, its rows are the same rows of the global batch), summed."""
         cfg, native = self.cfg, self.teacher.native
         w = self.guidance_scales()[2]
         with torch.no_grad():
