@@ -149,6 +149,14 @@ def fake_score_network(model: nn.Module, lora_rank: int = 0) -> nn.Module:
     return fake.requires_grad_(True)
 
 
+def fake_score_networks(model: nn.Module, lora_rank: int, count: int) -> tuple[list[nn.Module], nn.Module]:
+    """``count`` fake-score networks (``fake_score_network``) and the one module that holds them for their optimizer
+    and checkpoints: the network itself when there is one (its parameter names stay those of a single fake), else a
+    ModuleList (SiD's fake per step, rCM's fake per plan)."""
+    nets = [fake_score_network(model, lora_rank).eval() for _ in range(count)]
+    return nets, nets[0] if count == 1 else nn.ModuleList(nets)
+
+
 def sid_generator_loss(
     x0_gen: Tensor, x0_real: Tensor, x0_fake: Tensor, alpha: float = 1.2, tiny: float = 1e-8
 ) -> Tensor:

@@ -33,7 +33,7 @@ from ..objectives.dmd import (
     Weighting,
     distribution_matching_loss,
     fake_score_loss,
-    fake_score_network,
+    fake_score_networks,
     uniform_times,
 )
 from ..sampling import plan_state
@@ -119,11 +119,10 @@ class RCM(Recipe):
         self.real = teacher.with_schedule(teacher.native)  # DMD runs in the teacher's own time
         if cfg.fake_per_plan and cfg.backward_simulation != "plan":
             raise FewstepError('rcm: fake_per_plan needs backward_simulation = "plan"')
-        n_fakes = len(cfg.plan_steps) if cfg.fake_per_plan else 1
-        fake_models = [fake_score_network(teacher.model, cfg.fake_lora_rank).eval() for _ in range(n_fakes)]
+        count = len(cfg.plan_steps) if cfg.fake_per_plan else 1
+        fake_models, self.fake_nets = fake_score_networks(teacher.model, cfg.fake_lora_rank, count)
         self.fakes = [teacher.with_model(m) for m in fake_models]
         self.fake = self.fakes[0]
-        self.fake_nets = fake_models[0] if n_fakes == 1 else nn.ModuleList(fake_models)
 
     def trainable(self) -> dict[str, nn.Module]:
         return {**self.scm.trainable(), "fake": self.fake_nets}

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from .. import batch_random
 from ..errors import FewstepError
 from ..objectives.adversarial import TeacherDiscriminator, discriminator_times, score_gan_losses
-from ..objectives.dmd import Weighting, fake_score_loss, fake_score_network, sid_generator_loss, uniform_times
+from ..objectives.dmd import Weighting, fake_score_loss, fake_score_networks, sid_generator_loss, uniform_times
 from ..objectives.generator import FewStepGenerator, generator_plans, student_network
 from ..sampling import SamplingPlan, plan_state
 from ..teacher import Denoiser
@@ -121,13 +121,13 @@ class SiD(Recipe):
         )
         if cfg.fake_per_step and cfg.adv_weight > 0:
             raise FewstepError("sid: fake_per_step does not combine with the GAN term (adv_weight > 0)")
-        n_fakes = cfg.train_steps if cfg.fake_per_step else 1
-        fake_models = [fake_score_network(teacher.model, cfg.fake_lora_rank).eval() for _ in range(n_fakes)]
+        fake_models, fake_model = fake_score_networks(
+            teacher.model, cfg.fake_lora_rank, cfg.train_steps if cfg.fake_per_step else 1
+        )
         self.fakes = [teacher.with_model(m) for m in fake_models]
         self.fake = self.fakes[0]
         self.disc = TeacherDiscriminator(self.fake, cfg.adv_block_every) if cfg.adv_weight > 0 else None
         heads = {} if self.disc is None else {"heads": self.disc.heads}
-        fake_model = fake_models[0] if n_fakes == 1 else nn.ModuleList(fake_models)
         self.fake_nets = nn.ModuleDict({"model": fake_model, **heads}) if heads else fake_model
 
     def trainable(self) -> dict[str, nn.Module]:

@@ -309,10 +309,12 @@ class Trainer:
         totals: dict[str, float] = {}
         while True:
             stepping: set[str] = set()
+            done = False
             for it in turns:
                 with self.accelerator.autocast(), batch_random.batch_slice(par.rank, par.world):
                     losses = next(it, None)
                 if losses is None:  # every micro-batch has the same turns
+                    done = True
                     break
                 if unknown := set(losses) - set(self.nets):
                     raise FewstepError(f"recipe {self.recipe.name!r} returned losses for unknown networks {unknown}")
@@ -325,12 +327,11 @@ class Trainer:
                     self._backward(name, losses[name] / cfg.grad_accum, retain=i + 1 < len(names))
                     totals[name] = totals.get(name, 0.0) + values[name] / cfg.grad_accum
                 stepping |= set(names)
-            else:
-                if not self._step_networks(stepping):
-                    self._skip()
-                    return None
-                continue
-            break
+            if done:
+                break
+            if not self._step_networks(stepping):
+                self._skip()
+                return None
         self._update_ema()
         self.recipe.after_step(self.step)
         return totals
