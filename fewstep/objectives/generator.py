@@ -35,6 +35,16 @@ def generator_plans(teacher: Denoiser, steps: Sequence[int], gamma: float, plan_
     return plans_for(teacher, steps, gamma, plan_times, lambda n: euler_times(teacher.native, n)[:-1])
 
 
+def draw_index(n: int, weights: Sequence[float] | None = None) -> int:
+    """An index in 0..n-1: uniform (``torch.randint``, the recipes' reference draw) or, given ``weights``, in
+    proportion to them (``torch.multinomial``). Both read torch's global generator, which every process seeds alike."""
+    if weights is None:
+        return int(torch.randint(n, ()))
+    if len(weights) != n or min(weights) < 0 or sum(weights) <= 0:
+        raise ValueError(f"need {n} non-negative weights with a positive sum, got {list(weights)}")
+    return int(torch.multinomial(torch.tensor(weights, dtype=torch.float64), 1))
+
+
 def student_network(teacher: nn.Module, lora_rank: int = 0) -> nn.Module:
     """The generator's network, initialized from the teacher's: a trainable full copy in eval mode (no dropout, no
     DiT label dropping), or (``lora_rank`` > 0) a frozen copy with a fresh LoRA adapter."""
@@ -59,11 +69,14 @@ class FewStepGenerator:
     def bind(self, cond: dict[str, Any]) -> Denoise:
         return lambda x, t: self.denoiser(x, t, cond)
 
-    def draw(self, n_choices: Sequence[int] | None = None) -> tuple[SamplingPlan, int]:
-        """A plan (n uniform over ``n_choices``, default every plan) and a step k uniform over its n steps."""
+    def draw(
+        self, n_choices: Sequence[int] | None = None, step_weights: Sequence[float] | None = None
+    ) -> tuple[SamplingPlan, int]:
+        """A plan (n uniform over ``n_choices``, default every plan) and a step k uniform over its n steps, or in
+        proportion to ``step_weights`` (one per step of the drawn plan)."""
         choices = list(n_choices or self.plans)
-        plan = self.plans[choices[int(torch.randint(len(choices), ()))]]
-        return plan, int(torch.randint(plan.steps, ()))
+        plan = self.plans[choices[draw_index(len(choices))]]
+        return plan, draw_index(plan.steps, step_weights)
 
     def simulate(self, cond: dict[str, Any], noise: Tensor, plan: SamplingPlan, k: int) -> tuple[Tensor, Tensor]:
         """(x_{t_k}, t_k): the generator's own input at the plan's k-th time, run without gradient from ``noise``."""

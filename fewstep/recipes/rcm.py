@@ -36,6 +36,7 @@ from ..objectives.dmd import (
     fake_score_networks,
     uniform_times,
 )
+from ..objectives.generator import draw_index
 from ..sampling import plan_state
 from ..schedules import NoiseSchedule, TrigFlow
 from ..teacher import Denoiser, guidance_condition
@@ -79,6 +80,9 @@ class RCMConfig(SCMConfig):
     # mixture (SiD's fake_per_step, where one fake of the mixture measurably lets one step make up for another); the
     # plan drawn for an iteration picks its fake, so each fake steps on 1 / len(plan_steps) of the iterations
     fake_per_plan: bool = False
+    # ours, not rCM's (with backward_simulation = "plan"): relative weights of drawing each plan of plan_steps for the
+    # DMD term; empty: uniform, as DMD2 draws its backward-simulation step count
+    plan_weights: tuple[float, ...] = ()
 
 
 def shifted_uniform_times(schedule: NoiseSchedule, n: int, shift: float) -> Tensor:
@@ -117,6 +121,13 @@ class RCM(Recipe):
         self.cfg = cfg
         self.scm = SCM(teacher, cfg)
         self.real = teacher.with_schedule(teacher.native)  # DMD runs in the teacher's own time
+        if cfg.plan_weights and (len(cfg.plan_weights) != len(cfg.plan_steps) or sum(cfg.plan_weights) <= 0):
+            raise FewstepError(
+                f"rcm: plan_weights {list(cfg.plan_weights)} must hold one weight per plan of plan_steps"
+                f" {list(cfg.plan_steps)}, with a positive sum"
+            )
+        if cfg.plan_weights and cfg.backward_simulation != "plan":
+            raise FewstepError('rcm: plan_weights needs backward_simulation = "plan"')
         if cfg.fake_per_plan and cfg.backward_simulation != "plan":
             raise FewstepError('rcm: fake_per_plan needs backward_simulation = "plan"')
         count = len(cfg.plan_steps) if cfg.fake_per_plan else 1
@@ -156,7 +167,7 @@ class RCM(Recipe):
         if self.cfg.backward_simulation == "rcm":
             return 0, self.simulated_sample(denoise, like, self.simulation_steps(self.cfg, step))
         steps = self.cfg.plan_steps
-        j = int(torch.randint(len(steps), ()))
+        j = draw_index(len(steps), self.cfg.plan_weights or None)
         plan = self.scm.trig_plans()[steps[j]]
         with torch.no_grad():
             x = plan_state(denoise, plan, batch_random.randn_like(like), plan.steps - 1)

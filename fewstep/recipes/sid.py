@@ -80,6 +80,10 @@ class SiDConfig:
     # fake score of the mixture a sharper step can make up for a blurrier one (on digits the 4-step mixture's last
     # step ends noisy: diversity above the data's). Costs n fake networks; each learns from 1/n of the batch
     fake_per_step: bool = False
+    # ours, not SiD's: relative weights of drawing step k = 0..n-1 for the generator loss (and, with one fake score,
+    # for the mixture it models); empty: uniform, SiD's. With ``fake_per_step`` the mixture's weights no longer set
+    # the target (each step matches the data by itself), so they only share the generator's updates among the steps
+    step_weights: tuple[float, ...] = ()
     fake_lora_rank: int = 0  # 0: the fake score is a full copy of the teacher
     fake_weighting: Weighting = "eps"  # SiD trains the fake score with the teacher's own DSM weighting
     lora_rank: int = 0  # > 0: the generator is a LoRA on the teacher (exported as LoRA weights)
@@ -109,6 +113,11 @@ class SiD(Recipe):
             raise FewstepError(f"sid: train_steps {cfg.train_steps} must be one of plan_steps {cfg.plan_steps}")
         if cfg.fake_steps < 1:
             raise FewstepError("sid: fake_steps must be at least 1")
+        if cfg.step_weights and (len(cfg.step_weights) != cfg.train_steps or sum(cfg.step_weights) <= 0):
+            raise FewstepError(
+                f"sid: step_weights {list(cfg.step_weights)} must hold train_steps ({cfg.train_steps}) weights with a"
+                " positive sum"
+            )
         if cfg.guidance_mode not in GUIDANCE_MODES:
             raise FewstepError(f"sid: unknown guidance_mode {cfg.guidance_mode!r} ({', '.join(GUIDANCE_MODES)})")
         self.cfg = cfg
@@ -176,7 +185,7 @@ class SiD(Recipe):
     def _sample(self, batch: Batch) -> tuple[int, Tensor]:
         """(k, x0_G) of the uniform mixture: the generator's k-th step, k ~ U{0..n-1}, from its own first k steps."""
         assert batch.x0 is not None
-        plan, k = self.generator.draw([self.cfg.train_steps])
+        plan, k = self.generator.draw([self.cfg.train_steps], self.cfg.step_weights or None)
         return k, self.generator.sample(batch.cond, batch_random.randn_like(batch.x0), plan, k)[2]
 
     def _trajectory(self, batch: Batch) -> list[Tensor]:

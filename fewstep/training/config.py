@@ -245,6 +245,7 @@ RULES: tuple[tuple[str, Rule], ...] = (
     ("boundaries", Rule(low=0, high=1, low_open=True, high_open=True, non_empty=True)),
     # weights and positive scales
     ("*_weight", NON_NEGATIVE),  # 0 turns a term off
+    ("*_weights", NON_NEGATIVE),  # relative draw weights (SiD's step_weights, rCM's plan_weights); empty: uniform
     ("loss_scale", POSITIVE),
     ("*sigma_data", POSITIVE),
     ("*_shift", POSITIVE),  # time shifts s: u -> s u / (1 + (s - 1) u) (rCM's dmd_time_shift)

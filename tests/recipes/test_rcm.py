@@ -340,3 +340,23 @@ def test_fake_per_plan_needs_the_plan_simulation(random_digits: Path) -> None:
     teacher, _ = load_denoiser(str(random_digits))
     with pytest.raises(FewstepError, match="fake_per_plan"):
         RCM(teacher, RCMConfig(fake_per_plan=True, backward_simulation="rcm"))
+
+
+def test_plan_weights_pick_the_simulated_plan(random_digits: Path) -> None:
+    """``plan_weights``: the backward simulation's plan is drawn in proportion to them (here all on one plan); one
+    weight per plan, and only with the plan simulation."""
+    from fewstep.errors import FewstepError
+
+    teacher, _ = load_denoiser(str(random_digits))
+    like = torch.zeros(2, 1, 8, 8)
+    cond = DigitsBatches(null_class_of(teacher.model), batch_size=2)(0).cond
+    for only in (0, 2):
+        weights = tuple(float(j == only) for j in range(3))
+        recipe = RCM(teacher, RCMConfig(plan_steps=(1, 2, 4), plan_weights=weights))
+        torch.manual_seed(0)
+        with torch.no_grad():
+            assert {recipe.student_sample(cond, like)[0] for _ in range(4)} == {only}
+    for cfg in (RCMConfig(plan_steps=(1, 2, 4), plan_weights=(1.0, 1.0)),
+                RCMConfig(plan_weights=(1.0, 1.0, 1.0), backward_simulation="rcm")):  # fmt: skip
+        with pytest.raises(FewstepError, match="plan_weights"):
+            RCM(teacher, cfg)

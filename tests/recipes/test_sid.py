@@ -170,7 +170,7 @@ def test_sid_per_step_generator_loss_reads_its_steps_fake(random_digits: Path) -
     recipe = SiD(teacher, SiDConfig(fake_per_step=True, train_steps=4, plan_steps=(1, 2, 4)))
     batch = DigitsBatches(null_class_of(teacher.model), batch_size=4)(0)
     plan = recipe.generator.plans[4]
-    recipe.generator.draw = lambda choices=None: (plan, 2)  # type: ignore[method-assign]
+    recipe.generator.draw = lambda choices=None, weights=None: (plan, 2)  # type: ignore[method-assign]
 
     def loss() -> float:
         torch.manual_seed(5)
@@ -192,3 +192,18 @@ def test_sid_per_step_fakes_refuse_the_gan_term(random_digits: Path) -> None:
     teacher, _ = load_denoiser(str(random_digits))
     with pytest.raises(FewstepError, match="fake_per_step"):
         SiD(teacher, SiDConfig(fake_per_step=True, adv_weight=0.01))
+
+
+def test_sid_step_weights_share_the_generators_draws_among_the_steps(random_digits: Path) -> None:
+    """``step_weights``: the generator's step k is drawn in proportion to them (here all on one step), and they must
+    hold one weight per step of the trained plan."""
+    teacher, _ = load_denoiser(str(random_digits))
+    batch = DigitsBatches(null_class_of(teacher.model), batch_size=4)(0)
+    for only in (0, 3):
+        weights = tuple(float(k == only) for k in range(4))
+        recipe = SiD(teacher, SiDConfig(fake_per_step=True, train_steps=4, step_weights=weights))
+        torch.manual_seed(0)
+        assert {recipe._sample(batch)[0] for _ in range(6)} == {only}
+    for bad in ((1.0, 1.0), (0.0, 0.0, 0.0, 0.0)):
+        with pytest.raises(FewstepError, match="step_weights"):
+            SiD(teacher, SiDConfig(train_steps=4, step_weights=bad))
