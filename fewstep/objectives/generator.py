@@ -35,13 +35,22 @@ def generator_plans(teacher: Denoiser, steps: Sequence[int], gamma: float, plan_
     return plans_for(teacher, steps, gamma, plan_times, lambda n: euler_times(teacher.native, n)[:-1])
 
 
+def weights_problem(weights: Sequence[float], n: int) -> str | None:
+    """Why ``weights`` cannot weight a draw among n choices (a phrase to follow their name), or None."""
+    if len(weights) != n:
+        return f"must hold {n} weights, got {len(weights)}"
+    if min(weights) < 0 or sum(weights) <= 0:
+        return "must be non-negative with a positive sum"
+    return None
+
+
 def draw_index(n: int, weights: Sequence[float] | None = None) -> int:
     """An index in 0..n-1: uniform (``torch.randint``, the recipes' reference draw) or, given ``weights``, in
     proportion to them (``torch.multinomial``). Both read torch's global generator, which every process seeds alike."""
     if weights is None:
         return int(torch.randint(n, ()))
-    if len(weights) != n or min(weights) < 0 or sum(weights) <= 0:
-        raise ValueError(f"need {n} non-negative weights with a positive sum, got {list(weights)}")
+    if problem := weights_problem(weights, n):
+        raise ValueError(f"draw weights {list(weights)} {problem}")
     return int(torch.multinomial(torch.tensor(weights, dtype=torch.float64), 1))
 
 

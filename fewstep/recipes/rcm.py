@@ -36,7 +36,7 @@ from ..objectives.dmd import (
     fake_score_networks,
     uniform_times,
 )
-from ..objectives.generator import draw_index
+from ..objectives.generator import draw_index, weights_problem
 from ..sampling import plan_state
 from ..schedules import NoiseSchedule, TrigFlow
 from ..teacher import Denoiser, guidance_condition
@@ -121,11 +121,8 @@ class RCM(Recipe):
         self.cfg = cfg
         self.scm = SCM(teacher, cfg)
         self.real = teacher.with_schedule(teacher.native)  # DMD runs in the teacher's own time
-        if cfg.plan_weights and (len(cfg.plan_weights) != len(cfg.plan_steps) or sum(cfg.plan_weights) <= 0):
-            raise FewstepError(
-                f"rcm: plan_weights {list(cfg.plan_weights)} must hold one weight per plan of plan_steps"
-                f" {list(cfg.plan_steps)}, with a positive sum"
-            )
+        if cfg.plan_weights and (problem := weights_problem(cfg.plan_weights, len(cfg.plan_steps))):
+            raise FewstepError(f"rcm: plan_weights {list(cfg.plan_weights)} {problem} (one per plan of plan_steps)")
         if cfg.plan_weights and cfg.backward_simulation != "plan":
             raise FewstepError('rcm: plan_weights needs backward_simulation = "plan"')
         if cfg.fake_per_plan and cfg.backward_simulation != "plan":

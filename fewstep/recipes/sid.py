@@ -40,7 +40,7 @@ from .. import batch_random
 from ..errors import FewstepError
 from ..objectives.adversarial import TeacherDiscriminator, discriminator_times, score_gan_losses
 from ..objectives.dmd import Weighting, fake_score_loss, fake_score_networks, sid_generator_loss, uniform_times
-from ..objectives.generator import FewStepGenerator, generator_plans, student_network
+from ..objectives.generator import FewStepGenerator, generator_plans, student_network, weights_problem
 from ..sampling import SamplingPlan, plan_state
 from ..teacher import Denoiser
 from ..training.data import DataConfig
@@ -113,11 +113,8 @@ class SiD(Recipe):
             raise FewstepError(f"sid: train_steps {cfg.train_steps} must be one of plan_steps {cfg.plan_steps}")
         if cfg.fake_steps < 1:
             raise FewstepError("sid: fake_steps must be at least 1")
-        if cfg.step_weights and (len(cfg.step_weights) != cfg.train_steps or sum(cfg.step_weights) <= 0):
-            raise FewstepError(
-                f"sid: step_weights {list(cfg.step_weights)} must hold train_steps ({cfg.train_steps}) weights with a"
-                " positive sum"
-            )
+        if cfg.step_weights and (problem := weights_problem(cfg.step_weights, cfg.train_steps)):
+            raise FewstepError(f"sid: step_weights {list(cfg.step_weights)} {problem} (one per step of train_steps)")
         if cfg.guidance_mode not in GUIDANCE_MODES:
             raise FewstepError(f"sid: unknown guidance_mode {cfg.guidance_mode!r} ({', '.join(GUIDANCE_MODES)})")
         self.cfg = cfg
@@ -183,7 +180,8 @@ class SiD(Recipe):
         return {name: value for turn in self.turns(batch, step) for name, value in turn.items()}
 
     def _sample(self, batch: Batch) -> tuple[int, Tensor]:
-        """(k, x0_G) of the uniform mixture: the generator's k-th step, k ~ U{0..n-1}, from its own first k steps."""
+        """(k, x0_G) of the mixture: the generator's k-th step, k ~ U{0..n-1} (or drawn by ``step_weights``), from its
+        own first k steps."""
         assert batch.x0 is not None
         plan, k = self.generator.draw([self.cfg.train_steps], self.cfg.step_weights or None)
         return k, self.generator.sample(batch.cond, batch_random.randn_like(batch.x0), plan, k)[2]
