@@ -11,10 +11,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
+from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 from torch import Tensor
 
+from ..loop import denoise
 from .data import NUM_CLASSES, RESOLUTION
 
 
@@ -76,20 +77,10 @@ class DigitsPipeline(DiffusionPipeline):
         shape = (len(labels), self.transformer.config.in_channels, RESOLUTION, RESOLUTION)
         if latents is None:
             latents = torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device, dtype)
-        x = latents.to(self.device, dtype) * getattr(self.scheduler, "init_noise_sigma", 1.0)
-
-        if isinstance(self.scheduler, FlowMatchEulerDiscreteScheduler):
-            # As FluxPipeline does: evenly spaced sigmas 1 .. 1/n, so n Euler steps cover [0, 1] evenly (the
-            # scheduler's own grid would end on a wasted step from 1/1000 to 0)
-            sigmas = np.linspace(1.0, 1.0 / num_inference_steps, num_inference_steps)
-            self.scheduler.set_timesteps(sigmas=sigmas, device=self.device)
-        else:
-            self.scheduler.set_timesteps(num_inference_steps, device=self.device)
-        for t in self.progress_bar(self.scheduler.timesteps):
-            scale_input = getattr(self.scheduler, "scale_model_input", None)  # flow schedulers have none
-            model_in = scale_input(x, t) if scale_input is not None else x
-            out = self.model_output(model_in, t, labels, guidance_scale)
-            x = self.scheduler.step(out, t, x, generator=generator, return_dict=False)[0]
+        x = denoise(
+            self, latents.to(self.device, dtype), num_inference_steps,
+            lambda x, t: self.model_output(x, t, labels, guidance_scale), generator,
+        )  # fmt: skip
 
         images: Tensor | np.ndarray | list = (x.float().clamp(-1, 1) + 1) / 2
         if output_type == "np" or output_type == "pil":
