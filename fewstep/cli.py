@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from .errors import FewstepError
+from .worlds import EMBEDDED
 
 EXIT_USAGE = 2
 
@@ -59,7 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("distill", help="distill a teacher into a few-step student with a recipe")
     p.add_argument("--recipe", required=True, help="recipe name (see `fewstep recipes`)")
-    p.add_argument("--teacher", default="digits", help="diffusers folder, hub id, or 'digits' (default)")
+    p.add_argument(
+        "--teacher", default="digits", help="diffusers folder, hub id, 'digits' (default) or 'video' (embedded worlds)"
+    )
     p.add_argument("--output", type=Path, help="run folder (default: runs/<recipe>-<teacher>)")
     p.add_argument("--config", type=Path, help="TOML file of config overrides")
     p.add_argument("--preset", help="preset name under recipes/<recipe>/")
@@ -118,13 +121,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("recipes", help="list the registered recipes")
 
-    p = sub.add_parser("teacher", help="the embedded digits teacher and evaluator")
+    p = sub.add_parser("teacher", help="the embedded worlds' teachers and evaluators (digits, video)")
     tsub = p.add_subparsers(dest="teacher_command", required=True, parser_class=_Parser)
-    t = tsub.add_parser("train", help="train the digits teacher and/or evaluator (reproduces the shipped ones)")
+    t = tsub.add_parser("train", help="train a world's teacher and/or evaluator (reproduces the shipped ones)")
+    t.add_argument("--world", choices=("digits", "video"), default="digits")
     t.add_argument("--what", choices=("all", "teacher", "evaluator"), default="all")
-    t.add_argument("--output", type=Path, default=Path("runs/digits"), help="writes <output>/teacher, /evaluator")
+    t.add_argument("--output", type=Path, help="writes <output>/teacher, /evaluator (default runs/<world>)")
     t.add_argument("--steps", type=_positive_int, help="teacher training steps (default 6000)")
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument(
+        "--resume", action="store_true", help="video: continue the teacher from <output>/teacher-run/checkpoints"
+    )
     t = tsub.add_parser("inspect", help="describe a model folder as fewstep sees it")
     t.add_argument("model", nargs="?", default="digits")
     return parser
@@ -167,7 +174,7 @@ def _default_preset(recipe: str, teacher: str) -> Path | None:
     teacher, ``<family>.toml`` (sdxl, sd3, pixart, sana, flux, wan, ...) for a local pipeline folder."""
     from .training.config import presets_dir
 
-    name = "digits" if teacher == "digits" else teacher_family(teacher)
+    name = teacher if teacher in EMBEDDED else teacher_family(teacher)
     path = presets_dir() / recipe / f"{name}.toml"
     return path if name is not None and path.is_file() else None
 
@@ -186,7 +193,7 @@ def teacher_family(teacher: str) -> str | None:
 
 
 def _run_name(teacher: str) -> str:
-    return "digits" if teacher == "digits" else Path(teacher.rstrip("/")).name or "teacher"
+    return teacher if teacher in EMBEDDED else Path(teacher.rstrip("/")).name or "teacher"
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -257,6 +264,12 @@ def cmd_teacher(args: argparse.Namespace) -> int:
         print(describe(args.model))
         return 0
     from .io import atomic_dir
+
+    args.output = args.output or Path("runs") / args.world
+    if args.world == "video":
+        return _train_video_world(args)
+    if args.resume:
+        raise FewstepError("--resume applies to the video teacher (the digits teacher trains in one go)")
     from .worlds.digits.train import EvaluatorTrainConfig, TeacherTrainConfig, train_evaluator, train_teacher
 
     if args.what in ("all", "evaluator"):
@@ -268,6 +281,28 @@ def cmd_teacher(args: argparse.Namespace) -> int:
         with atomic_dir(args.output / "teacher", "model_index.json") as tmp:
             train_teacher(tmp, TeacherTrainConfig(seed=args.seed, **steps))
         print(f"wrote {args.output / 'teacher'}")
+    return 0
+
+
+def _train_video_world(args: argparse.Namespace) -> int:
+    from .io import atomic_dir
+    from .worlds.video.train import VideoTeacherConfig, train_video_teacher
+
+    if args.what in ("all", "teacher"):
+        run = args.output / "teacher-run"  # the Trainer's checkpoints go to <run>/checkpoints
+        checkpoints = run / "checkpoints"
+        if not args.resume and checkpoints.is_dir() and any(checkpoints.iterdir()):
+            raise FewstepError(f"{checkpoints} already holds checkpoints: pass --resume or choose another --output")
+        steps = {"steps": args.steps} if args.steps else {}
+        with atomic_dir(args.output / "teacher", "model_index.json") as tmp:
+            train_video_teacher(tmp, run, VideoTeacherConfig(seed=args.seed, **steps), resume=args.resume)
+        print(f"wrote {args.output / 'teacher'}")
+    if args.what in ("all", "evaluator"):
+        from .worlds.video.train import VideoEvaluatorConfig, train_video_evaluator
+
+        with atomic_dir(args.output / "evaluator", "config.json") as tmp:
+            train_video_evaluator(tmp, VideoEvaluatorConfig(seed=args.seed))
+        print(f"wrote {args.output / 'evaluator'}")
     return 0
 
 

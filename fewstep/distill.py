@@ -1,9 +1,9 @@
-"""``fewstep distill``: teacher -> recipe -> Trainer -> exported student (-> bench report on the digits world).
+"""``fewstep distill``: teacher -> recipe -> Trainer -> exported student (-> bench report on an embedded world).
 
 Run folder layout:
   checkpoints/   resumable training state (``--resume``)
   student/       the few-step student: a diffusers folder, or LoRA weights plus ``scheduler/`` for LoRA recipes
-  bench/         (digits world) report.json / report.md / plots: the student's rows next to the teacher's
+  bench/         (digits and video worlds) report.json / report.md / plots: the student's rows next to the teacher's
 """
 
 from __future__ import annotations
@@ -20,12 +20,19 @@ from .teacher import Denoiser
 
 
 def training_data(pipe: Any, teacher: Denoiser, source: str, cfg: Any, cache_dir: Path) -> Any:
-    """Batches for the teacher's world: digits images with class labels, or cached prompt conditions with the
-    teacher's own samples as x0 (image-free)."""
+    """Batches for the teacher's world: digits images with class labels, moving-digits clips with their condition
+    tokens, or cached prompt conditions with the teacher's own samples as x0 (image-free)."""
     from .training.data import DigitsBatches, PromptBatches, null_class_of
     from .worlds.digits.pipeline import DigitsPipeline
+    from .worlds.video.pipeline import VideoDigitsPipeline
 
     train = cfg.train
+    if isinstance(pipe, VideoDigitsPipeline):
+        from .training.data import VideoBatches
+
+        if cfg.data.image_free:
+            raise FewstepError("the video world trains on its own clips; data.image_free is for the digits world")
+        return VideoBatches(train.batch_size, train.seed)
     if isinstance(pipe, DigitsPipeline):
         null = null_class_of(teacher.model)
         if cfg.data.image_free:
@@ -40,9 +47,10 @@ def prepare_teacher(pipe: Any, denoiser: Denoiser, cfg: Any) -> Denoiser:
     carrying its pipeline's stock samplers (``export.stock``), which set the recipes' default plans."""
     from .export.stock import StockPlans
     from .worlds.digits.pipeline import DigitsPipeline
+    from .worlds.video.pipeline import VideoDigitsPipeline
 
     native = denoiser.native
-    if not isinstance(pipe, DigitsPipeline):
+    if not isinstance(pipe, DigitsPipeline | VideoDigitsPipeline):
         from .training.data import teacher_geometry
         from .training.families import check_components, dynamic_shift_schedule
 
@@ -123,6 +131,7 @@ def run_distill(
     from .training.config import to_toml, validate_config
     from .training.parallel import Processes, alone
     from .training.trainer import Trainer
+    from .worlds import EMBEDDED
 
     validate_config(cfg)  # callers that built cfg themselves: still nothing written for a bad value
     processes = Processes.start(cfg.train.parallel, cfg.train.dist_timeout_s)
@@ -161,7 +170,7 @@ def run_distill(
     }  # fmt: skip
     _write_text(output / "training.json", json.dumps(summary) + "\n")
     write_card(folder, recipe, pipe, teacher, denoiser.native)
-    if bench and teacher == "digits" and not recipe.is_lora:
+    if bench and teacher in EMBEDDED and not recipe.is_lora:
         bench_student(folder, teacher, sorted(recipe.plan()), output / "bench")
         write_card(folder, recipe, pipe, teacher, denoiser.native, output / "bench" / "report.json")
     return folder

@@ -14,26 +14,29 @@ import torch
 
 from .errors import FewstepError
 from .teacher import Denoiser, backbone_for, backbone_of
+from .worlds import EMBEDDED
 
 
-def embedded_path(name: str = "teacher") -> Any:
-    """Folder of a shipped digits asset ("teacher" or "evaluator")."""
+def embedded_path(name: str = "teacher", world: str = "digits") -> Any:
+    """Folder of a shipped asset ("teacher" or "evaluator") of an embedded world ("digits" or "video")."""
     from importlib.resources import files
 
-    return files("fewstep") / "assets" / "digits" / name
+    return files("fewstep") / "assets" / world / name
 
 
 def model_label(source: str) -> str:
-    """A short name for a model: 'digits-teacher' for the embedded teacher, else the folder or hub name."""
-    return "digits-teacher" if source == "digits" else Path(source.rstrip("/")).name or source
+    """A short name for a model: 'digits-teacher' or 'video-teacher' for an embedded teacher, else the folder or hub
+    name."""
+    return f"{source}-teacher" if source in EMBEDDED else Path(source.rstrip("/")).name or source
 
 
 def resolve_source(source: str) -> str:
-    """``digits`` -> the embedded teacher folder; a local folder is checked to be a diffusers pipeline."""
+    """``digits`` / ``video`` -> the embedded teacher's folder; a local folder is checked to be a diffusers
+    pipeline."""
     import os
 
-    if source == "digits":
-        return str(embedded_path("teacher"))
+    if source in EMBEDDED:
+        return str(embedded_path("teacher", world=source))
     if os.path.isdir(source):
         if not os.path.isfile(os.path.join(source, "model_index.json")):
             raise FewstepError(f"{source} is not a diffusers pipeline folder (no model_index.json)")
@@ -44,7 +47,7 @@ def resolve_source(source: str) -> str:
     if looks_like_hub_id and os.path.isdir(source.split("/")[0]):  # models/teacher with a local models/
         looks_like_hub_id = False
     if not looks_like_hub_id:
-        raise FewstepError(f"{source} does not exist (expected a diffusers folder, a hub id or 'digits')")
+        raise FewstepError(f"{source} does not exist (expected a diffusers folder, a hub id, 'digits' or 'video')")
     return source
 
 
@@ -59,6 +62,7 @@ def load_pipeline(source: str, device: str | torch.device | None = None, dtype: 
     from .export import experts as _experts  # noqa: F401  (Phased DMD's per-phase experts)
     from .export import scheduling_fewstep as _scheduler  # noqa: F401
     from .worlds.digits import pipeline as _digits  # noqa: F401  (also registers DigitsPipeline with diffusers)
+    from .worlds.video import pipeline as _video  # noqa: F401  (and VideoDigitsPipeline)
 
     path = resolve_source(source)
     kwargs: dict[str, Any] = {} if dtype is None else {"torch_dtype": dtype}

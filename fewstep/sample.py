@@ -25,6 +25,15 @@ def _digits(pipe: Any, num: int, steps: int, guidance: float, seed: int) -> tupl
     return by_class(images, labels), {"labels": ordered, "nrow": math.ceil(num / NUM_CLASSES)}
 
 
+def _video(pipe: Any, num: int, steps: int, guidance: float, seed: int) -> tuple[torch.Tensor, dict[str, Any]]:
+    from .bench.worlds import generate_clips
+    from .worlds.video.data import MOTIONS
+
+    clips, labels, motions = generate_clips(pipe, num, steps, guidance, seed, batch=num)
+    meta = {"labels": labels.tolist(), "motions": [MOTIONS[m] for m in motions.tolist()], "clips": clips[:, :, None]}
+    return clips.flatten(0, 1)[:, None], {**meta, "nrow": clips.shape[1]}  # one frame strip per row
+
+
 def _text_to_image(
     pipe: Any, prompt: str, num: int, steps: int, guidance: float, seed: int
 ) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -52,8 +61,11 @@ def run_sample(
     prompt: str | None = None,
     device: str = "cpu",
 ) -> Path:
-    """Write samples.npz (uint8 images), grid.png and meta.json to ``output`` atomically."""
+    """Write samples.npz (uint8 images), grid.png and meta.json to ``output`` atomically; for clips, samples.npz
+    holds (N, F, H, W) frames, grid.png one frame strip per clip, and samples.gif the clips in motion."""
+    from .bench.images import save_animation
     from .worlds.digits.pipeline import DigitsPipeline
+    from .worlds.video.pipeline import VideoDigitsPipeline
 
     if steps < 1 or num < 1:
         raise FewstepError(f"--steps and --num must be >= 1, got {steps} and {num}")
@@ -63,6 +75,9 @@ def run_sample(
     if isinstance(pipe, DigitsPipeline):
         images, meta = _digits(pipe, num, steps, guidance, seed)
         upscale = 4
+    elif isinstance(pipe, VideoDigitsPipeline):
+        images, meta = _video(pipe, num, steps, guidance, seed)
+        upscale = 4
     elif prompt is not None:
         images, meta = _text_to_image(pipe, prompt, num, steps, guidance, seed)
         upscale = 1
@@ -70,6 +85,10 @@ def run_sample(
         raise FewstepError(f"{type(pipe).__name__} needs --prompt")
     with atomic_dir(output, "meta.json") as tmp:
         save_grid(images, tmp / "grid.png", nrow=meta.pop("nrow"), upscale=upscale)
+        clips = meta.pop("clips", None)
+        if clips is not None:
+            save_animation(clips, tmp / "samples.gif", nrow=math.ceil(math.sqrt(len(clips))), upscale=upscale)
+            images = clips[:, :, 0]
         np.savez_compressed(tmp / "samples.npz", images=(images.clamp(0, 1) * 255).round().to(torch.uint8).numpy())
         meta.update(model=source, steps=steps, num=num, guidance=guidance, seed=seed)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")

@@ -401,3 +401,31 @@ def random_digits(tmp_path_factory: pytest.TempPathFactory) -> Any:
     folder = tmp_path_factory.mktemp("models") / "random-digits"
     DigitsPipeline(transformer=model, scheduler=teacher_scheduler()).save_pretrained(folder)
     return folder
+
+
+def tiny_video_model() -> Any:
+    """A WanTransformer3DModel for the video world's clips, far smaller than the shipped teacher's (fast tests)."""
+    from diffusers import WanTransformer3DModel
+
+    from fewstep.worlds.video.data import COND_DIM
+
+    return WanTransformer3DModel(
+        patch_size=(1, 4, 4), num_attention_heads=2, attention_head_dim=12, in_channels=1, out_channels=1,
+        text_dim=COND_DIM, freq_dim=16, ffn_dim=32, num_layers=1, rope_max_seq_len=32,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def random_video(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A video-world pipeline folder with a tiny random Wan transformer (untrained: fast, not constant in inputs)."""
+    from fewstep.worlds.video.pipeline import VideoDigitsPipeline
+    from fewstep.worlds.video.train import video_teacher_scheduler
+
+    torch.manual_seed(0)
+    model = tiny_video_model()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    folder = tmp_path_factory.mktemp("models") / "random-video"
+    VideoDigitsPipeline(transformer=model, scheduler=video_teacher_scheduler()).save_pretrained(folder)
+    return folder

@@ -31,6 +31,8 @@ def test_wheel_contents(wheel: Path) -> None:
     assert "fewstep/_presets/README.md" in names
     assert "fewstep/assets/digits/teacher/model_index.json" in names
     assert "fewstep/assets/digits/evaluator/config.json" in names
+    assert "fewstep/assets/video/teacher/transformer/diffusion_pytorch_model.safetensors" in names
+    assert "fewstep/assets/video/evaluator/config.json" in names
     assert not any(n.startswith(("recipes/", "kernels/", "tests/")) for n in names)
 
 

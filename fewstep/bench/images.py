@@ -29,3 +29,10 @@ def make_grid(images: Tensor, nrow: int, upscale: int = 4, pad: int = 2) -> Imag
 def save_grid(images: Tensor, path: Path, nrow: int, upscale: int = 4) -> Path:
     make_grid(images, nrow=nrow, upscale=upscale).save(path)
     return path
+
+
+def save_animation(clips: Tensor, path: Path, nrow: int, upscale: int = 4, frame_ms: int = 150) -> Path:
+    """Clips (N, F, C, H, W) in [0, 1] -> one looping GIF whose frame f is the grid of every clip's frame f."""
+    frames = [make_grid(clips[:, f], nrow=nrow, upscale=upscale) for f in range(clips.shape[1])]
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=frame_ms, loop=0)
+    return path

@@ -34,7 +34,9 @@ def _second_metric(rows: list[dict[str, Any]]) -> tuple[str, float, str]:
     return "clip_score", 1.0, "CLIP score"
 
 
-def _plot_against(rows: list[dict[str, Any]], floor: float | None, x_key: str, x_label: str, path: Path) -> None:
+def _plot_against(
+    rows: list[dict[str, Any]], floor: float | None, x_key: str, x_label: str, path: Path, fid_name: str = "FID"
+) -> None:
     import matplotlib.pyplot as plt
 
     key, scale, label = _second_metric(rows)
@@ -71,7 +73,7 @@ def _plot_against(rows: list[dict[str, Any]], floor: float | None, x_key: str, x
             ax.legend(fontsize=7)
     if any(r.get("fid") is not None for r in rows):
         ax_fid.set_yscale("log")
-    ax_fid.set_ylabel("FID (lower is better; labels are step counts)")
+    ax_fid.set_ylabel(f"{fid_name} (lower is better; labels are step counts)")
     ax_q.set_ylabel(label)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -113,10 +115,13 @@ def plot_quality(rows: list[dict[str, Any]], reference: dict[str, Any], out_dir:
 
     matplotlib.use("Agg")
     floor = reference.get("real_fid_floor")
+    name = "clip Frechet distance" if reference.get("real_frame_fid_floor") is not None else "FID"
     _plot_against(
-        rows, floor, "nfe", "NFE (network evaluations per sample, CFG counted)", out_dir / "quality_vs_nfe.png"
+        rows, floor, "nfe", "NFE (network evaluations per sample, CFG counted)", out_dir / "quality_vs_nfe.png", name
     )
-    _plot_against(rows, floor, "latency_ms_per_image", "latency per image (ms)", out_dir / "quality_vs_latency.png")
+    _plot_against(
+        rows, floor, "latency_ms_per_image", "latency per sample (ms)", out_dir / "quality_vs_latency.png", name
+    )
     written = ["quality_vs_nfe.png", "quality_vs_latency.png"]
     if _plot_guidance(rows, out_dir / "guidance_tradeoff.png"):
         written.append("guidance_tradeoff.png")
@@ -131,7 +136,24 @@ def _fmt(value: Any, digits: int = 2) -> str:
     return str(value)
 
 
+def _video_intro(ref: dict[str, Any]) -> str:
+    return (
+        f"Video world. Real-vs-real floors ({ref.get('floor_num_samples')} train clips vs the held-out clips, mean of "
+        f"{ref.get('real_fid_floor_subsets')} subsets): clip Frechet distance **{ref['real_fid_floor']:.2f}** +- "
+        f"{ref.get('real_fid_floor_std', 0):.2f}, frame FID **{ref['real_frame_fid_floor']:.2f}** +- "
+        f"{ref.get('real_frame_fid_floor_std', 0):.2f}. Held-out clips vs the train clips: "
+        f"{_fmt(ref.get('held_out_vs_train_fid'))}. Real clips: class agreement of consecutive frames "
+        f"{100 * ref['real_class_agreement']:.1f}%, jitter {ref['real_jitter']:.3f} px, diversity "
+        f"{ref['real_diversity']:.2f}. Clip FD: Frechet distance of the clip evaluator's features (FVD-style); frame "
+        "FID: the digits evaluator on each frame's digit window; jitter: mean |second difference| of the digit's "
+        "track (0 at constant velocity); diversity: mean pairwise clip-feature distance within a (class, motion). "
+        "Means over noise seeds (std after +-)."
+    )
+
+
 def _intro(ref: dict[str, Any]) -> str:
+    if ref.get("real_frame_fid_floor") is not None:
+        return _video_intro(ref)
     if ref.get("real_fid_floor") is not None:
         return (
             f"Real-vs-real FID floor: **{ref['real_fid_floor']:.2f}** +- {ref.get('real_fid_floor_std', 0):.2f} "
@@ -189,6 +211,41 @@ def _table_row(r: dict[str, Any], floor: float | None) -> str:
     return "| " + " | ".join(str(c) for c in cells) + " |"
 
 
+def _video_row(r: dict[str, Any], ref: dict[str, Any]) -> str:
+    fid = "-" if r.get("fid") is None else f"{r['fid']:.2f} +- {r['fid_std']:.2f}"
+    floor, frame_floor = r.get("fid_floor", ref.get("real_fid_floor")), ref.get("real_frame_fid_floor")
+    ratio = r["fid"] / floor if floor and r.get("fid") is not None else None
+    frame_ratio = r["frame_fid"] / frame_floor if frame_floor and r.get("frame_fid") is not None else None
+    pct = lambda key: None if r.get(key) is None else 100 * r[key]  # noqa: E731
+    grid = f"[png]({r['grid']})" if r.get("grid") else "-"
+    gif = f"[gif]({r['animation']})" if r.get("animation") else "-"
+    cells = [
+        _name(r), r["steps"], r["nfe"], _fmt(r.get("guidance"), 1), fid, _fmt(ratio), _fmt(r.get("fid_train")),
+        _fmt(r.get("frame_fid")), _fmt(frame_ratio), _fmt(pct("accuracy"), 1), _fmt(pct("motion_accuracy"), 1),
+        _fmt(pct("class_agreement"), 1), _fmt(r.get("jitter"), 3), _fmt(r.get("diversity")),
+        f"{r['latency_ms']:.1f} ({r['latency_ms_p90']:.1f})", _fmt(r.get("latency_ms_per_image"), 3),
+        f"{r['peak_mem_mb']:.0f}", r["num_samples"], f"{grid} {gif}",
+    ]  # fmt: skip
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def _table(rows: list[dict[str, Any]], ref: dict[str, Any]) -> list[str]:
+    if ref.get("real_frame_fid_floor") is not None:
+        return [
+            "| model | steps | NFE | w | clip FD | FD / floor | FD train | frame FID | frame FID / floor | class acc "
+            "| motion acc | class agreement | jitter px | diversity | latency ms (p90) | ms / clip | peak MB "
+            "| samples | frames |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+            *[_video_row(r, ref) for r in rows],
+        ]
+    return [
+        "| model | steps | NFE | w | FID | FID / floor | FID train | accuracy | diversity | CLIP | patch FID "
+        "| latency ms (p90) | ms / image | peak MB | samples | grid |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        *[_table_row(r, ref.get("real_fid_floor")) for r in rows],
+    ]
+
+
 def markdown(report: dict[str, Any], plots: list[str]) -> str:
     ref = report["reference"]
     rows = sorted(report["rows"], key=lambda r: (_name(r), r.get("guidance") or 0, r["steps"]))
@@ -199,10 +256,7 @@ def markdown(report: dict[str, Any], plots: list[str]) -> str:
         "",
         _memory_note(report.get("env", {})),
         "",
-        "| model | steps | NFE | w | FID | FID / floor | FID train | accuracy | diversity | CLIP | patch FID "
-        "| latency ms (p90) | ms / image | peak MB | samples | grid |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
-        *[_table_row(r, ref.get("real_fid_floor")) for r in rows],
+        *_table(rows, ref),
         "",
         *[f"![{p}]({p})" for p in plots],
         "",

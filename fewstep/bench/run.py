@@ -26,11 +26,16 @@ from tqdm.auto import tqdm
 from ..errors import FewstepError
 from ..io import atomic_dir, check_writable_parent, locked
 from ..loading import model_label, resolve_source
-from .images import save_grid
+from ..worlds import EMBEDDED
+from .images import save_animation, save_grid
 from .measure import environment, measure_speed, percentile
 from .report import write_report
 from .runtime import load_pipelines, runtime_of, runtime_tag, validate_runtime
-from .worlds import DigitsWorld, TextOptions, TextWorld
+from .worlds import DigitsWorld, TextOptions, TextWorld, VideoWorld
+
+World = DigitsWorld | VideoWorld | TextWorld
+
+VIDEO_METRICS = ("frame_fid", "motion_accuracy", "class_agreement", "jitter")
 
 
 @dataclass(frozen=True)
@@ -79,9 +84,14 @@ class Row:
     clip_score: float | None = None
     patch_fid: float | None = None  # coco-dmd2 protocol: FID on center 299 x 299 crops (images of >= 299 px)
     fid_floor: float | None = None  # real-vs-real floor at this row's sample count
+    frame_fid: float | None = None  # video world: FID of each frame's digit window (digits evaluator)
+    motion_accuracy: float | None = None  # video world
+    class_agreement: float | None = None  # video world: consecutive frames of one class
+    jitter: float | None = None  # video world: wobble of the digit's track, px
     fid_seeds: list[float] = field(default_factory=list)
     fid_train_seeds: list[float] = field(default_factory=list)
     grid: str | None = None
+    animation: str | None = None  # video world: the grid's clips as a GIF
     source: str = ""
     attention: str = "sdpa"
     compile: bool = False
@@ -89,8 +99,8 @@ class Row:
 
 
 def source_key(source: str) -> str:
-    """What identifies a model across runs: 'digits', an absolute folder path, or a hub id."""
-    return source if source == "digits" or not Path(source).exists() else str(Path(source).resolve())
+    """What identifies a model across runs: 'digits' or 'video', an absolute folder path, or a hub id."""
+    return source if source in EMBEDDED or not Path(source).exists() else str(Path(source).resolve())
 
 
 def unique_labels(keys: Sequence[str], taken: dict[str, str]) -> dict[str, str]:
@@ -116,7 +126,7 @@ def _mean(values: list[float]) -> float | None:
 
 
 def bench_model(
-    pipe: Any, source: str, label: str, world: DigitsWorld | TextWorld, cfg: BenchConfig, out_dir: Path, bar: tqdm
+    pipe: Any, source: str, label: str, world: World, cfg: BenchConfig, out_dir: Path, bar: tqdm
 ) -> list[Row]:
     """One row per (guidance, steps): quality over ``cfg.seeds`` seeds, then speed on one latency batch."""
     rows = []
@@ -124,6 +134,7 @@ def bench_model(
         for steps in cfg.steps:
             per_seed: dict[str, list[float]] = {}
             grid = grid_name(label, steps, guidance, runtime_tag(asdict(cfg)))
+            animation = None
             for seed in range(cfg.seeds):
                 bar.set_postfix_str(f"{label} steps={steps} w={guidance:g} seed={seed}")
                 scored = world.score(pipe, cfg.num, steps, guidance, seed, cfg.batch_size)
@@ -131,6 +142,9 @@ def bench_model(
                     per_seed.setdefault(key, []).append(value)
                 if seed == 0:
                     save_grid(scored.grid, out_dir / grid, nrow=scored.nrow, upscale=scored.upscale)
+                    if scored.animation is not None:
+                        animation = grid.removesuffix(".png") + ".gif"
+                        save_animation(scored.animation, out_dir / animation, nrow=1, upscale=scored.upscale)
                 bar.update(1)
             call = world.latency_call(steps, guidance, cfg.latency_batch)
             warmup = max(cfg.warmup, 1) if cfg.compile else cfg.warmup  # compiling the latency shape is not timed
@@ -155,9 +169,11 @@ def bench_model(
                     diversity=_mean(per_seed.get("diversity", [])),
                     clip_score=_mean(per_seed.get("clip_score", [])),
                     patch_fid=_mean(per_seed.get("patch_fid", [])),
+                    **{key: _mean(per_seed.get(key, [])) for key in VIDEO_METRICS},
                     fid_seeds=fids,
                     fid_train_seeds=per_seed.get("fid_train", []),
                     grid=grid,
+                    animation=animation,
                     source=source,
                     attention=cfg.attention,
                     compile=cfg.compile,
@@ -200,7 +216,10 @@ def merge_into_report(
             grid = grid_name(label, row["steps"], row["guidance"], runtime_tag(row)) if row.get("grid") else None
             if grid is not None:
                 shutil.copyfile(grids / row["grid"], tmp / grid)
-            new.append({**row, "model": label, "grid": grid})
+            animation = grid.removesuffix(".png") + ".gif" if grid and row.get("animation") else None
+            if animation is not None:
+                shutil.copyfile(grids / row["animation"], tmp / animation)
+            new.append({**row, "model": label, "grid": grid, "animation": animation})
         report = {
             "rows": merge_rows(old.get("rows", []), new),
             "reference": reference,
@@ -223,6 +242,17 @@ def check_protocol(report_dir: Path, text: TextOptions | None) -> None:
         )
 
 
+def check_world(report_dir: Path, kind: str) -> None:
+    """Rows of one world only in a report (a clip Frechet distance and an image FID are not one column)."""
+    path = report_dir / "report.json"
+    if not path.is_file():
+        return
+    old = json.loads(path.read_text()).get("reference", {})
+    world = old.get("world") or ("digits" if old.get("real_fid_floor") is not None else "text")
+    if world != kind:
+        raise FewstepError(f"{report_dir} holds {world} rows: bench {kind} pipelines into another --report")
+
+
 def update_cards(report: dict[str, Any], keys: Sequence[str]) -> None:
     """Each benched student folder that carries a fewstep model card gets its rows of ``report`` in that card."""
     from ..export.card import add_bench_rows
@@ -241,6 +271,7 @@ def run_bench(
     The measuring runs without a lock, into a private folder next to the report; only the merge holds the report's
     lock (``merge_into_report``), so several benches into one report run side by side and lose no rows."""
     from ..worlds.digits.pipeline import DigitsPipeline
+    from ..worlds.video.pipeline import VideoDigitsPipeline
 
     cfg.validate()
     for source in sources:  # every input checked before any work starts
@@ -249,10 +280,18 @@ def run_bench(
     check_writable_parent(report_dir, "report.json")
     check_protocol(report_dir, text)
     pipes = load_pipelines(sources, cfg.device, cfg.attention, cfg.compile, cfg.dtype)
-    digits = [isinstance(p, DigitsPipeline) for p in pipes]
-    if any(digits) and not all(digits):
-        raise FewstepError("bench either digits-world pipelines or text-to-image pipelines in one report, not both")
-    world = DigitsWorld() if all(digits) else TextWorld.load(pipes[0], text or TextOptions())
+    kinds = {"digits" if isinstance(p, DigitsPipeline) else "video" if isinstance(p, VideoDigitsPipeline) else "text"
+             for p in pipes}  # fmt: skip
+    if len(kinds) > 1:
+        raise FewstepError(
+            "bench pipelines of one world in one report (digits, video, or text-to-image), not " + " and ".join(kinds)
+        )
+    kind = kinds.pop()
+    check_world(report_dir, kind)
+    world: World = (
+        DigitsWorld() if kind == "digits" else VideoWorld() if kind == "video"
+        else TextWorld.load(pipes[0], text or TextOptions())
+    )  # fmt: skip
     total = len(sources) * len(cfg.guidance) * len(cfg.steps) * cfg.seeds
     keys = [source_key(s) for s in sources]
     provisional = unique_labels(keys, {})  # grid names inside the private folder; final labels come at the merge

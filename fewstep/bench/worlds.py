@@ -3,6 +3,8 @@ scores them, and says how to call the pipeline for a latency batch:
 
 - ``DigitsWorld``: class-balanced conditional samples; FID against the held-out and the train split, class accuracy,
   per-class diversity.
+- ``VideoWorld``: moving-digits clips balanced over (class, motion); clip Frechet distance against the held-out and
+  the train clips, frame FID, class and motion accuracy, temporal consistency (``video_metrics.py``).
 - ``TextWorld``: prompts from a file; CLIP score (open_clip, local weights) and FID against a reference folder.
 """
 
@@ -27,6 +29,7 @@ class Scored:
     grid: Tensor
     nrow: int
     upscale: int
+    animation: Tensor | None = None  # clips (N, F, C, H, W) in [0, 1] to show as one animated grid (video worlds)
 
 
 def generate_digits(pipe: Any, num: int, steps: int, guidance: float, seed: int, batch: int) -> tuple[Tensor, Tensor]:
@@ -72,7 +75,68 @@ class DigitsWorld:
             "floor_num_samples": floor_count,
             "held_out_vs_train_fid": self.metrics.fid_train(to_unit(load_split("held_out").images)),
             "real_diversity": self.metrics.diversity(to_unit(train.images), train.labels),
+            "world": "digits",
             "evaluator": "digits CNN, 128-d penultimate features",
+        }
+
+
+def generate_clips(
+    pipe: Any, num: int, steps: int, guidance: float, seed: int, batch: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``num`` clips (N, F, H, W) in [0, 1] balanced over the 50 (class, motion) conditions, with their labels and
+    motions; one generator per seed."""
+    from ..worlds.video.data import balanced_conditions
+
+    labels, motions = balanced_conditions(num)
+    gen = torch.Generator().manual_seed(seed)
+    clips = torch.cat([
+        pipe(class_labels=lab, motions=mot, num_inference_steps=steps, guidance_scale=guidance,
+             generator=gen).frames.cpu()[:, :, 0]
+        for lab, mot in zip(labels.split(batch), motions.split(batch), strict=True)
+    ])  # fmt: skip
+    return clips, labels, motions
+
+
+def shown_clips(labels: Tensor, motions: Tensor) -> Tensor:
+    """Indices of ten clips to show: one per class, the motions cycling (class c in motion c mod 5)."""
+    from ..worlds.video.data import NUM_MOTIONS
+
+    wanted = [(c, c % NUM_MOTIONS) for c in range(NUM_CLASSES)]
+    hits = [((labels == c) & (motions == m)).nonzero() for c, m in wanted]
+    return torch.tensor([int(h[0]) for h in hits if len(h)], dtype=torch.long)
+
+
+@dataclass
+class VideoWorld:
+    metrics: Any = None  # video_metrics.VideoMetrics, loaded on first use
+
+    def __post_init__(self) -> None:
+        if self.metrics is None:
+            from .video_metrics import VideoMetrics
+
+            self.metrics = VideoMetrics.load()
+
+    def score(self, pipe: Any, num: int, steps: int, guidance: float, seed: int, batch: int) -> Scored:
+        clips, labels, motions = generate_clips(pipe, num, steps, guidance, seed, batch)
+        shown = clips[shown_clips(labels, motions)]  # (10, F, H, W): one frame strip per row
+        return Scored(
+            self.metrics.score(clips, labels, motions), shown.flatten(0, 1)[:, None], nrow=shown.shape[1], upscale=4,
+            animation=shown[:, :, None],
+        )  # fmt: skip
+
+    def latency_call(self, steps: int, guidance: float, batch: int) -> dict[str, Any]:
+        from ..worlds.video.data import balanced_conditions
+
+        labels, motions = balanced_conditions(batch)
+        return {"class_labels": labels, "motions": motions, "num_inference_steps": steps, "guidance_scale": guidance}
+
+    def reference(self, num: int, subsets: int, seeds: int = 1) -> dict[str, Any]:
+        return {
+            **self.metrics.floor(num, subsets=subsets),
+            "real_fid_floor_subsets": subsets,
+            "world": "video",
+            "evaluator": "video world: clip 3-D CNN (128-d features) for the Frechet distance, class and motion; "
+            "digits CNN on each frame's digit window for frame FID and class agreement",
         }
 
 
@@ -164,6 +228,7 @@ class TextWorld:
 
         assert self.options.prompts is not None
         return {
+            "world": "text",
             "real_fid_floor": None,  # one reference set gives no real-vs-real floor
             "reference_dir": self.options.reference,
             "fid_features": self.options.fid_features if self.options.reference else None,

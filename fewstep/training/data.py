@@ -1,6 +1,7 @@
 """Training batches for recipes: batch k is a pure function of k (so data order survives a resume).
 
 - ``DigitsBatches``: the embedded digits train split with class labels; the unconditional branch is DiT's null class.
+- ``VideoBatches``: fresh random clips of the video world's train split with their condition tokens.
 - ``PromptBatches``: cached prompt conditions of a text-to-image teacher, each with an x0 latent. Image-free by
   default: the x0 are the teacher's own samples for those prompts (its Euler sampler, computed once and cached);
   with ``data.images`` (``--data DIR``) they are captioned real images encoded by the teacher's VAE (image_data.py).
@@ -61,6 +62,21 @@ class DigitsBatches:
     def __call__(self, index: int) -> Batch:
         x0, labels = self.stream.batch(index)
         return Batch(x0, {"class_labels": labels}, {"class_labels": torch.full_like(labels, self.null_class)})
+
+
+class VideoBatches:
+    """Random train-split clips: batch k is drawn from a generator seeded by (seed, k), so it survives a resume."""
+
+    def __init__(self, batch_size: int, seed: int = 0):
+        self.batch_size, self.seed = batch_size, seed
+
+    def __call__(self, index: int) -> Batch:
+        from ..worlds.video.data import condition_tokens, null_tokens, random_clips
+
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        clips = random_clips("train", self.batch_size, gen)
+        tokens = condition_tokens(clips.labels, clips.motions)
+        return Batch(clips.clips, {"encoder_hidden_states": tokens}, {"encoder_hidden_states": null_tokens(1)})
 
 
 @torch.no_grad()
