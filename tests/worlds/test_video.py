@@ -222,3 +222,18 @@ def test_teacher_training_resumes_exactly(tmp_path: Path, monkeypatch: pytest.Mo
     b = load_file(resumed / "transformer" / "diffusion_pytorch_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert "steps 2..4" in (resumed / "TRAINING.md").read_text()
+
+
+def test_teacher_train_refuses_to_restart_over_checkpoints(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """One line, exit 2, nothing written: a video run over existing checkpoints without --resume, and --resume for the
+    digits teacher (which trains in one go)."""
+    from fewstep.cli import main
+
+    step = tmp_path / "runs" / "teacher-run" / "checkpoints" / "step-00000250"
+    step.mkdir(parents=True)
+    assert main(["teacher", "train", "--world", "video", "--what", "teacher", "--output", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--resume" in err and len(err.splitlines()) == 1
+    assert main(["teacher", "train", "--what", "teacher", "--resume", "--output", str(tmp_path / "d")]) == 2
+    assert "video teacher" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["teacher-run"] and not (tmp_path / "d").exists()
