@@ -74,8 +74,8 @@ def test_condition_tokens_are_one_hot_and_null_is_zero() -> None:
     labels, motions = balanced_conditions(100)
     assert torch.equal(torch.bincount(labels * 5 + motions), torch.full((50,), 2))
     tokens = condition_tokens(labels, motions)
-    assert tokens.shape == (100, 1, COND_DIM) and torch.equal(tokens.sum(-1), torch.full((100, 1), 2.0))
-    assert torch.equal(tokens[:, 0, :10].argmax(-1), labels) and torch.equal(tokens[:, 0, 10:].argmax(-1), motions)
+    assert tokens.shape == (100, 2, COND_DIM) and torch.equal(tokens.sum(-1), torch.ones(100, 2))
+    assert torch.equal(tokens[:, 0].argmax(-1), labels) and torch.equal(tokens[:, 1].argmax(-1) - 10, motions)
     assert null_tokens(3).abs().sum() == 0
 
 

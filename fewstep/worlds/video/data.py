@@ -102,20 +102,14 @@ COND_DIM = 16  # one-hot class in dims 0..9, one-hot motion in dims 10..14, dim 
 
 
 def condition_tokens(labels: Tensor, motions: Tensor) -> Tensor:
-    """The teacher's condition as one "text" token (N, 1, COND_DIM) holding a one-hot class and a one-hot motion,
-    which WanTransformer3DModel embeds with its own text embedder. The unconditional branch is all zeros
-    (``null_tokens``).
-
-    One token, not one per condition: with a class token and a motion token, the first teacher (6,000 steps) learned
-    to attend to the motion token only (the softmax over keys starved the class token of gradient), and its
-    denoising loss on held-out clips moved by under 2% when the class was wrong (0.0920 against 0.0904 at t = 0.3)
-    against 77% for a wrong motion; its samples were at chance class accuracy. A single key gets attention weight 1,
-    so both one-hots reach every frame token linearly."""
-    tokens = torch.zeros(len(labels), 1, COND_DIM)
+    """The teacher's condition as two "text" tokens (N, 2, COND_DIM): a one-hot class and a one-hot motion, which
+    WanTransformer3DModel embeds with its own text embedder. The unconditional branch is all zeros
+    (``null_tokens``)."""
+    tokens = torch.zeros(len(labels), 2, COND_DIM)
     tokens[torch.arange(len(labels)), 0, labels] = 1.0
-    tokens[torch.arange(len(labels)), 0, NUM_CLASSES + motions] = 1.0
+    tokens[torch.arange(len(labels)), 1, NUM_CLASSES + motions] = 1.0
     return tokens
 
 
 def null_tokens(num: int = 1) -> Tensor:
-    return torch.zeros(num, 1, COND_DIM)
+    return torch.zeros(num, 2, COND_DIM)

@@ -1,7 +1,7 @@
 """A diffusers pipeline for the video world, so ``DiffusionPipeline.from_pretrained(dir)`` loads its teacher and
 students: a WanTransformer3DModel (``transformer``) conditioned on a digit class and a motion, and a scheduler.
 
-The condition enters as Wan's "text": one token of two one-hots (``data.condition_tokens``) through the model's own
+The condition enters as Wan's "text": two one-hot tokens (``data.condition_tokens``) through the model's own
 text embedder, so the backbone is a stock Wan transformer with ``text_dim = 16``; the unconditional branch is all
 zeros.
 """

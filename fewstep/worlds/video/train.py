@@ -43,7 +43,7 @@ class VideoTeacherConfig:
 
 def make_video_teacher_model() -> WanTransformer3DModel:
     """Wan on 1-channel 8x16x16 clips: patch (1, 4, 4) (16 tokens per frame, 128 in all), 6 layers of 4 heads x 32,
-    a 16-d "text" input for the condition token (1.7M params)."""
+    a 16-d "text" input for the two condition tokens (1.7M params)."""
     return WanTransformer3DModel(
         patch_size=(1, 4, 4),
         num_attention_heads=4,
