@@ -143,7 +143,8 @@ def test_metrics_identities() -> None:
     ref = reference_clips("held_out")
     assert metrics.diversity(held_out[:10].repeat(3, 1, 1, 1), torch.zeros(30).long(), torch.zeros(30).long()) > 0
     same = held_out[:1].expand(5, -1, -1, -1)
-    assert metrics.diversity(same, ref.labels[:5] * 0, ref.motions[:5] * 0) == pytest.approx(0.0, abs=1e-6)
+    # zero up to cdist's rounding (it expands |a - b|^2; 4e-6 seen on CI) against a real diversity of about 27
+    assert metrics.diversity(same, ref.labels[:5] * 0, ref.motions[:5] * 0) == pytest.approx(0.0, abs=1e-3)
 
 
 def _shipped() -> bool:
