@@ -13,6 +13,20 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from torch import Tensor
 
 
+def guided_output(
+    forward: Callable[[Tensor, Tensor, Tensor], Tensor], x: Tensor, timestep: Tensor, cond: Tensor, null: Tensor,
+    guidance_scale: float,
+) -> Tensor:  # fmt: skip
+    """One network evaluation ``forward(x, timestep, condition)`` with classifier-free guidance on the raw output
+    (affine in x0 at fixed x_t): one branch at w = 1 (conditional) or w = 0 (unconditional), else both in one batch."""
+    timestep = timestep.to(x.dtype).expand(x.shape[0])
+    if guidance_scale in (0.0, 1.0):
+        return forward(x, timestep, cond if guidance_scale == 1.0 else null)
+    out = forward(torch.cat([x, x]), torch.cat([timestep, timestep]), torch.cat([cond, null]))
+    cond_out, uncond_out = out.chunk(2)
+    return uncond_out + guidance_scale * (cond_out - uncond_out)
+
+
 def denoise(
     pipe: Any, x: Tensor, num_inference_steps: int, model_output: Callable[[Tensor, Tensor], Tensor],
     generator: torch.Generator | None = None,

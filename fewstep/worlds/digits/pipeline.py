@@ -15,7 +15,7 @@ from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 from torch import Tensor
 
-from ..loop import denoise
+from ..loop import denoise, guided_output
 from .data import NUM_CLASSES, RESOLUTION
 
 
@@ -42,17 +42,9 @@ class DigitsPipeline(DiffusionPipeline):
 
     def model_output(self, x: Tensor, timestep: Tensor, class_labels: Tensor, guidance_scale: float) -> Tensor:
         """One network evaluation with classifier-free guidance on the raw output (affine in x0 at fixed x_t)."""
-        batch = x.shape[0]
-        timestep = timestep.to(x.dtype).expand(batch)
         null = torch.full_like(class_labels, self.null_class)
-        if guidance_scale in (0.0, 1.0):  # one branch only: conditional (w = 1) or unconditional (w = 0)
-            labels = class_labels if guidance_scale == 1.0 else null
-            return self.transformer(x, timestep=timestep, class_labels=labels).sample
-        out = self.transformer(
-            torch.cat([x, x]), timestep=torch.cat([timestep, timestep]), class_labels=torch.cat([class_labels, null])
-        ).sample
-        cond, uncond = out.chunk(2)
-        return uncond + guidance_scale * (cond - uncond)
+        forward = lambda x, t, labels: self.transformer(x, timestep=t, class_labels=labels).sample  # noqa: E731
+        return guided_output(forward, x, timestep, class_labels, null, guidance_scale)
 
     @torch.no_grad()
     def __call__(

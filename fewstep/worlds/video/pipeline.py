@@ -17,7 +17,7 @@ from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 from torch import Tensor
 
-from ..loop import denoise
+from ..loop import denoise, guided_output
 from .data import CANVAS, MOTIONS, NUM_CLASSES, NUM_FRAMES, NUM_MOTIONS, condition_tokens, null_tokens
 
 
@@ -40,17 +40,9 @@ class VideoDigitsPipeline(DiffusionPipeline):
 
     def model_output(self, x: Tensor, timestep: Tensor, tokens: Tensor, guidance_scale: float) -> Tensor:
         """One network evaluation with classifier-free guidance on the raw output (affine in x0 at fixed x_t)."""
-        batch = x.shape[0]
-        timestep = timestep.to(x.dtype).expand(batch)
-        null = null_tokens(batch).to(tokens)
-        if guidance_scale in (0.0, 1.0):  # one branch only: conditional (w = 1) or unconditional (w = 0)
-            cond = tokens if guidance_scale == 1.0 else null
-            return self.transformer(x, timestep=timestep, encoder_hidden_states=cond).sample
-        both = torch.cat([tokens, null])
-        out = self.transformer(torch.cat([x, x]), timestep=torch.cat([timestep, timestep]), encoder_hidden_states=both)
-        out = out.sample
-        cond_out, uncond_out = out.chunk(2)
-        return uncond_out + guidance_scale * (cond_out - uncond_out)
+        null = null_tokens(x.shape[0]).to(tokens)
+        forward = lambda x, t, cond: self.transformer(x, timestep=t, encoder_hidden_states=cond).sample  # noqa: E731
+        return guided_output(forward, x, timestep, tokens, null, guidance_scale)
 
     @torch.no_grad()
     def __call__(
