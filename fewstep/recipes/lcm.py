@@ -24,9 +24,10 @@ from torch import Tensor, nn
 from .. import batch_random
 from ..errors import FewstepError
 from ..objectives.adversarial import TeacherDiscriminator, discriminator_times, ladd_losses, with_largest_time
-from ..objectives.losses import lcm_boundary, pseudo_huber
+from ..objectives.consistency import consistency_output, teacher_ode_step
+from ..objectives.losses import pseudo_huber
 from ..sampling import SamplingPlan, euler_times
-from ..schedules import VP, NoiseSchedule, append_dims, ddim_step
+from ..schedules import VP, NoiseSchedule
 from ..teacher import Denoiser, add_guidance_embedding, guidance_condition
 from ..training.data import DataConfig
 from ..training.lora import add_lora
@@ -127,9 +128,7 @@ class LCM(Recipe):
 
     def f(self, denoiser: Denoiser, x: Tensor, t: Tensor, cond: dict[str, Any]) -> Tensor:
         """The consistency function f(x, t) = c_skip x + c_out x0(x, t) (identity at the boundary t_min)."""
-        timestep = denoiser.native.to_model_timestep(t)
-        c_skip, c_out = (append_dims(c, x.ndim) for c in lcm_boundary(timestep, scaling=self.cfg.timestep_scaling))
-        return c_skip * x + c_out * denoiser(x, t, cond)
+        return consistency_output(denoiser, x, t, cond, self.cfg.timestep_scaling)
 
     def loss(self, batch: Batch, step: int) -> dict[str, Tensor]:
         cfg, native = self.cfg, self.teacher.native
@@ -146,9 +145,7 @@ class LCM(Recipe):
         x_t = native.add_noise(x0, batch_random.randn_like(x0), t)
         with torch.no_grad():
             guidance: float | Tensor = cfg.w_min if cfg.w_min == cfg.w_max else w
-            x0_teacher = self.teacher.guided(x_t, t, batch.cond, batch.uncond, guidance)
-            c_t, c_s = native.coeffs(append_dims(t, x0.ndim)), native.coeffs(append_dims(s, x0.ndim))
-            x_s = ddim_step(x0_teacher, x_t, c_t, c_s)
+            x_s = teacher_ode_step(self.teacher, x_t, t, s, batch.cond, batch.uncond, guidance)
             target = self.f(self.target, x_s, s, cond)
         pred = self.f(self.student, x_t, t, cond)
         loss = pseudo_huber(pred, target, cfg.huber_c).mean()
@@ -180,13 +177,21 @@ class LCM(Recipe):
         return self.cfg.lora_rank > 0
 
     def plan(self) -> dict[int, SamplingPlan]:
-        """The teacher pipeline's stock times (``plan_times`` = "stock"; on VP teachers LCMScheduler's own, which
-        are the recipe's), or n grid times at indices floor(linspace(0, N, n, endpoint=False)) from t_max, as
-        LCMScheduler picks its timesteps (999, 759, 499, 259 for 4 steps on SD's grid)."""
-        from ..export.stock import plans_for
+        return grid_plans(self.teacher, self.grid, self.cfg.plan_steps, self.cfg.gamma, self.cfg.plan_times)
 
-        def on_grid(n: int) -> list[float]:
-            index = (torch.arange(n, dtype=torch.float64) * self.cfg.num_ddim_timesteps / n).floor().long()
-            return [float(t) for t in self.grid[index]]
 
-        return plans_for(self.teacher, self.cfg.plan_steps, self.cfg.gamma, self.cfg.plan_times, on_grid)
+def grid_plans(
+    teacher: Denoiser, grid: Tensor, steps: tuple[int, ...], gamma: float, plan_times: str
+) -> dict[int, SamplingPlan]:
+    """The teacher pipeline's stock times (``plan_times`` = "stock"; on VP teachers LCMScheduler's own, which are the
+    recipe's), or n times of the N + 1-point skipping ``grid`` at indices floor(linspace(0, N, n, endpoint=False))
+    from t_max, as LCMScheduler picks its timesteps (999, 759, 499, 259 for 4 steps on SD's grid)."""
+    from ..export.stock import plans_for
+
+    num = len(grid) - 1
+
+    def on_grid(n: int) -> list[float]:
+        index = (torch.arange(n, dtype=torch.float64) * num / n).floor().long()
+        return [float(t) for t in grid[index]]
+
+    return plans_for(teacher, steps, gamma, plan_times, on_grid)
