@@ -61,7 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("distill", help="distill a teacher into a few-step student with a recipe")
     p.add_argument("--recipe", required=True, help="recipe name (see `fewstep recipes`)")
     p.add_argument(
-        "--teacher", default="digits", help="diffusers folder, hub id, 'digits' (default) or 'video' (embedded worlds)"
+        "--teacher",
+        help="diffusers folder, hub id, 'digits' or 'video' (embedded worlds; default: the recipe's world, "
+        "digits for image recipes, video for mcm and dcm)",
     )
     p.add_argument("--output", type=Path, help="run folder (default: runs/<recipe>-<teacher>)")
     p.add_argument("--config", type=Path, help="TOML file of config overrides")
@@ -138,10 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
-    from .recipes import resolve
+    from .recipes import default_world, resolve
     from .training.config import find_preset, resolve_config, to_toml
 
     recipe = resolve(args.recipe)  # one-line error for unknown recipes, before anything heavy loads
+    args.teacher = args.teacher or default_world(args.recipe)
     default = getattr(recipe, "Config", None)
     if default is None:
         raise FewstepError(f"recipe {args.recipe!r} has no Config dataclass")

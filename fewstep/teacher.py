@@ -44,6 +44,7 @@ class Backbone:
     rotary_3d: the network takes CogVideoX's 3-D rotary embeddings of the latent grid (``image_rotary_emb``) when its
         config says ``use_rotary_positional_embeddings``; they are computed here from the input's shape.
     image_first: a block returns (image, text) features, not (text, image) (CogVideoX).
+    frame_dim: the frame axis of a video backbone's latents: 2 for (B, C, F, H, W), 1 for CogVideoX's (B, F, C, H, W).
     reached_into: submodules of a block that the model's own forward calls before that block runs (DiT embeds the
         timestep and class with ``transformer_blocks[0].norm1.emb``); FSDP2 makes each a unit of its own, gathered
         when it is called (``training/parallel.py``).
@@ -58,8 +59,15 @@ class Backbone:
     trigflow_via_flow: bool = False
     rotary_3d: bool = False
     image_first: bool = False
+    frame_dim: int = 2
     reached_into: tuple[str, ...] = ()
 
+
+# backbones of video pipelines, whose latents carry a frame axis (``Backbone.frame_dim``)
+VIDEO_BACKBONES = (
+    "WanTransformer3DModel", "UNet3DConditionModel", "UNetMotionModel", "CogVideoXTransformer3DModel",
+    "HunyuanVideoTransformer3DModel", "LTXVideoTransformer3DModel", "MochiTransformer3DModel",
+)  # fmt: skip
 
 BACKBONES: dict[str, Backbone] = {
     "UNet2DModel": Backbone(),
@@ -72,7 +80,7 @@ BACKBONES: dict[str, Backbone] = {
     "SanaTransformer2DModel": Backbone(timestep_scale_key="timestep_scale", trigflow_via_flow=True),
     "FluxTransformer2DModel": Backbone(timestep_scale=1e-3, packed=True, shared=("txt_ids", "img_ids")),
     "WanTransformer3DModel": Backbone(),
-    "CogVideoXTransformer3DModel": Backbone(rotary_3d=True, image_first=True),  # latents (B, F, C, H, W)
+    "CogVideoXTransformer3DModel": Backbone(rotary_3d=True, image_first=True, frame_dim=1),  # latents (B, F, C, H, W)
 }
 
 

@@ -23,11 +23,14 @@ class Batch:
 
     x0: clean samples (B, C, H, W) (real images, or teacher samples for image-free runs), or None.
     cond / uncond: the Denoiser's condition for each sample and for the unconditional branch of guidance.
+    images: for video worlds, still images that go with each clip (B, M, ...frame shape), from an image set apart from
+        the clips (MCM's adversarial real frames); None where the world has none.
     """
 
     x0: Tensor | None
     cond: dict[str, Any]
     uncond: dict[str, Any]
+    images: Tensor | None = None
 
     def rows(self, rows: slice, n: int) -> Batch:
         """The samples ``rows`` of this batch of ``n``: every tensor whose first dimension is n is cut (x0, per-sample
@@ -40,7 +43,7 @@ class Batch:
                 return {k: cut(v) for k, v in value.items()}
             return value
 
-        return Batch(cut(self.x0), cut(self.cond), cut(self.uncond))
+        return Batch(cut(self.x0), cut(self.cond), cut(self.uncond), cut(self.images))
 
 
 @dataclass(frozen=True)

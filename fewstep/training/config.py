@@ -223,6 +223,10 @@ RULES: tuple[tuple[str, Rule], ...] = (
     ("width", AT_LEAST_1),
     ("max_sequence_length", AT_LEAST_1),
     ("dmd_start", NON_NEGATIVE),
+    ("adv_frames", AT_LEAST_1),  # MCM's frames per clip for the frame discriminator
+    ("boundary_index", AT_LEAST_1),  # DCM's expert boundary on its Euler grid
+    ("temporal_stride", AT_LEAST_1),  # DCM's frame stride of the temporal-coherence loss
+    ("lora_alpha", POSITIVE),
     ("*rank", NON_NEGATIVE),  # 0: no LoRA
     ("max_minutes", Rule(low=0, low_open=True, allow_inf=True)),  # inf: no time budget
     ("dist_timeout_s", Rule(low=0, low_open=True)),  # seconds a process waits for the others
@@ -237,6 +241,7 @@ RULES: tuple[tuple[str, Rule], ...] = (
     ("target_ema", UNIT),
     ("*_prob", UNIT),
     ("gamma", UNIT),  # re-noising share between steps
+    ("pred_x0_portion", UNIT),  # MCM's share of batches on the student's own samples
     ("t_min", UNIT),
     ("t_max", UNIT),
     ("*_t_min", UNIT),
@@ -248,6 +253,7 @@ RULES: tuple[tuple[str, Rule], ...] = (
     ("*_weights", NON_NEGATIVE),  # relative draw weights (SiD's step_weights, rCM's plan_weights); empty: uniform
     ("loss_scale", POSITIVE),
     ("*sigma_data", POSITIVE),
+    ("shift", POSITIVE),  # DCM's grid shift
     ("*_shift", POSITIVE),  # time shifts s: u -> s u / (1 + (s - 1) u) (rCM's dmd_time_shift)
     ("*p_std", POSITIVE),
     ("huber_c", POSITIVE),

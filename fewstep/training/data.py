@@ -65,18 +65,22 @@ class DigitsBatches:
 
 
 class VideoBatches:
-    """Random train-split clips: batch k is drawn from a generator seeded by (seed, k), so it survives a resume."""
+    """Random train-split clips: batch k is drawn from a generator seeded by (seed, k), so it survives a resume. Each
+    clip comes with ``images`` still digits of its own class (``worlds/video/data.py``, ``still_frames``), the image
+    set of frame-level losses."""
 
-    def __init__(self, batch_size: int, seed: int = 0):
-        self.batch_size, self.seed = batch_size, seed
+    def __init__(self, batch_size: int, seed: int = 0, images: int = 2):
+        self.batch_size, self.seed, self.images = batch_size, seed, images
 
     def __call__(self, index: int) -> Batch:
-        from ..worlds.video.data import condition_tokens, null_tokens, random_clips
+        from ..worlds.video.data import condition_tokens, null_tokens, random_clips, still_frames
 
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
-        clips = random_clips("train", self.batch_size, gen)
+        clips = random_clips("train", self.batch_size, gen)  # drawn first: the clips do not depend on ``images``
         tokens = condition_tokens(clips.labels, clips.motions)
-        return Batch(clips.clips, {"encoder_hidden_states": tokens}, {"encoder_hidden_states": null_tokens(1)})
+        images = still_frames("train", clips.labels.repeat_interleave(self.images), gen)
+        images = images.reshape(self.batch_size, self.images, *images.shape[1:])
+        return Batch(clips.clips, {"encoder_hidden_states": tokens}, {"encoder_hidden_states": null_tokens(1)}, images)
 
 
 @torch.no_grad()

@@ -112,11 +112,13 @@ def test_every_preset_resolves_against_its_recipe_config() -> None:
     assert found >= 10
 
 
-def test_presets_dir_holds_every_recipes_digits_preset() -> None:
-    from fewstep.recipes import available
+def test_presets_dir_holds_every_recipes_preset_for_its_world() -> None:
+    """Each recipe has a preset for the embedded world it trains on by default (digits, or video for MCM / DCM)."""
+    from fewstep.recipes import available, default_world
     from fewstep.training.config import presets_dir
 
-    assert all((presets_dir() / name / "digits.toml").is_file() for name in available())
+    assert default_world("mcm") == "video" and default_world("lcm") == "digits"
+    assert all((presets_dir() / name / f"{default_world(name)}.toml").is_file() for name in available())
 
 
 def _numeric(hint: object) -> bool:
