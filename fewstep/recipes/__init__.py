@@ -20,7 +20,17 @@ BUILTIN: dict[str, str] = {
     "phased_dmd": "fewstep.recipes.phased_dmd:PhasedDMD",
     "sid": "fewstep.recipes.sid:SiD",
     "tdm": "fewstep.recipes.tdm:TDM",
+    "mcm": "fewstep.recipes.mcm:MCM",
+    "dcm": "fewstep.recipes.dcm:DCM",
 }
+
+# the embedded world a recipe trains on when no teacher is named (the video recipes need clips)
+VIDEO_RECIPES = ("mcm", "dcm")
+
+
+def default_world(name: str) -> str:
+    """The embedded teacher ``fewstep distill --recipe NAME`` uses by default: "video" or "digits"."""
+    return "video" if name in VIDEO_RECIPES else "digits"
 
 
 def available() -> dict[str, str]:

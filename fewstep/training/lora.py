@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from torch import nn
+import copy
+
+import torch
+from torch import Tensor, nn
 
 from ..errors import FewstepError
 
@@ -20,11 +23,14 @@ def lora_targets(model: nn.Module, suffixes: tuple[str, ...] = LORA_TARGETS) -> 
     return [s for s in suffixes if any(n == s or n.endswith("." + s) for n in names)]
 
 
-def add_lora(model: nn.Module, rank: int, alpha: int | None = None) -> nn.Module:
-    """Freeze ``model`` and add a trainable peft LoRA adapter of ``rank`` (in place; returns ``model``)."""
+def add_lora(
+    model: nn.Module, rank: int, alpha: int | None = None, suffixes: tuple[str, ...] = LORA_TARGETS
+) -> nn.Module:
+    """Freeze ``model`` and add a trainable peft LoRA adapter of ``rank`` (scale alpha / rank) on the layers named by
+    ``suffixes`` (in place; returns ``model``)."""
     from peft import LoraConfig, inject_adapter_in_model
 
-    targets = lora_targets(model)
+    targets = lora_targets(model, suffixes)
     if not targets:
         raise FewstepError(f"{type(model).__name__} has no layer LoRA can adapt")
     model.requires_grad_(False)
@@ -32,3 +38,31 @@ def add_lora(model: nn.Module, rank: int, alpha: int | None = None) -> nn.Module
     # peft's own injection works on every nn.Module (DiT has no diffusers PeftAdapterMixin); diffusers reads the
     # resulting layers back with load_lora_weights where the pipeline supports LoRA
     return inject_adapter_in_model(config, model)
+
+
+def base_key(name: str) -> str:
+    """The plain model's name of a LoRA-wrapped model's base weight (peft puts it under ``base_layer``)."""
+    return name.replace(".base_layer.", ".")
+
+
+def load_base_weights(model: nn.Module, plain_state: dict[str, Tensor]) -> None:
+    """Set the frozen base weights of a LoRA-wrapped ``model`` from a plain model's state dict (its adapters kept)."""
+    with torch.no_grad():
+        for name, value in model.state_dict().items():
+            if "lora_" not in name:
+                value.copy_(plain_state[base_key(name)])
+
+
+def merged_copy(model: nn.Module) -> nn.Module:
+    """A plain model of the same class with each LoRA's delta folded into its base weight (W + scale B A): what the
+    adapted model computes, loadable without peft."""
+    from peft.tuners.lora import LoraLayer
+
+    work = copy.deepcopy(model)
+    for module in work.modules():
+        if isinstance(module, LoraLayer):
+            module.merge()
+    state = {base_key(k): v for k, v in work.state_dict().items() if "lora_" not in k}
+    plain = type(model).from_config(model.config)  # type: ignore[attr-defined]
+    plain.load_state_dict(state)
+    return plain.to(next(model.parameters()).dtype).eval()
