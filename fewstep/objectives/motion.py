@@ -5,6 +5,8 @@ DCM's strided frame differences (Lv et al. 2025, its temporal-coherence loss).
 
 from __future__ import annotations
 
+from typing import cast
+
 from torch import Tensor, nn
 
 
@@ -35,7 +37,7 @@ class MotionHead(nn.Module):
             ]
         out = nn.Conv2d(width, channels, 1)
         nn.init.zeros_(out.weight)
-        nn.init.zeros_(out.bias)
+        nn.init.zeros_(cast(Tensor, out.bias))
         self.body = nn.Sequential(*blocks, out)
 
     def forward(self, x: Tensor, dim: int = 2) -> Tensor:

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, cast
 
 import torch
 from torch import Tensor, nn
@@ -209,7 +209,7 @@ class MCM(Recipe):
             self.target_backbone.load_state_dict(state["target"])
 
     def export_module(self, student: nn.Module) -> nn.Module:
-        return student.backbone  # the head shapes the loss only; MCM's demo samples without it
+        return cast(MCMStudent, student).backbone  # the head shapes the loss only; MCM's demo samples without it
 
     @property
     def is_lora(self) -> bool:
