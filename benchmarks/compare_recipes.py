@@ -1,9 +1,10 @@
-"""Train and bench every registered recipe on the digits teacher, then compare them in one table and one plot.
+"""Train and bench every registered recipe on an embedded teacher, then compare them in one table and one plot.
 
     python benchmarks/compare_recipes.py [--recipes lcm,scm,...] [--output runs/compare] [--reuse] [--threads N]
-                                         [--train-seeds N]
+                                         [--train-seeds N] [--world digits|video]
 
-Runs `fewstep distill --recipe NAME --output OUT/NAME` for each recipe (its digits preset), reads each run's
+Runs `fewstep distill --recipe NAME --teacher WORLD --output OUT/NAME` for each recipe (its preset for that world;
+by default every recipe whose world it is: the image recipes on digits, MCM and DCM on video), reads each run's
 bench/report.json and writes OUT/compare.json, OUT/compare.md and OUT/quality_vs_nfe.png. --reuse keeps finished runs
 and resumes unfinished ones. A failed run is a row of the table; the script then exits 1. --train-seeds N trains each
 recipe N times (OUT/NAME/seed0 .. seedN-1, --set train.seed=k) and reports each number as the mean +- std over the
@@ -26,13 +27,15 @@ from pathlib import Path
 from typing import Any
 
 from fewstep.io import atomic_file
-from fewstep.recipes import available
+from fewstep.recipes import available, default_world
+from fewstep.worlds import EMBEDDED
 
 TEACHER = "teacher (Euler)"
 TIMING = "compare_timing.json"
 ROW_KEYS = (
     "steps", "nfe", "guidance", "fid", "fid_std", "fid_train", "accuracy", "diversity",
     "latency_ms", "latency_ms_p90", "latency_ms_per_image",
+    "frame_fid", "motion_accuracy", "jitter",  # the video world's own measures (None on digits)
 )  # fmt: skip
 
 
@@ -67,7 +70,7 @@ def _write_text(path: Path, text: str) -> None:
 
 
 def _is_teacher(row: dict[str, Any]) -> bool:
-    return row.get("source") == "digits" or row.get("model") == "digits-teacher"
+    return row.get("source") in EMBEDDED or row.get("model") in {f"{world}-teacher" for world in EMBEDDED}
 
 
 def _with_ratios(row: dict[str, Any], recipe: str, teacher_50: dict[str, Any]) -> dict[str, Any]:
@@ -120,13 +123,17 @@ def aggregate(runs: Sequence[Run]) -> dict[str, Any]:
         "teacher": [_with_ratios(r, TEACHER, teacher_50) for _, r in sorted(teacher_rows.items(), key=_order)],
         "teacher_50": {k: teacher_50.get(k) for k in ("fid", "fid_std", "fid_train")} if teacher_50 else None,
         "runs": statuses,
+        "world": first.get("reference", {}).get("world", "digits"),
         "reference": first.get("reference", {}),
         "latency_batch": first.get("config", {}).get("latency_batch"),
         "env": first.get("env", {}),
     }
 
 
-SEED_MEANS = ("fid", "fid_train", "accuracy", "diversity", "latency_ms", "train_steps", "train_wall_s", "run_wall_s")
+SEED_MEANS = (
+    "fid", "fid_train", "accuracy", "diversity", "latency_ms", "train_steps", "train_wall_s", "run_wall_s",
+    "frame_fid", "motion_accuracy", "jitter",
+)  # fmt: skip
 
 
 def over_seeds(rows: list[dict[str, Any]], teacher_50: dict[str, Any]) -> list[dict[str, Any]]:
@@ -174,7 +181,7 @@ def _fid_cell(value: float | None, ratio: float | None, std: float | None = None
     return f"{value:.2f}{spread}" + ("" if ratio is None else f" ({ratio:.2f}x)")
 
 
-def _table_row(r: dict[str, Any], wall: str) -> str:
+def _table_row(r: dict[str, Any], wall: str, video: bool = False) -> str:
     label = r["recipe"] if r.get("guidance") in (None, 1.0) else f"{r['recipe']} (w={r['guidance']:g})"
     cells = [
         label,
@@ -186,6 +193,12 @@ def _table_row(r: dict[str, Any], wall: str) -> str:
         "-" if r["latency_ms"] is None else f"{r['latency_ms']:.1f}",
         wall,
     ]
+    if video:
+        cells[-1:-1] = [
+            "-" if r.get("frame_fid") is None else f"{r['frame_fid']:.2f}",
+            "-" if r.get("motion_accuracy") is None else f"{100 * r['motion_accuracy']:.1f}%",
+            "-" if r.get("jitter") is None else f"{r['jitter']:.3f}",
+        ]
     return "| " + " | ".join(cells) + " |"
 
 
@@ -193,20 +206,27 @@ def markdown(compare: dict[str, Any]) -> str:
     """The comparison as a Markdown table: the teacher's Euler rows, then one row per recipe and step count."""
     t50 = compare["teacher_50"] or {}
     batch = compare.get("latency_batch")
+    world = compare.get("world", "digits")
+    video = world == "video"
+    fid = "clip FD" if video else "FID"
     lines = [
-        "# fewstep recipes on the digits teacher",
+        f"# fewstep recipes on the {world} teacher",
         "",
-        "FID is the mean over noise seeds (std after +-); the ratio in brackets is to the teacher's own FID at 50 "
-        f"steps (held-out {_fid_cell(t50.get('fid'), None)}, train {_fid_cell(t50.get('fid_train'), None)}). "
+        f"{fid} is the mean over noise seeds (std after +-); the ratio in brackets is to the teacher's own {fid} at "
+        f"50 steps (held-out {_fid_cell(t50.get('fid'), None)}, train {_fid_cell(t50.get('fid_train'), None)}). "
         f"Latency is the median ms per batch of {batch or '?'}. Training wall time runs from the start of "
         "`fewstep distill` to the exported student (the bench after it not counted).",
         "",
-        "| recipe | steps (NFE) | FID held-out (x teacher-50) | FID train (x teacher-50) | accuracy | diversity "
-        "| latency ms | training wall time |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        f"| recipe | steps (NFE) | {fid} held-out (x teacher-50) | {fid} train (x teacher-50) | accuracy | diversity "
+        + (
+            "| latency ms | frame FID | motion accuracy | jitter px | training wall time |"
+            if video
+            else "| latency ms | training wall time |"
+        ),
+        "|---|---:|---:|---:|---:|---:|---:|" + ("---:|---:|---:|" if video else "") + "---:|",
     ]
     shown = {r["steps"] for r in compare["rows"]} | {50}
-    lines += [_table_row(r, "-") for r in compare["teacher"] if not compare["rows"] or r["steps"] in shown]
+    lines += [_table_row(r, "-", video) for r in compare["teacher"] if not compare["rows"] or r["steps"] in shown]
     for recipe in dict.fromkeys(run["recipe"] for run in compare["runs"]):
         ok = [r for r in compare["rows"] if r["recipe"] == recipe]
         if ok:
@@ -216,12 +236,13 @@ def markdown(compare: dict[str, Any]) -> str:
             wall += f" ({steps:.0f} steps)" if steps is not None else ""
             seeds = first.get("train_seeds")
             wall += f", mean of {len(seeds)} seeds" if seeds else ""
-            lines += [_table_row(r, wall) for r in ok]
+            lines += [_table_row(r, wall, video) for r in ok]
         for run in compare["runs"]:
             if run["recipe"] == recipe and run["status"] != "ok":
                 why = f"failed (exit {run['returncode']})" if run["status"] == "failed" else run["status"]
                 seed = "" if run.get("seed") is None else f" seed {run['seed']}"
-                lines.append(f"| {recipe}{seed} | {why} | - | - | - | - | - | {_duration(run['run_wall_s'])} |")
+                dashes = " - |" * (8 if video else 5)
+                lines.append(f"| {recipe}{seed} | {why} |{dashes} {_duration(run['run_wall_s'])} |")
     if any(r.get("train_seeds") for r in compare["rows"]):
         lines += ["", "Recipes trained with several seeds: each number is the mean over the trainings, +- their std."]
     return "\n".join(lines) + "\n"
@@ -284,17 +305,30 @@ def write_outputs(compare: dict[str, Any], out_dir: Path) -> str:
     return table
 
 
-def distill_command(recipe: str, folder: Path, resume: bool, sets: Sequence[str]) -> list[str]:
-    cmd = [sys.executable, "-m", "fewstep.cli", "distill", "--recipe", recipe, "--output", str(folder)]
+def distill_command(recipe: str, folder: Path, resume: bool, sets: Sequence[str], world: str = "digits") -> list[str]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "fewstep.cli",
+        "distill",
+        "--recipe",
+        recipe,
+        "--teacher",
+        world,
+        "--output",
+        str(folder),
+    ]
     return cmd + [f"--set={s}" for s in sets] + (["--resume"] if resume else [])
 
 
-def train(recipe: str, folder: Path, resume: bool, sets: Sequence[str], threads: int | None) -> Run:
+def train(
+    recipe: str, folder: Path, resume: bool, sets: Sequence[str], threads: int | None, world: str = "digits"
+) -> Run:
     """One `fewstep distill` in a child process, timed; its timing is kept in the run folder for --reuse."""
     env = dict(os.environ)
     if threads is not None:  # torch reads these at start-up for its intra-op pool
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    cmd = distill_command(recipe, folder, resume, sets)
+    cmd = distill_command(recipe, folder, resume, sets, world)
     print(f"== {recipe}: {' '.join(cmd)}", flush=True)
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env)
@@ -330,7 +364,8 @@ def reused(recipe: str, folder: Path) -> Run:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--recipes", help="comma-separated (default: every registered recipe)")
+    parser.add_argument("--recipes", help="comma-separated (default: every registered recipe of the world)")
+    parser.add_argument("--world", choices=EMBEDDED, default="digits", help="the embedded teacher (default digits)")
     parser.add_argument("--output", type=Path, default=Path("runs/compare"))
     parser.add_argument("--reuse", action="store_true", help="keep finished runs, resume unfinished ones")
     parser.add_argument("--threads", type=int, help="torch threads of each run (default: torch's own)")
@@ -339,7 +374,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     registry = available()
-    names = [n.strip() for n in args.recipes.split(",") if n.strip()] if args.recipes else list(registry)
+    mine = [n for n in registry if default_world(n) == args.world]
+    names = [n.strip() for n in args.recipes.split(",") if n.strip()] if args.recipes else mine
     unknown = [n for n in names if n not in registry]
     if unknown or not names:
         what = f"unknown recipe(s) {', '.join(unknown)}" if unknown else "no recipes given"
@@ -370,7 +406,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             else:
                 resume = args.reuse and has_checkpoints(folder)
                 sets = args.set if seed is None else [*args.set, f"train.seed={seed}"]
-                runs.append(dataclasses.replace(train(name, folder, resume, sets, args.threads), seed=seed))
+                run = train(name, folder, resume, sets, args.threads, args.world)
+                runs.append(dataclasses.replace(run, seed=seed))
     except KeyboardInterrupt:
         print("compare_recipes: interrupted; finished runs are kept (--reuse picks them up)", file=sys.stderr)
         return 130

@@ -181,7 +181,7 @@ def test_main_trains_reports_failures_and_reuses(cr: ModuleType, tmp_path: Path,
     specs = {"lcm": {"exit": 0, "report": report(rng, out / "lcm", [1, 2])}, "scm": {"exit": 5, "report": {}}}
     calls: list[tuple[str, bool]] = []
 
-    def fake(recipe: str, folder: Path, resume: bool, sets: list[str]) -> list[str]:
+    def fake(recipe: str, folder: Path, resume: bool, sets: list[str], world: str = "digits") -> list[str]:
         calls.append((recipe, resume))
         return [sys.executable, "-c", FAKE_DISTILL, str(folder), json.dumps(specs[recipe])]
 
@@ -227,7 +227,7 @@ def test_train_seeds_average_each_number_over_the_trainings(cr: ModuleType, tmp_
     specs = {k: {"exit": 0, "report": report(rng, out / "rcm" / f"seed{k}", [1, 2])} for k in range(3)}
     calls: list[tuple[Path, str]] = []
 
-    def fake(recipe: str, folder: Path, resume: bool, sets: list[str]) -> list[str]:
+    def fake(recipe: str, folder: Path, resume: bool, sets: list[str], world: str = "digits") -> list[str]:
         seed = int(sets[-1].split("=")[1])
         calls.append((folder, sets[-1]))
         return [sys.executable, "-c", FAKE_DISTILL, str(folder), json.dumps(specs[seed])]
@@ -249,3 +249,40 @@ def test_train_seeds_average_each_number_over_the_trainings(cr: ModuleType, tmp_
     rcm = [c for c in cells if c[0] == "rcm"]
     assert len(rcm) == 2 and all("+-" in c[3] and "mean of 3 seeds" in c[7] for c in rcm)
     assert cr.main(["--recipes", "rcm", "--output", str(out), "--train-seeds", "0"]) == 2
+
+
+def test_video_world_runs_the_video_recipes_on_the_video_teacher(
+    cr: ModuleType, tmp_path: Path, monkeypatch: Any
+) -> None:
+    """--world video trains MCM and DCM by default with --teacher video, and the table adds the video measures."""
+    out = tmp_path / "out"
+    rng = random.Random(3)
+
+    def video_report(folder: Path, steps: list[int]) -> dict[str, Any]:
+        rows = [row(rng, "video-teacher", "video", s) for s in sorted({*steps, 50})]
+        rows += [row(rng, "student", str((folder / "student").resolve()), s) for s in steps]
+        for r in rows:
+            r.update(frame_fid=rng.uniform(5, 50), motion_accuracy=rng.uniform(0.5, 1), jitter=rng.uniform(0, 1))
+        config = {"steps": steps, "latency_batch": 100, "num": 1000, "seeds": 3}
+        return {"rows": rows, "reference": {"real_fid_floor": 18.7, "world": "video"}, "config": config, "env": {}}
+
+    specs = {name: {"exit": 0, "report": video_report(out / name, [1, 4])} for name in ("mcm", "dcm")}
+    calls: list[tuple[str, str]] = []
+    command = cr.distill_command("mcm", out, False, [], "video")
+    assert command[4:8] == ["--recipe", "mcm", "--teacher", "video"]
+
+    def fake(recipe: str, folder: Path, resume: bool, sets: list[str], world: str = "digits") -> list[str]:
+        calls.append((recipe, world))
+        return [sys.executable, "-c", FAKE_DISTILL, str(folder), json.dumps(specs[recipe])]
+
+    monkeypatch.setattr(cr, "distill_command", fake)
+    assert cr.main(["--world", "video", "--output", str(out)]) == 0
+    assert calls == [("mcm", "video"), ("dcm", "video")]
+    compare = json.loads((out / "compare.json").read_text())
+    assert compare["world"] == "video" and {r["steps"] for r in compare["teacher"]} == {1, 4, 50}
+    table = (out / "compare.md").read_text()
+    assert table.startswith("# fewstep recipes on the video teacher") and "| frame FID | motion accuracy |" in table
+    mcm = [c for c in table_lines(table) if c[0] == "mcm"]
+    student = next(r for r in specs["mcm"]["report"]["rows"] if r["model"] == "student" and r["steps"] == 1)
+    assert len(mcm) == 2 and mcm[0][7] == f"{student['frame_fid']:.2f}"
+    assert len({len(c) for c in table_lines(table)}) == 1  # every row has every column
