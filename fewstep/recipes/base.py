@@ -8,7 +8,7 @@ trainable networks take an optimizer step: ``loss(batch, step)`` returns one sca
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -37,13 +37,19 @@ class Batch:
         conditions); the rest (a shared unconditional row, settings) is kept whole."""
 
         def cut(value: Any) -> Any:
-            if isinstance(value, Tensor) and value.ndim and value.shape[0] == n:
-                return value[rows]
-            if isinstance(value, dict):
-                return {k: cut(v) for k, v in value.items()}
-            return value
+            return per_sample(value, n, lambda t: t[rows])
 
         return Batch(cut(self.x0), cut(self.cond), cut(self.uncond), cut(self.images))
+
+
+def per_sample(value: Any, n: int, fn: Callable[[Tensor], Tensor]) -> Any:
+    """``fn`` applied to every tensor of ``value`` (nested dicts walked into) whose first dimension is the batch's
+    ``n``; other entries (a shared unconditional row, settings) are returned as they are."""
+    if isinstance(value, Tensor) and value.ndim and value.shape[0] == n:
+        return fn(value)
+    if isinstance(value, dict):
+        return {k: per_sample(v, n, fn) for k, v in value.items()}
+    return value
 
 
 @dataclass(frozen=True)

@@ -197,12 +197,8 @@ class DCM(Recipe):
     @torch.no_grad()
     def after_step(self, step: int) -> None:
         if step + 1 == self.cfg.semantic_steps:  # the semantic expert is done: the detail expert starts from it
+            # every non-LoRA weight: the frozen base and the detail expert's own copies (condition embedder, proj_out)
             load_base_weights(self.experts[1], self.experts[0].state_dict())
-            own = self.experts[0].state_dict()
-            for name in self.cfg.detail_copies:
-                module = getattr(self.experts[1], name, None)
-                if module is not None:
-                    module.load_state_dict({k[len(name) + 1 :]: v for k, v in own.items() if k.startswith(name + ".")})
 
     def export_module(self, student: nn.Module) -> nn.Module:
         """The semantic expert above the boundary, the detail expert (LoRA merged) at and below it."""

@@ -31,7 +31,7 @@ from ..schedules import VP, NoiseSchedule
 from ..teacher import Denoiser, add_guidance_embedding, guidance_condition
 from ..training.data import DataConfig
 from ..training.lora import add_lora
-from ..training.trainer import TrainConfig
+from ..training.trainer import TrainConfig, ema_update
 from .base import Batch, OptimizerSpec, Recipe
 
 
@@ -162,8 +162,7 @@ class LCM(Recipe):
     def after_step(self, step: int) -> None:
         if self.target_model is self.model:
             return
-        for p_target, p in zip(self.target_model.parameters(), self.model.parameters(), strict=True):
-            p_target.lerp_(p.detach(), 1 - self.cfg.target_ema)
+        ema_update(self.target_model, self.model.parameters(), self.cfg.target_ema)
 
     def state_dict(self) -> dict[str, Any]:
         return {} if self.target_model is self.model else {"target": self.target_model.state_dict()}

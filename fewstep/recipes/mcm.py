@@ -42,11 +42,12 @@ from ..objectives.consistency import consistency_output, teacher_ode_step
 from ..objectives.losses import pseudo_huber
 from ..objectives.motion import MotionHead, frame_differences
 from ..sampling import SamplingPlan
+from ..schedules import append_dims
 from ..teacher import VIDEO_BACKBONES, Denoiser
 from ..training.data import DataConfig
 from ..training.lora import add_lora
-from ..training.trainer import TrainConfig
-from .base import Batch, OptimizerSpec, Recipe
+from ..training.trainer import TrainConfig, ema_update
+from .base import Batch, OptimizerSpec, Recipe, per_sample
 from .lcm import grid_plans, skipping_grid
 
 MOTION_HEADS = {"learn": (2, 1), "hlearn": (5, 3)}  # (layers, kernel) of MCM's SpatialHead variants
@@ -149,7 +150,7 @@ class MCM(Recipe):
         t, s = self.grid[n].to(x0), self.grid[n + 1].to(x0)  # t = t_{n+1} > s = t_n
         w = cfg.w_min + (cfg.w_max - cfg.w_min) * batch_random.rand((b,))
         eps = batch_random.randn_like(x0)
-        x_t = torch.where((n == 0).view(-1, *[1] * (x0.ndim - 1)), eps, native.add_noise(x0, eps, t))
+        x_t = torch.where(append_dims(n == 0, x0.ndim), eps, native.add_noise(x0, eps, t))
         with torch.no_grad():
             guidance: float | Tensor = cfg.w_min if cfg.w_min == cfg.w_max else w
             x_s = teacher_ode_step(self.teacher, x_t, t, s, batch.cond, batch.uncond, guidance)
@@ -161,7 +162,7 @@ class MCM(Recipe):
         fake = self.pick_frames(pred, torch.randperm(pred.shape[self.frame_dim])[: cfg.adv_frames])
         real = self.real_frames(batch, clips)
         k = cfg.adv_frames
-        frame_cond = {key: _repeat_rows(v, k, b) for key, v in batch.cond.items()}
+        frame_cond = per_sample(batch.cond, b, lambda v: v.repeat_interleave(k, dim=0))  # clip-major, as the frames
         t_d = discriminator_times(native, b * k, cfg.adv_p_mean, cfg.adv_p_std, cfg.adv_p_sigma_data)
         generator, critic = ladd_losses(self.disc, fake, real, t_d, frame_cond)
         return {"student": loss + cfg.adv_weight * generator, "critic": critic}
@@ -194,8 +195,7 @@ class MCM(Recipe):
         if self.target_backbone is not self.net.backbone:
             pairs.append((self.target_backbone, self.net.backbone))
         for target, live in pairs:
-            for p_target, p in zip(target.parameters(), live.parameters(), strict=True):
-                p_target.lerp_(p.detach(), 1 - self.cfg.target_ema)
+            ema_update(target, live.parameters(), self.cfg.target_ema)
 
     def state_dict(self) -> dict[str, Any]:
         state = {"target_head": self.target_head.state_dict()}
@@ -225,12 +225,3 @@ def _latent_channels(model: nn.Module) -> int:
     if not isinstance(channels, int):
         raise FewstepError(f"mcm: {type(model).__name__} has no in_channels in its config for the motion head")
     return channels
-
-
-def _repeat_rows(value: Any, k: int, n: int) -> Any:
-    """Each of the ``n`` rows of a per-sample condition repeated ``k`` times in place (clip-major, as the frames)."""
-    if isinstance(value, Tensor) and value.ndim and value.shape[0] == n:
-        return value.repeat_interleave(k, dim=0)
-    if isinstance(value, dict):
-        return {key: _repeat_rows(v, k, n) for key, v in value.items()}
-    return value

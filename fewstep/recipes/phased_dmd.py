@@ -37,7 +37,7 @@ from ..sampling import Denoise, SamplingPlan, advance, grid_time, plan_state
 from ..schedules import append_dims, forward_transition, transition
 from ..teacher import Denoiser
 from ..training.data import DataConfig
-from ..training.trainer import TrainConfig, ema_decay_at
+from ..training.trainer import TrainConfig, ema_decay_at, ema_update
 from .base import Batch, OptimizerSpec, Recipe
 
 
@@ -183,8 +183,7 @@ class PhasedDMD(Recipe):
         p = self.phase_at(step)
         self.ema_count[p] += 1
         decay = ema_decay_at(self.cfg.train.ema_decay, self.ema_count[p])
-        for p_ema, p_live in zip(self.ema_experts[p].parameters(), self.experts[p].parameters(), strict=True):
-            p_ema.lerp_(p_live.detach().to(p_ema.dtype), 1 - decay)
+        ema_update(self.ema_experts[p], self.experts[p].parameters(), decay)
         if self.phase_at(step + 1) != p:  # the phase is done: its expert is frozen at its EMA for the later phases
             self.experts[p].load_state_dict(self.ema_experts[p].state_dict())
 

@@ -23,14 +23,14 @@ import random
 import signal
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .. import batch_random
@@ -90,6 +90,13 @@ def ema_decay_at(decay: float, n: int) -> float:
     sum_i decay^(n-i) theta_i / sum_i decay^(n-i), as Adam corrects its moments: the first update copies, and a run cut
     short by its time budget exports no share of the initial (teacher) weights."""
     return 1.0 - (1.0 - decay) / (1.0 - decay**n)
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, live: Iterable[Tensor], decay: float) -> None:
+    """ema <- decay ema + (1 - decay) live, parameter by parameter (in the EMA's dtype)."""
+    for p_ema, p in zip(ema.parameters(), live, strict=True):
+        p_ema.lerp_(p.detach().to(p_ema.dtype), 1 - decay)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -390,9 +397,7 @@ class Trainer:
     def _update_ema(self) -> None:
         decay = ema_decay_at(self.cfg.ema_decay, self.step + 1)
         for name, ema in self.ema.items():
-            live = self._module(name).parameters()
-            for p_ema, p in zip(ema.parameters(), live, strict=True):
-                p_ema.lerp_(p.detach().to(p_ema.dtype), 1 - decay)
+            ema_update(ema, self._module(name).parameters(), decay)
 
     def fit(self) -> list[dict[str, float]]:
         """Train until ``max_steps`` or the wall-time budget; checkpoint on the way and at the end."""
