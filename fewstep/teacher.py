@@ -45,6 +45,8 @@ class Backbone:
         config says ``use_rotary_positional_embeddings``; they are computed here from the input's shape.
     image_first: a block returns (image, text) features, not (text, image) (CogVideoX).
     frame_dim: the frame axis of a video backbone's latents: 2 for (B, C, F, H, W), 1 for CogVideoX's (B, F, C, H, W).
+    text_per_frame: the network takes one row of ``encoder_hidden_states`` per frame, (B F, N, D), which its pipeline
+        repeats (UNetMotionModel: AnimateDiffPipeline repeats the prompt embeddings num_frames times).
     reached_into: submodules of a block that the model's own forward calls before that block runs (DiT embeds the
         timestep and class with ``transformer_blocks[0].norm1.emb``); FSDP2 makes each a unit of its own, gathered
         when it is called (``training/parallel.py``).
@@ -60,6 +62,7 @@ class Backbone:
     rotary_3d: bool = False
     image_first: bool = False
     frame_dim: int = 2
+    text_per_frame: bool = False
     reached_into: tuple[str, ...] = ()
 
 
@@ -80,6 +83,8 @@ BACKBONES: dict[str, Backbone] = {
     "SanaTransformer2DModel": Backbone(timestep_scale_key="timestep_scale", trigflow_via_flow=True),
     "FluxTransformer2DModel": Backbone(timestep_scale=1e-3, packed=True, shared=("txt_ids", "img_ids")),
     "WanTransformer3DModel": Backbone(),
+    "UNet3DConditionModel": Backbone(),  # ModelScope T2V: latents (B, C, F, H, W), frames folded into the batch inside
+    "UNetMotionModel": Backbone(text_per_frame=True),  # AnimateDiff: SD's UNet + motion modules, (B, C, F, H, W)
     "CogVideoXTransformer3DModel": Backbone(rotary_3d=True, image_first=True, frame_dim=1),  # latents (B, F, C, H, W)
 }
 
@@ -253,6 +258,9 @@ class Denoiser(nn.Module):
             return self._trigflow_via_flow(x, t_native, kwargs)
         if bb.rotary_3d and getattr(self.model.config, "use_rotary_positional_embeddings", False):
             kwargs.setdefault("image_rotary_emb", rotary_3d(self.model, x))
+        if bb.text_per_frame and "encoder_hidden_states" in kwargs:
+            frames = x.shape[bb.frame_dim]
+            kwargs["encoder_hidden_states"] = kwargs["encoder_hidden_states"].repeat_interleave(frames, dim=0)
         inp = x
         if bb.packed:
             inp, img_ids = pack_2x2(x)

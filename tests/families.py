@@ -300,6 +300,61 @@ def tiny_wan_pipeline() -> Any:
     )
 
 
+def _tiny_unet_blocks(dims: str) -> dict[str, Any]:
+    """The tiny SD UNet's layout (conftest's tiny_sd_pipeline) with ``dims``-D blocks: 8x8x4 latents, width 8/16."""
+    return {
+        "sample_size": 8, "in_channels": 4, "out_channels": 4, "block_out_channels": (8, 16), "layers_per_block": 1,
+        "norm_num_groups": 4, "cross_attention_dim": 32, "attention_head_dim": 4,
+        "down_block_types": (f"CrossAttnDownBlock{dims}", f"DownBlock{dims}"),
+        "up_block_types": (f"UpBlock{dims}", f"CrossAttnUpBlock{dims}"),
+    }  # fmt: skip
+
+
+def tiny_modelscope_pipeline() -> Any:
+    """TextToVideoSDPipeline (ModelScope T2V, MCM's teacher): a UNet3DConditionModel on 4x8x8 latents per frame, the
+    2-D tiny VAE applied frame by frame, SD's CLIP text encoder."""
+    import diffusers as d
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(0)
+    tokenizer = tiny_clip_tokenizer()
+    text_encoder = CLIPTextModel(tiny_clip_text_config(tokenizer))
+    unet = d.UNet3DConditionModel(**_tiny_unet_blocks("3D"))
+    # damo-vilab/text-to-video-ms-1.7b ships SD's DDIMScheduler (scaled_linear 0.00085-0.012, steps_offset 1)
+    scheduler = d.DDIMScheduler(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False, set_alpha_to_one=False,
+        steps_offset=1,
+    )  # fmt: skip
+    return d.TextToVideoSDPipeline(
+        vae=_tiny_vae_kl(), text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler
+    )
+
+
+def tiny_animatediff_pipeline() -> Any:
+    """AnimateDiffPipeline (MCM's other teacher): the tiny SD UNet plus a MotionAdapter, which the pipeline turns into
+    one UNetMotionModel; CLIP text encoder, the 2-D tiny VAE frame by frame."""
+    import diffusers as d
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(0)
+    tokenizer = tiny_clip_tokenizer()
+    text_encoder = CLIPTextModel(tiny_clip_text_config(tokenizer))
+    unet = d.UNet2DConditionModel(**_tiny_unet_blocks("2D"))
+    adapter = d.MotionAdapter(
+        block_out_channels=(8, 16), motion_layers_per_block=1, motion_norm_num_groups=4, motion_num_attention_heads=2,
+        motion_max_seq_length=32,
+    )  # fmt: skip
+    # AnimateDiff's (and MCM demo.py's) DDIMScheduler: linear betas 0.00085-0.012, linspace spacing, steps_offset 1
+    scheduler = d.DDIMScheduler(
+        beta_schedule="linear", beta_start=0.00085, beta_end=0.012, clip_sample=False, timestep_spacing="linspace",
+        steps_offset=1,
+    )  # fmt: skip
+    return d.AnimateDiffPipeline(
+        vae=_tiny_vae_kl(), text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, motion_adapter=adapter,
+        scheduler=scheduler, feature_extractor=None, image_encoder=None,
+    )  # fmt: skip
+
+
 def tiny_cogvideox_pipeline() -> Any:
     """CogVideoXPipeline (CogVideoX-2b): 16x16 videos from 4x2x2 latent frames (8x spatial, 4x temporal VAE).
 
@@ -364,10 +419,12 @@ FAMILIES: dict[str, Callable[[], Any]] = {
         "flux_schnell": tiny_flux_schnell_pipeline,
         "wan": tiny_wan_pipeline,
         "cogvideox": tiny_cogvideox_pipeline,
+        "modelscope": tiny_modelscope_pipeline,
+        "animatediff": tiny_animatediff_pipeline,
     }.items()
 }
 
-VIDEO = frozenset({"wan", "cogvideox"})
+VIDEO = frozenset({"wan", "cogvideox", "modelscope", "animatediff"})
 
 # Short text sequences keep the text encoders and cross-attention cheap: the pipelines' defaults are PixArt-alpha 120,
 # PixArt-Sigma / Sana / Sana-Sprint 300, Flux 512 (T5 side), Wan 512 in __call__ (226 in encode_prompt), CogVideoX
@@ -393,6 +450,8 @@ CALL_KWARGS: dict[str, dict[str, Any]] = {
     "wan": {"height": 16, "width": 16, "num_frames": 5, **_SEQ},  # defaults 480x832, 81 frames
     # 9 frames -> 3 latent frames -> 9 frames again; an even latent count decodes to 4 frames each (5 -> 2 -> 8).
     "cogvideox": {"height": 16, "width": 16, "num_frames": 9, **_SEQ},  # also the defaults (transformer sample_*)
+    "modelscope": {"height": 16, "width": 16, "num_frames": 4},  # default 16 frames at unet sample_size x vae scale
+    "animatediff": {"height": 16, "width": 16, "num_frames": 4},
 }
 
 # Keyword arguments for ``pipe.encode_prompt(prompt, **ENCODE_KWARGS[name])``.
@@ -406,4 +465,6 @@ ENCODE_KWARGS: dict[str, dict[str, Any]] = {
     "flux_schnell": {"prompt_2": None, **_SEQ},
     "wan": {"do_classifier_free_guidance": True, **_SEQ},
     "cogvideox": {"do_classifier_free_guidance": True, **_SEQ},
+    "modelscope": {"device": "cpu", "num_images_per_prompt": 1, "do_classifier_free_guidance": True},
+    "animatediff": {"device": "cpu", "num_images_per_prompt": 1, "do_classifier_free_guidance": True},
 }

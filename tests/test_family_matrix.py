@@ -17,7 +17,9 @@ from families import FAMILIES as NEW_FAMILIES
 from torch import Tensor
 
 from fewstep.distill import run_distill
+from fewstep.recipes.dcm import DCM, DCMConfig
 from fewstep.recipes.lcm import LCM, LCMConfig
+from fewstep.recipes.mcm import MCM, MCMConfig
 from fewstep.recipes.phased_dmd import PhasedDMD, PhasedDMDConfig
 from fewstep.recipes.rcm import RCM, RCMConfig
 from fewstep.recipes.scm import SCM, SCMConfig
@@ -39,12 +41,25 @@ RECIPES: dict[str, tuple[type, Any]] = {
     "sid": (SiD, lambda family: SiDConfig()),
     "tdm": (TDM, lambda family: TDMConfig()),
     "phased_dmd": (PhasedDMD, lambda family: PhasedDMDConfig(phase_steps=1, fake_steps=1)),
+    # the video recipes: MCM full fine-tuned (its LoRA export is the LoRA test's), DCM one step of each expert
+    "mcm": (MCM, lambda family: MCMConfig(lora_rank=0, w_min=2.0, w_max=2.0)),
+    # DCM at the stock scheduler's times, so WanPipeline's own loop runs the export (its default split plan needs
+    # FewStepScheduler)
+    "dcm": (DCM, lambda family: DCMConfig(semantic_steps=1, lora_rank=4, lora_alpha=8, plan_times="stock")),
 }
+# recipes for some families only, refused elsewhere by design: MCM distils video teachers, DCM flow-matching video
+# teachers (CogVideoX, ModelScope and AnimateDiff are DDPM)
+APPLIES = {"mcm": VIDEO, "dcm": frozenset({"wan"})}
 # SanaSprintPipeline runs only SCMScheduler's plans (its loop drops the scheduler's last timestep and hands the
 # scheduler sigma_d F, and SCMScheduler always re-noises with fresh noise): TDM's deterministic plan and Phased DMD's
 # phase-aligned plans are refused before training (test_sana_sprint_refuses_plans_scm_cannot_run)
 NOT_YET = {("tdm", "sana_sprint"), ("phased_dmd", "sana_sprint")}
-MATRIX = [(recipe, family) for family in sorted(FAMILIES) for recipe in RECIPES if (recipe, family) not in NOT_YET]
+MATRIX = [
+    (recipe, family)
+    for family in sorted(FAMILIES)
+    for recipe in RECIPES
+    if (recipe, family) not in NOT_YET and family in APPLIES.get(recipe, FAMILIES)
+]
 
 
 def data_settings(family: str) -> dict[str, Any]:
@@ -147,11 +162,14 @@ def test_sana_sprint_refuses_plans_scm_cannot_run(
 
 
 def supported_table() -> str:
-    """README's table: a row per family, a column per recipe; a cell is "yes" when the matrix tests that pair."""
+    """README's table: a row per family, a column per recipe; a cell is "yes" when the matrix tests that pair, "-"
+    where the recipe does not apply to the family."""
     lines = ["| teacher family (pipeline class) | " + " | ".join(RECIPES) + " |", "|---|" + "---:|" * len(RECIPES)]
     for family in sorted(FAMILIES):
         pipe_class = type(FAMILIES[family]()).__name__
-        cells = ["yes" if (r, family) in MATRIX else "no" for r in RECIPES]
+        cells = [
+            "yes" if (r, family) in MATRIX else "no" if family in APPLIES.get(r, FAMILIES) else "-" for r in RECIPES
+        ]
         lines.append(f"| {family} ({pipe_class}) | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -309,9 +327,10 @@ for job in jobs:
     pipe.set_progress_bar_config(disable=True)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        if job["peft"]:  # no diffusers LoRA loader for this pipeline (PixArt): peft's own adapter on its backbone
+        if job["peft"]:  # no diffusers LoRA loader (PixArt, ModelScope): peft's own adapter on its backbone
             from peft import PeftModel
-            pipe.transformer = PeftModel.from_pretrained(pipe.transformer, job["folder"])
+            slot = "transformer" if getattr(pipe, "transformer", None) is not None else "unet"
+            setattr(pipe, slot, PeftModel.from_pretrained(getattr(pipe, slot), job["folder"]))
         else:
             pipe.load_lora_weights(job["folder"])
     messages += [str(w.message) for w in caught]
@@ -355,7 +374,7 @@ def test_lora_exports_load_without_fewstep_and_reproduce_the_student(
         peft = (folder / "adapter_config.json").is_file()
         jobs.append({"key": family, "folder": str(folder), "teacher": str(family_folder(family)), "peft": peft,
                      "prompts": PROMPTS[:2], "seed": 3, "calls": calls})  # fmt: skip
-    assert {job["key"] for job in jobs if job["peft"]} == {"pixart_alpha", "pixart_sigma"}
+    assert {job["key"] for job in jobs if job["peft"]} == {"pixart_alpha", "pixart_sigma", "modelscope"}
     (tmp_path / "jobs.json").write_text(json.dumps(jobs))
     script = tmp_path / "no_fewstep_lora.py"
     script.write_text(NO_FEWSTEP_LORA_SCRIPT)
@@ -428,3 +447,39 @@ def test_phased_dmd_on_wan_exports_wans_own_two_experts(distilled: Any) -> None:
     alone = one(prompt=PROMPTS[:2], num_inference_steps=2, generator=torch.Generator().manual_seed(5),
                 output_type="latent", **call_kwargs("wan", 2))[0]  # fmt: skip
     assert not torch.allclose(alone, two_experts[2])  # the second expert took its step
+
+
+def test_dcm_on_wan_exports_its_experts_as_wans_two_experts(distilled: Any) -> None:
+    """DCM's semantic and detail experts go out as WanPipeline's transformer / transformer_2 with boundary_ratio at
+    DCM's boundary sigma'_b (grid index 35 of 50 at shift 17), and Wan's own switch picks the expert TimestepExperts
+    picks at every step of every plan."""
+    from diffusers import DiffusionPipeline
+
+    from fewstep.export.experts import TimestepExperts
+    from fewstep.schedules import Flow
+
+    folder, cfg = distilled("dcm", "wan")
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["transformer"] == index["transformer_2"] == ["diffusers", "WanTransformer3DModel"]
+    cut = 1000 * float(Flow(shift=cfg.shift).shift_time(torch.tensor(cfg.boundary_index / cfg.num_euler_timesteps)))
+    pipe = DiffusionPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    assert cut < pipe.config.boundary_ratio * 1000 < cut + 1e-3  # the next float32 above the cut: it goes to detail
+    high, low = pipe.transformer, pipe.transformer_2
+    with torch.no_grad():  # one step of each stage leaves the experts close: make them differ so the switch shows
+        for param in low.parameters():
+            param.add_(0.05 * torch.randn(param.shape, generator=torch.Generator().manual_seed(0)))
+    wrapped = DiffusionPipeline.from_pretrained(folder, transformer_2=None, boundary_ratio=None)
+    wrapped.transformer = TimestepExperts.from_experts([high, low], [cut])
+    wrapped.set_progress_bar_config(disable=True)
+    one = DiffusionPipeline.from_pretrained(folder, transformer_2=None, boundary_ratio=None, transformer=high)
+    one.set_progress_bar_config(disable=True)
+    for steps in sorted(cfg.plan_steps):
+        outs = []
+        for p in (pipe, wrapped, one):
+            torch.manual_seed(5)
+            outs.append(p(prompt=PROMPTS[:2], num_inference_steps=steps, generator=torch.Generator().manual_seed(5),
+                          output_type="latent", **call_kwargs("wan", steps))[0])  # fmt: skip
+        torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+        if steps > 1:  # the stock plans' later times lie below the cut: the detail expert takes them
+            assert not torch.allclose(outs[0], outs[2]), steps

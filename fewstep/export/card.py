@@ -14,6 +14,11 @@ from typing import Any
 from ..io import atomic_file
 
 
+def is_video_pipeline(pipeline: str) -> bool:
+    """Whether a pipeline class samples clips (its output is ``.frames``)."""
+    return any(name in pipeline for name in ("Wan", "CogVideoX", "TextToVideo", "AnimateDiff", "Video"))
+
+
 def _yaml_list(name: str, items: Sequence[str]) -> list[str]:
     return [f"{name}:", *(f"- {json.dumps(item)}" for item in items)]
 
@@ -27,6 +32,7 @@ def usage(
     needs_fewstep: bool,
     pipeline: str = "",
     peft: bool = False,
+    slot: str = "transformer",
 ) -> str:
     """A snippet that samples the student as exported (importing fewstep first when a component is fewstep's;
     SanaSprintPipeline takes intermediate_timesteps only for 2 steps; guidance embedded where the pipeline embeds
@@ -43,7 +49,7 @@ def usage(
             lines += ["from peft import PeftModel"]
         lines += ["", f"pipe = DiffusionPipeline.from_pretrained({json.dumps(teacher)})"]
         if peft:
-            lines += [f"pipe.transformer = PeftModel.from_pretrained(pipe.transformer, {json.dumps(folder)})"]
+            lines += [f"pipe.{slot} = PeftModel.from_pretrained(pipe.{slot}, {json.dumps(folder)})"]
         else:
             lines += [f"pipe.load_lora_weights({json.dumps(folder)})"]
         lines += [f'pipe.scheduler = {scheduler}.from_pretrained({json.dumps(folder)}, subfolder="scheduler")']
@@ -51,18 +57,20 @@ def usage(
     extra = "" if pipeline in ("FluxPipeline", "SanaSprintPipeline") else ", guidance_scale=1.0"
     if pipeline == "SanaSprintPipeline" and steps != 2:
         extra += ", intermediate_timesteps=None"
-    lines.append(f'images = pipe(prompt="a photo of a cat", num_inference_steps={steps}{extra}).images')
+    out = "frames" if is_video_pipeline(pipeline) else "images"
+    lines.append(f'{out} = pipe(prompt="a photo of a cat", num_inference_steps={steps}{extra}).{out}')
     return "\n".join(lines)
 
 
 def model_card(
     *, recipe: str, paper: str, teacher: str, pipeline: str, plans: Mapping[int, Sequence[float]], scheduler: str,
     lora: bool, folder: str, needs_fewstep: bool, bench_rows: Sequence[Mapping[str, Any]] = (),
+    slot: str = "transformer",
 ) -> str:  # fmt: skip
     """The README.md text of an exported student."""
     tags = ["fewstep", f"fewstep-{recipe}", "few-step", *(["lora"] if lora else [])]
     meta = ["---", "library_name: diffusers", f"base_model: {json.dumps(teacher)}", *_yaml_list("tags", tags)]
-    meta += [f"pipeline_tag: {'text-to-video' if 'Wan' in pipeline or 'CogVideoX' in pipeline else 'text-to-image'}"]
+    meta += [f"pipeline_tag: {'text-to-video' if is_video_pipeline(pipeline) else 'text-to-image'}"]
     meta += ["---", ""]
     steps = sorted(plans)
     body = [
@@ -88,6 +96,7 @@ def model_card(
             needs_fewstep,
             pipeline,
             (Path(folder) / "adapter_config.json").is_file(),
+            slot,
         ),
         "```",
     ]

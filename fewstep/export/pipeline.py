@@ -175,8 +175,10 @@ def pipeline_settings(pipe: Any) -> dict[str, Any]:
 def export_lora(pipe: Any, model: torch.nn.Module, output: Any) -> Any:
     """Write the peft LoRA adapter of ``model`` (the pipeline's unet or transformer) so that
     ``pipe.load_lora_weights(output)`` on the base pipeline reproduces it. A pipeline without diffusers' LoRA loader
-    (PixArt, digits) gets peft's own adapter folder instead (adapter_config.json, adapter_model.safetensors), which
-    ``peft.PeftModel.from_pretrained(pipe.transformer, output)`` loads, as PixArt's LCM-LoRA is loaded."""
+    (PixArt, digits), or whose backbone cannot take one (ModelScope's UNet3DConditionModel has no load_lora_adapter),
+    gets peft's own adapter folder instead (adapter_config.json, adapter_model.safetensors), which
+    ``peft.PeftModel.from_pretrained(pipe.transformer, output)`` (or ``pipe.unet``) loads, as PixArt's LCM-LoRA is
+    loaded."""
     from pathlib import Path
 
     from peft.utils import get_peft_model_state_dict
@@ -188,7 +190,7 @@ def export_lora(pipe: Any, model: torch.nn.Module, output: Any) -> Any:
     layers = get_peft_model_state_dict(model)  # peft key format: load_lora_weights reads it for every layer type
     if not layers:
         raise ValueError("the model carries no LoRA adapter to export")
-    if not hasattr(type(pipe), "save_lora_weights"):
+    if not hasattr(type(pipe), "save_lora_weights") or not hasattr(model, "load_lora_adapter"):
         from safetensors.torch import save_file
 
         config: Any = model.peft_config["default"]  # type: ignore[index]

@@ -233,6 +233,10 @@ FAMILIES: tuple[Family, ...] = (
         default_negative=WAN_NEGATIVE_PROMPT,
     ),  # fmt: skip
     Family("cogvideox", ("CogVideoXPipeline",), ("text_encoder", "tokenizer"), _encode_umt5_video, video=True),
+    # ModelScope T2V (UNet3DConditionModel) and AnimateDiff (UNetMotionModel): SD's CLIP encode_prompt, a 2-D VAE
+    # applied frame by frame, latents (C, F, H, W) with F = the frames (MCM's two teachers)
+    Family("modelscope", ("TextToVideoSDPipeline",), ("text_encoder", "tokenizer"), _encode_sd, video=True),
+    Family("animatediff", ("AnimateDiffPipeline",), ("text_encoder", "tokenizer"), _encode_sd, video=True),
 )
 BY_PIPELINE = {name: family for family in FAMILIES for name in family.pipelines}
 
@@ -298,7 +302,8 @@ def latent_shape(pipe: Any, size: Size) -> tuple[int, ...]:
         return (channels // 4, 2 * (size.height // (vsf * 2)), 2 * (size.width // (vsf * 2)))
     if size.frames is None:
         return (channels, h, w)
-    frames = (size.frames - 1) // int(pipe.vae_scale_factor_temporal) + 1
+    temporal = getattr(pipe, "vae_scale_factor_temporal", None)  # None: a 2-D VAE, one latent frame per frame
+    frames = size.frames if temporal is None else (size.frames - 1) // int(temporal) + 1
     if name == "CogVideoXPipeline":
         p_t = model.config.patch_size_t
         if p_t is not None and frames % p_t:  # CogVideoX 1.5 pads the latent frames to a multiple of patch_size_t

@@ -16,6 +16,11 @@ LORA_TARGETS: tuple[str, ...] = (
     "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2", "conv_shortcut", "time_emb_proj",
 )  # fmt: skip
 
+# Modules whose children are called by keyword ``layer(input=x)``, which a peft LoRA layer (forward(x)) cannot take:
+# AnimateDiff's motion modules call proj_in / proj_out so (diffusers unet_motion_model.py). Their layers get no
+# adapter; MCM's AnimateDiff LoRA (yhZhai/mcm, an older diffusers that called them positionally) had one there.
+KEYWORD_CALLERS = ("AnimateDiffTransformer3D",)
+
 
 def lora_targets(model: nn.Module, suffixes: tuple[str, ...] = LORA_TARGETS) -> list[str]:
     """The suffixes of ``suffixes`` that name at least one Linear or Conv2d layer of ``model``."""
@@ -34,10 +39,36 @@ def add_lora(
     if not targets:
         raise FewstepError(f"{type(model).__name__} has no layer LoRA can adapt")
     model.requires_grad_(False)
-    config = LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian", target_modules=targets)
+    excluded = keyword_called_layers(model) + unadaptable(model, targets)
+    config = LoraConfig(
+        r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian", target_modules=targets,
+        exclude_modules=excluded or None,
+    )  # fmt: skip
     # peft's own injection works on every nn.Module (DiT has no diffusers PeftAdapterMixin); diffusers reads the
     # resulting layers back with load_lora_weights where the pipeline supports LoRA
     return inject_adapter_in_model(config, model)
+
+
+def keyword_called_layers(model: nn.Module) -> list[str]:
+    """Full names of the layers a ``KEYWORD_CALLERS`` module calls by keyword (they must stay plain)."""
+    return [
+        f"{name}.{child}"
+        for name, module in model.named_modules()
+        if type(module).__name__ in KEYWORD_CALLERS
+        for child, layer in module.named_children()
+        if isinstance(layer, nn.Linear | nn.Conv2d)
+    ]
+
+
+def unadaptable(model: nn.Module, targets: list[str]) -> list[str]:
+    """Full names of the modules a target suffix names that are not Linear or Conv2d layers: ModelScope's temporal
+    convolutions (``TemporalConvLayer.conv1`` is a Sequential ending in a Conv3d), which MCM leaves without LoRA
+    (yhZhai/mcm main.py drops every "temp" + "conv" module for ModelScope)."""
+    return [
+        name
+        for name, module in model.named_modules()
+        if any(name == t or name.endswith("." + t) for t in targets) and not isinstance(module, nn.Linear | nn.Conv2d)
+    ]
 
 
 def base_key(name: str) -> str:

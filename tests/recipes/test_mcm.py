@@ -157,3 +157,56 @@ def test_distill_mcm_on_a_video_teacher_exports_a_loadable_student(random_video:
     assert frames.shape == (1, 8, 1, 16, 16) and torch.isfinite(frames).all()
     summary = json.loads((tmp_path / "run" / "training.json").read_text())
     assert summary["recipe"] == "mcm" and summary["steps"] == 2
+
+
+@pytest.mark.parametrize("family", ["modelscope", "animatediff"])
+def test_mcm_paper_presets_train_a_lora_that_loads_on_the_stock_pipeline(family: str, tmp_path: Path) -> None:
+    """MCM's own setting (its ModelScope / AnimateDiff preset: LoRA r64 with the learned motion head, w in LCM's
+    [5, 15], mixed inputs and the frame critic), a few steps on a tiny pipeline of that class from prompts; the LoRA
+    export loads on the base pipeline without fewstep's help (load_lora_weights on AnimateDiff, peft's adapter on
+    ModelScope's UNet3DConditionModel, which has no diffusers LoRA loader), with the exported stock scheduler, and
+    the adapter changes the sampled clip."""
+    import diffusers
+    from families import CALL_KWARGS, FAMILIES
+
+    from fewstep.distill import run_distill
+    from fewstep.training.config import presets_dir, resolve_config
+
+    teacher = tmp_path / "teacher"
+    FAMILIES[family]().save_pretrained(teacher)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\nthe blue square\n")
+    size = CALL_KWARGS[family]
+    cfg = resolve_config(
+        MCMConfig(), presets_dir() / "mcm" / f"{family}.toml",
+        sets=["train.max_steps=2", "train.batch_size=2", "train.grad_accum=1", "train.mixed_precision=no",
+              "train.gradient_checkpointing=false", "train.progress=false", "lr=1e-2", "pred_x0_portion=1.0",
+              f"data.prompts={json.dumps(str(prompts))}", "data.teacher_steps=2",
+              f"data.height={size['height']}", f"data.width={size['width']}", f"data.num_frames={size['num_frames']}"],
+    )  # fmt: skip
+    assert cfg.lora_rank == 64 and cfg.adv_weight == 1.0 and cfg.motion == "learn" and cfg.train.max_steps == 2
+    folder = run_distill(MCM, cfg, teacher=str(teacher), output=tmp_path / "run", bench=False)
+    name = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())["_class_name"]
+    assert name != "FewStepScheduler"  # the stock scheduler at its own times
+
+    def clip(adapted: bool) -> torch.Tensor:
+        pipe = diffusers.DiffusionPipeline.from_pretrained(teacher)
+        pipe.set_progress_bar_config(disable=True)
+        if adapted:
+            if (folder / "adapter_config.json").is_file():
+                from peft import PeftModel
+
+                pipe.unet = PeftModel.from_pretrained(pipe.unet, str(folder))
+            else:
+                pipe.load_lora_weights(folder)
+        pipe.scheduler = getattr(diffusers, name).from_pretrained(folder, subfolder="scheduler")
+        out = pipe(prompt=["a red circle"], num_inference_steps=2, guidance_scale=1.0, output_type="latent",
+                   generator=torch.Generator().manual_seed(0), **size)  # fmt: skip
+        return out.frames
+
+    assert (folder / "adapter_config.json").is_file() == (family == "modelscope")
+    student = clip(True)
+    assert student.shape == (1, 4, size["num_frames"], 8, 8) and torch.isfinite(student).all()
+    with torch.no_grad():
+        teacher_clip = clip(False)
+    assert not torch.allclose(student, teacher_clip, atol=1e-3)
