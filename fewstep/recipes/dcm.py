@@ -77,6 +77,10 @@ class DCMConfig:
     adv_lr: float = 1e-5  # discriminator_learning_rate
     adv_betas: tuple[float, float] = (0.0, 0.999)
     adv_block_every: int = 2  # Discriminator(stride=2): a head after every second block
+    # "semantic": the single-expert ablation (one consistency model, as DCM's baseline): the semantic objective
+    # (consistency + temporal coherence) on the whole grid for all train.max_steps, exported alone, sampled uniformly
+    # in unshifted time
+    experts: Literal["dual", "semantic"] = "dual"
     plan_steps: tuple[int, ...] = (1, 2, 4)
     # "recipe": ceil(n / 2) semantic Euler steps from t_max to the boundary, floor(n / 2) detail steps from it
     # (1 step: the semantic expert's x0); "stock": the teacher pipeline's own scheduler times
@@ -101,7 +105,8 @@ class DCM(Recipe):
             raise FewstepError(
                 f"dcm: boundary_index must lie in (0, {cfg.num_euler_timesteps}), got {cfg.boundary_index}"
             )
-        if not 0 < cfg.semantic_steps < cfg.train.max_steps:
+        self.single = cfg.experts == "semantic"
+        if not self.single and not 0 < cfg.semantic_steps < cfg.train.max_steps:
             raise FewstepError(
                 f"dcm: semantic_steps must lie in (0, train.max_steps {cfg.train.max_steps}), got {cfg.semantic_steps}"
             )
@@ -114,18 +119,20 @@ class DCM(Recipe):
         u[0] = 1e-3  # sigma'_0 = shift(0.001): the training files' sigma table ends there
         sigmas = grid.shift_time(u)
         self.sigmas = sigmas.float()  # sigmas[i + 1] = sigma_i, sigmas[i] = sigma'_i
-        self.boundary = float(sigmas[cfg.boundary_index])  # sigma'_b: the semantic phase's end, as split_times has it
+        # sigma'_b: the semantic phase's end, as split_times has it (sigma'_0 for a single expert)
+        self.semantic_lo = 0 if self.single else cfg.boundary_index
+        self.boundary = float(sigmas[self.semantic_lo])
         semantic = copy.deepcopy(teacher.model).requires_grad_(True).eval()
         detail = add_lora(copy.deepcopy(teacher.model), cfg.lora_rank, cfg.lora_alpha, DETAIL_LORA_TARGETS).eval()
         for name, module in detail.named_children():
             if name in cfg.detail_copies:
                 module.requires_grad_(True)
-        self.experts = nn.ModuleList([semantic, detail])
+        self.experts = nn.ModuleList([semantic] if self.single else [semantic, detail])
         self.semantic, self.detail = teacher.with_model(semantic), teacher.with_model(detail)
         self.disc = TeacherDiscriminator(teacher, cfg.adv_block_every)
 
     def trainable(self) -> dict[str, nn.Module]:
-        return {"student": self.experts, "critic": self.disc.heads}
+        return {"student": self.experts, **({} if self.single else {"critic": self.disc.heads})}
 
     def ema(self) -> list[str]:
         return []  # DCM saves the online experts (no --use_ema)
@@ -138,7 +145,7 @@ class DCM(Recipe):
                              lr_by_prefix={"1.": cfg.detail_lr})  # fmt: skip
 
     def stage(self, step: int) -> str:
-        return "semantic" if step < self.cfg.semantic_steps else "detail"
+        return "semantic" if self.single or step < self.cfg.semantic_steps else "detail"
 
     def jump(self, expert: Denoiser, x: Tensor, s: Tensor, end: float, cond: dict[str, Any]) -> Tensor:
         """x_e: one Euler step of the expert's own velocity from s to ``end`` (DDIM on its x0, the same on a flow)."""
@@ -153,7 +160,7 @@ class DCM(Recipe):
         x0 = batch.x0
         b = x0.shape[0]
         semantic = self.stage(step) == "semantic"
-        lo, hi = (cfg.boundary_index, cfg.num_euler_timesteps) if semantic else (0, cfg.boundary_index)
+        lo, hi = (self.semantic_lo, cfg.num_euler_timesteps) if semantic else (0, cfg.boundary_index)
         expert = self.semantic if semantic else self.detail
         end = float(self.sigmas[lo])
         i = lo + batch_random.randint(hi - lo, (b,))
@@ -196,7 +203,9 @@ class DCM(Recipe):
 
     @torch.no_grad()
     def after_step(self, step: int) -> None:
-        if step + 1 == self.cfg.semantic_steps:  # the semantic expert is done: the detail expert starts from it
+        if (
+            not self.single and step + 1 == self.cfg.semantic_steps
+        ):  # the semantic expert is done: the detail expert starts from it
             # every non-LoRA weight: the frozen base and the detail expert's own copies (condition embedder, proj_out)
             load_base_weights(self.experts[1], self.experts[0].state_dict())
 
@@ -204,6 +213,8 @@ class DCM(Recipe):
         """The semantic expert above the boundary, the detail expert (LoRA merged) at and below it."""
         from ..export.experts import TimestepExperts
 
+        if self.single:
+            return student[0]  # type: ignore[index]
         semantic, detail = student[0], merged_copy(student[1])  # type: ignore[index]
         cut = float(self.teacher.native.to_model_timestep(torch.tensor(self.boundary, dtype=torch.float64)))
         return TimestepExperts.from_experts([semantic, detail], [cut])
@@ -217,6 +228,10 @@ class DCM(Recipe):
         """ceil(n / 2) semantic times from t_max down to the boundary, then floor(n / 2) detail times from the
         boundary itself down, uniform in unshifted time within each phase (deterministic Euler, gamma 0)."""
         grid = Flow(shift=self.cfg.shift)
+        if self.single:
+            return [
+                float(t) for t in grid.shift_time(torch.tensor([1 - k / n for k in range(n)], dtype=torch.float64))
+            ]
         u_b = self.cfg.boundary_index / self.cfg.num_euler_timesteps
         high, low = math.ceil(n / 2), n // 2
         u = [1 - k * (1 - u_b) / high for k in range(high)] + [u_b - k * u_b / low for k in range(low)]

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import Tensor
 
 from fewstep.errors import FewstepError
 from fewstep.loading import load_denoiser
@@ -123,3 +124,28 @@ def test_distill_dcm_exports_two_experts_switched_at_the_boundary(random_video: 
     assert frames.shape == (1, 8, 1, 16, 16) and torch.isfinite(frames).all()
     summary = json.loads((tmp_path / "run" / "training.json").read_text())
     assert summary["recipe"] == "dcm" and summary["steps"] == 2
+
+
+def test_single_expert_ablation_trains_one_expert_on_the_whole_grid(random_video: Path, tmp_path: Path) -> None:
+    """experts = "semantic": one expert with the semantic objective at every grid point (it jumps to sigma'_0), no
+    detail stage and no critic, exported alone with a uniform plan."""
+    from fewstep.distill import run_distill
+    from fewstep.loading import load_pipeline
+
+    teacher, _ = load_denoiser(str(random_video))
+    recipe = DCM(teacher, small(shift=1.0, experts="semantic", semantic_steps=5))  # semantic_steps is ignored
+    assert len(recipe.experts) == 1 and set(recipe.trainable()) == {"student"}
+    assert recipe.stage(0) == recipe.stage(10**6) == "semantic"
+    assert recipe.boundary == pytest.approx(1e-3)  # sigma'_0: the one phase ends at the grid's end
+    assert recipe.plan()[4].times == pytest.approx((1.0, 0.75, 0.5, 0.25))
+    seen: list[Tensor] = []
+    jump = recipe.jump
+    recipe.jump = lambda expert, x, s, end, cond: seen.append(s) or jump(expert, x, s, end, cond)  # type: ignore[method-assign]
+    torch.manual_seed(0)
+    for _ in range(20):
+        recipe.loss(VideoBatches(8)(0), 0)
+    assert float(torch.cat(seen).min()) < 0.7  # times below DCM's boundary: the one expert covers them too
+    folder = run_distill(DCM, small(experts="semantic"), teacher=str(random_video), output=tmp_path / "run",
+                         bench=False)  # fmt: skip
+    pipe = load_pipeline(str(folder))
+    assert type(pipe.transformer).__name__ == "WanTransformer3DModel"
