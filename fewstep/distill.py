@@ -193,7 +193,7 @@ def _setup(recipe_cls: type[Recipe], cfg: Any, teacher: str) -> tuple[Denoiser, 
 def write_card(folder: Path, recipe: Recipe, pipe: Any, teacher: str, native: Any, report: Path | None = None) -> None:
     """The student's model card (export/card.py), with the bench rows of ``report`` when given."""
     from .export.card import write_model_card
-    from .teacher import backbone_slot
+    from .teacher import VIDEO_BACKBONES, backbone_of, backbone_slot
 
     plans = {n: list(p.times) for n, p in teacher_plans(recipe, native).items()}
     scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
@@ -207,7 +207,7 @@ def write_card(folder: Path, recipe: Recipe, pipe: Any, teacher: str, native: An
     write_model_card(
         folder, recipe=recipe.name, paper=type(recipe).paper, teacher=teacher, pipeline=type(pipe).__name__,
         plans=plans, scheduler=scheduler, lora=recipe.is_lora, needs_fewstep=needs_fewstep, bench_rows=rows,
-        slot=backbone_slot(pipe),
+        slot=backbone_slot(pipe), video=type(backbone_of(pipe)).__name__ in VIDEO_BACKBONES,
     )  # fmt: skip
 
 

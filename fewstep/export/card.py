@@ -14,11 +14,6 @@ from typing import Any
 from ..io import atomic_file
 
 
-def is_video_pipeline(pipeline: str) -> bool:
-    """Whether a pipeline class samples clips (its output is ``.frames``)."""
-    return any(name in pipeline for name in ("Wan", "CogVideoX", "TextToVideo", "AnimateDiff", "Video"))
-
-
 def _yaml_list(name: str, items: Sequence[str]) -> list[str]:
     return [f"{name}:", *(f"- {json.dumps(item)}" for item in items)]
 
@@ -33,6 +28,7 @@ def usage(
     pipeline: str = "",
     peft: bool = False,
     slot: str = "transformer",
+    video: bool = False,
 ) -> str:
     """A snippet that samples the student as exported (importing fewstep first when a component is fewstep's;
     SanaSprintPipeline takes intermediate_timesteps only for 2 steps; guidance embedded where the pipeline embeds
@@ -57,7 +53,7 @@ def usage(
     extra = "" if pipeline in ("FluxPipeline", "SanaSprintPipeline") else ", guidance_scale=1.0"
     if pipeline == "SanaSprintPipeline" and steps != 2:
         extra += ", intermediate_timesteps=None"
-    out = "frames" if is_video_pipeline(pipeline) else "images"
+    out = "frames" if video else "images"
     lines.append(f'{out} = pipe(prompt="a photo of a cat", num_inference_steps={steps}{extra}).{out}')
     return "\n".join(lines)
 
@@ -65,12 +61,12 @@ def usage(
 def model_card(
     *, recipe: str, paper: str, teacher: str, pipeline: str, plans: Mapping[int, Sequence[float]], scheduler: str,
     lora: bool, folder: str, needs_fewstep: bool, bench_rows: Sequence[Mapping[str, Any]] = (),
-    slot: str = "transformer",
+    slot: str = "transformer", video: bool = False,
 ) -> str:  # fmt: skip
     """The README.md text of an exported student."""
     tags = ["fewstep", f"fewstep-{recipe}", "few-step", *(["lora"] if lora else [])]
     meta = ["---", "library_name: diffusers", f"base_model: {json.dumps(teacher)}", *_yaml_list("tags", tags)]
-    meta += [f"pipeline_tag: {'text-to-video' if is_video_pipeline(pipeline) else 'text-to-image'}"]
+    meta += [f"pipeline_tag: {'text-to-video' if video else 'text-to-image'}"]
     meta += ["---", ""]
     steps = sorted(plans)
     body = [
@@ -97,6 +93,7 @@ def model_card(
             pipeline,
             (Path(folder) / "adapter_config.json").is_file(),
             slot,
+            video,
         ),
         "```",
     ]

@@ -123,12 +123,15 @@ class DCM(Recipe):
         self.semantic_lo = 0 if self.single else cfg.boundary_index
         self.boundary = float(sigmas[self.semantic_lo])
         semantic = copy.deepcopy(teacher.model).requires_grad_(True).eval()
-        detail = add_lora(copy.deepcopy(teacher.model), cfg.lora_rank, cfg.lora_alpha, DETAIL_LORA_TARGETS).eval()
-        for name, module in detail.named_children():
-            if name in cfg.detail_copies:
-                module.requires_grad_(True)
-        self.experts = nn.ModuleList([semantic] if self.single else [semantic, detail])
-        self.semantic, self.detail = teacher.with_model(semantic), teacher.with_model(detail)
+        self.experts = nn.ModuleList([semantic])
+        if not self.single:
+            detail = add_lora(copy.deepcopy(teacher.model), cfg.lora_rank, cfg.lora_alpha, DETAIL_LORA_TARGETS).eval()
+            for name, module in detail.named_children():
+                if name in cfg.detail_copies:
+                    module.requires_grad_(True)
+            self.experts.append(detail)
+        # a single expert is always in the semantic stage, so its "detail" is never called
+        self.semantic, self.detail = teacher.with_model(semantic), teacher.with_model(self.experts[-1])
         self.disc = TeacherDiscriminator(teacher, cfg.adv_block_every)
 
     def trainable(self) -> dict[str, nn.Module]:
@@ -203,10 +206,9 @@ class DCM(Recipe):
 
     @torch.no_grad()
     def after_step(self, step: int) -> None:
-        if (
-            not self.single and step + 1 == self.cfg.semantic_steps
-        ):  # the semantic expert is done: the detail expert starts from it
-            # every non-LoRA weight: the frozen base and the detail expert's own copies (condition embedder, proj_out)
+        # the semantic expert is done: the detail expert starts from it, every non-LoRA weight (the frozen base and the
+        # detail expert's own copies: condition embedder, proj_out)
+        if not self.single and step + 1 == self.cfg.semantic_steps:
             load_base_weights(self.experts[1], self.experts[0].state_dict())
 
     def export_module(self, student: nn.Module) -> nn.Module:
@@ -227,12 +229,11 @@ class DCM(Recipe):
     def split_times(self, n: int) -> list[float]:
         """ceil(n / 2) semantic times from t_max down to the boundary, then floor(n / 2) detail times from the
         boundary itself down, uniform in unshifted time within each phase (deterministic Euler, gamma 0)."""
+        if self.single:  # one phase: n times uniform in unshifted time
+            u = [1 - k / n for k in range(n)]
+        else:
+            u_b = self.cfg.boundary_index / self.cfg.num_euler_timesteps
+            high, low = math.ceil(n / 2), n // 2
+            u = [1 - k * (1 - u_b) / high for k in range(high)] + [u_b - k * u_b / low for k in range(low)]
         grid = Flow(shift=self.cfg.shift)
-        if self.single:
-            return [
-                float(t) for t in grid.shift_time(torch.tensor([1 - k / n for k in range(n)], dtype=torch.float64))
-            ]
-        u_b = self.cfg.boundary_index / self.cfg.num_euler_timesteps
-        high, low = math.ceil(n / 2), n // 2
-        u = [1 - k * (1 - u_b) / high for k in range(high)] + [u_b - k * u_b / low for k in range(low)]
         return [float(t) for t in grid.shift_time(torch.tensor(u, dtype=torch.float64))]

@@ -22,10 +22,15 @@ LORA_TARGETS: tuple[str, ...] = (
 KEYWORD_CALLERS = ("AnimateDiffTransformer3D",)
 
 
+def _named(name: str, suffix: str) -> bool:
+    """Whether a module's full name ends in the layer-name suffix (as peft matches target_modules)."""
+    return name == suffix or name.endswith("." + suffix)
+
+
 def lora_targets(model: nn.Module, suffixes: tuple[str, ...] = LORA_TARGETS) -> list[str]:
     """The suffixes of ``suffixes`` that name at least one Linear or Conv2d layer of ``model``."""
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear | nn.Conv2d)]
-    return [s for s in suffixes if any(n == s or n.endswith("." + s) for n in names)]
+    return [s for s in suffixes if any(_named(n, s) for n in names)]
 
 
 def add_lora(
@@ -39,7 +44,7 @@ def add_lora(
     if not targets:
         raise FewstepError(f"{type(model).__name__} has no layer LoRA can adapt")
     model.requires_grad_(False)
-    excluded = keyword_called_layers(model) + unadaptable(model, targets)
+    excluded = unwrappable(model, targets)
     config = LoraConfig(
         r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian", target_modules=targets,
         exclude_modules=excluded or None,
@@ -49,25 +54,23 @@ def add_lora(
     return inject_adapter_in_model(config, model)
 
 
-def keyword_called_layers(model: nn.Module) -> list[str]:
-    """Full names of the layers a ``KEYWORD_CALLERS`` module calls by keyword (they must stay plain)."""
-    return [
+def unwrappable(model: nn.Module, targets: list[str]) -> list[str]:
+    """Full names of the modules a target suffix names that must stay without an adapter:
+    - ones that are not Linear or Conv2d layers: ModelScope's temporal convolutions (``TemporalConvLayer.conv1`` is a
+      Sequential ending in a Conv3d), which MCM leaves without LoRA (yhZhai/mcm main.py drops every "temp" + "conv"
+      module for ModelScope);
+    - layers a ``KEYWORD_CALLERS`` module calls by keyword."""
+    keyword_called = {
         f"{name}.{child}"
         for name, module in model.named_modules()
         if type(module).__name__ in KEYWORD_CALLERS
-        for child, layer in module.named_children()
-        if isinstance(layer, nn.Linear | nn.Conv2d)
-    ]
-
-
-def unadaptable(model: nn.Module, targets: list[str]) -> list[str]:
-    """Full names of the modules a target suffix names that are not Linear or Conv2d layers: ModelScope's temporal
-    convolutions (``TemporalConvLayer.conv1`` is a Sequential ending in a Conv3d), which MCM leaves without LoRA
-    (yhZhai/mcm main.py drops every "temp" + "conv" module for ModelScope)."""
+        for child, _ in module.named_children()
+    }
     return [
         name
         for name, module in model.named_modules()
-        if any(name == t or name.endswith("." + t) for t in targets) and not isinstance(module, nn.Linear | nn.Conv2d)
+        if any(_named(name, t) for t in targets)
+        and (name in keyword_called or not isinstance(module, nn.Linear | nn.Conv2d))
     ]
 
 

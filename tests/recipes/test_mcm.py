@@ -205,6 +205,9 @@ def test_mcm_paper_presets_train_a_lora_that_loads_on_the_stock_pipeline(family:
         return out.frames
 
     assert (folder / "adapter_config.json").is_file() == (family == "modelscope")
+    card = (folder / "README.md").read_text()  # the model card's snippet loads the LoRA as above and reads .frames
+    assert "pipeline_tag: text-to-video" in card and ").frames" in card
+    assert ("pipe.unet = PeftModel.from_pretrained(pipe.unet" in card) == (family == "modelscope")
     student = clip(True)
     assert student.shape == (1, 4, size["num_frames"], 8, 8) and torch.isfinite(student).all()
     with torch.no_grad():
