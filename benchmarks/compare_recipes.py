@@ -28,7 +28,7 @@ from typing import Any
 
 from fewstep.io import atomic_file
 from fewstep.recipes import available, default_world
-from fewstep.worlds import EMBEDDED
+from fewstep.worlds import EMBEDDED, TEACHER_GUIDANCE
 
 TEACHER = "teacher (Euler)"
 TIMING = "compare_timing.json"
@@ -86,12 +86,15 @@ def aggregate(runs: Sequence[Run]) -> dict[str, Any]:
     the teacher's Euler rows (first run that has a step count wins: they are the same in every run) and each run's
     status. Reads files only; trains nothing."""
     reports = {run.folder: _read_json(run.folder / "bench" / "report.json") for run in runs}
+    first = next((r for r in reports.values() if r), {})
+    world = first.get("reference", {}).get("world", "digits")
+    guidance = TEACHER_GUIDANCE.get(world, 1.0)  # the teacher's own guidance: its 50-step row is the reference
     teacher_rows: dict[tuple[int, Any], dict[str, Any]] = {}
     for report in reports.values():
         for row in report.get("rows", []):
             if _is_teacher(row):
                 teacher_rows.setdefault((row["steps"], row.get("guidance")), row)
-    teacher_50 = next((r for (s, g), r in teacher_rows.items() if s == 50 and g in (None, 1.0)), {})
+    teacher_50 = next((r for (s, g), r in teacher_rows.items() if s == 50 and (g or 1.0) == guidance), {})
     rows, statuses = [], []
     for run in runs:
         report, training = reports[run.folder], _read_json(run.folder / "training.json")
@@ -116,14 +119,14 @@ def aggregate(runs: Sequence[Run]) -> dict[str, Any]:
         if status == "ok":
             extra = {k: statuses[-1][k] for k in ("train_steps", "train_wall_s", "run_wall_s")}
             rows += [{**_with_ratios(r, run.recipe, teacher_50), **extra, "seed": run.seed} for r in students]
-    first = next((r for r in reports.values() if r), {})
     rows = over_seeds(rows, teacher_50)
     return {
         "rows": rows,
         "teacher": [_with_ratios(r, TEACHER, teacher_50) for _, r in sorted(teacher_rows.items(), key=_order)],
         "teacher_50": {k: teacher_50.get(k) for k in ("fid", "fid_std", "fid_train")} if teacher_50 else None,
         "runs": statuses,
-        "world": first.get("reference", {}).get("world", "digits"),
+        "world": world,
+        "teacher_guidance": guidance,
         "reference": first.get("reference", {}),
         "latency_batch": first.get("config", {}).get("latency_batch"),
         "env": first.get("env", {}),
@@ -209,11 +212,14 @@ def markdown(compare: dict[str, Any]) -> str:
     world = compare.get("world", "digits")
     video = world == "video"
     fid = "clip FD" if video else "FID"
+    w = compare.get("teacher_guidance", 1.0)
+    guided = "" if w == 1.0 else f" and its guidance w {w:g}, which the students distil"
     lines = [
         f"# fewstep recipes on the {world} teacher",
         "",
         f"{fid} is the mean over noise seeds (std after +-); the ratio in brackets is to the teacher's own {fid} at "
-        f"50 steps (held-out {_fid_cell(t50.get('fid'), None)}, train {_fid_cell(t50.get('fid_train'), None)}). "
+        f"50 steps{guided} (held-out {_fid_cell(t50.get('fid'), None)}, "
+        f"train {_fid_cell(t50.get('fid_train'), None)}). "
         f"Latency is the median ms per batch of {batch or '?'}. Training wall time runs from the start of "
         "`fewstep distill` to the exported student (the bench after it not counted).",
         "",
@@ -263,7 +269,8 @@ def plot_quality(compare: dict[str, Any], path: Path) -> None:
         nfes: set[int] = set()
         for name in [TEACHER, *(run["recipe"] for run in compare["runs"])]:
             rows = compare["teacher"] if name == TEACHER else compare["rows"]
-            pts = [r for r in rows if r["recipe"] == name and r[key] is not None and r["guidance"] in (None, 1.0)]
+            w = compare.get("teacher_guidance", 1.0) if name == TEACHER else 1.0  # each at the guidance it samples at
+            pts = [r for r in rows if r["recipe"] == name and r[key] is not None and (r["guidance"] or 1.0) == w]
             if not pts:
                 continue
             pts.sort(key=lambda r: r["nfe"])

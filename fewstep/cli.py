@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="diffusers folder (teacher or student), hub id, or 'digits'")
     p.add_argument("--steps", type=_positive_int, default=4)
     p.add_argument("--num", type=_positive_int, default=100)
-    p.add_argument("--guidance", type=float, default=1.0)
+    p.add_argument("--guidance", type=float, help="CFG scale (default: an embedded teacher's own, else 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--prompt", help="text prompt (text-to-image pipelines)")
     p.add_argument("--output", type=Path, help="folder (default: runs/sample-<model>-<steps>steps)")
@@ -88,7 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="FID, accuracy, latency, memory and NFE report with plots")
     p.add_argument("model", nargs="+", help="diffusers folders, hub ids, or 'digits'")
     p.add_argument("--steps", type=_int_list, default=[1, 2, 4, 50], help="comma-separated (default 1,2,4,50)")
-    p.add_argument("--guidance", type=_float_list, default=[1.0], help="comma-separated CFG scales (default 1)")
+    p.add_argument(
+        "--guidance", type=_float_list, default=[],
+        help="comma-separated CFG scales (default: each model's own, an embedded teacher's world guidance, else 1)",
+    )  # fmt: skip
     p.add_argument("--num", type=_positive_int, default=1000, help="generated samples per seed (default 1000)")
     p.add_argument("--seeds", type=_positive_int, default=3, help="noise seeds averaged (default 3)")
     p.add_argument("--report", type=Path, help="report folder (default: runs/bench-<model>); rows merge in")
@@ -204,7 +207,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from .sample import run_sample
 
     out = args.output or Path("runs") / f"sample-{model_label(args.model)}-{args.steps}steps"
-    path = run_sample(args.model, out, args.steps, args.num, args.guidance, args.seed, args.prompt, args.device)
+    guidance = args.guidance
+    if guidance is None:
+        from .worlds import TEACHER_GUIDANCE
+
+        guidance = TEACHER_GUIDANCE.get(args.model, 1.0)
+    path = run_sample(args.model, out, args.steps, args.num, guidance, args.seed, args.prompt, args.device)
     print(f"wrote {path}")
     return 0
 

@@ -241,7 +241,8 @@ def teacher_bench_key(teacher: str, cfg: Any) -> str:
 
 
 def bench_student(student: Path, teacher: str, steps: list[int], report: Path) -> None:
-    """The student at its plan's step counts next to the teacher at the same counts and at 50 steps (one report).
+    """The student at its plan's step counts next to the teacher at the same counts and at 50 steps (one report): the
+    teacher at its world's guidance (``worlds.TEACHER_GUIDANCE``, which the presets distil in), the student at 1.
 
     The teacher's rows are deterministic for a given teacher, bench settings and machine, so they are measured once
     and then copied from the cache (about 1.5 of the 2 minutes a digits bench takes on 2 cores). The cache entry is
@@ -252,8 +253,10 @@ def bench_student(student: Path, teacher: str, steps: list[int], report: Path) -
 
     from .bench.run import BenchConfig, run_bench
     from .io import atomic_dir, check_writable_parent, locked
+    from .worlds import TEACHER_GUIDANCE
 
-    teacher_cfg = BenchConfig(steps=tuple(sorted({*steps, 50})))
+    # the teacher's guidance named, not left to bench.run.guidance_of, so that the cache key holds it
+    teacher_cfg = BenchConfig(steps=tuple(sorted({*steps, 50})), guidance=(TEACHER_GUIDANCE.get(teacher, 1.0),))
     cached = bench_cache_dir() / "teacher-bench" / teacher_bench_key(teacher, teacher_cfg)
     with ExitStack() as stack:
         try:

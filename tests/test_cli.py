@@ -310,3 +310,16 @@ def test_distill_picks_the_teachers_family_preset(
         assert "# preset:" not in out
     else:
         assert f"# preset: {Path('recipes') / recipe / preset}.toml" in out.replace(str(Path.cwd()) + "/", "")
+
+
+def test_sample_defaults_to_the_embedded_teachers_own_guidance(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    import fewstep.sample
+
+    seen = []
+    monkeypatch.setattr(fewstep.sample, "run_sample", lambda model, out, steps, num, w, *rest: seen.append(w) or out)
+    out = ["--output", str(tmp_path)]
+    assert run(["sample", "video", *out], capsys)[0] == 0 and run(["sample", "digits", *out], capsys)[0] == 0
+    assert run(["sample", "video", "--guidance", "1", *out], capsys)[0] == 0
+    assert seen == [1.5, 1.0, 1.0]

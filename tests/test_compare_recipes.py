@@ -259,7 +259,7 @@ def test_video_world_runs_the_video_recipes_on_the_video_teacher(
     rng = random.Random(3)
 
     def video_report(folder: Path, steps: list[int]) -> dict[str, Any]:
-        rows = [row(rng, "video-teacher", "video", s) for s in sorted({*steps, 50})]
+        rows = [row(rng, "video-teacher", "video", s) | {"guidance": 1.5} for s in sorted({*steps, 50})]
         rows += [row(rng, "student", str((folder / "student").resolve()), s) for s in steps]
         for r in rows:
             r.update(frame_fid=rng.uniform(5, 50), motion_accuracy=rng.uniform(0.5, 1), jitter=rng.uniform(0, 1))
@@ -286,3 +286,9 @@ def test_video_world_runs_the_video_recipes_on_the_video_teacher(
     student = next(r for r in specs["mcm"]["report"]["rows"] if r["model"] == "student" and r["steps"] == 1)
     assert len(mcm) == 2 and mcm[0][7] == f"{student['frame_fid']:.2f}"
     assert len({len(c) for c in table_lines(table)}) == 1  # every row has every column
+    # ratios are to the teacher's 50 steps at its own guidance (worlds.TEACHER_GUIDANCE: 1.5), the students' at 1
+    teacher_50 = next(r for r in specs["mcm"]["report"]["rows"] if r["source"] == "video" and r["steps"] == 50)
+    assert compare["teacher_guidance"] == 1.5 and compare["teacher_50"]["fid"] == teacher_50["fid"]
+    ratio = next(r for r in compare["rows"] if r["recipe"] == "mcm" and r["steps"] == 1)["fid_ratio"]
+    assert ratio == pytest.approx(student["fid"] / teacher_50["fid"])
+    assert "| teacher (Euler) (w=1.5) | 50 (50) |" in table and "guidance w 1.5" in table

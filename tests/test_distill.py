@@ -22,7 +22,10 @@ def fake_bench(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[tuple[st
         report_dir.mkdir(parents=True, exist_ok=True)
         path = report_dir / "report.json"
         rows = json.loads(path.read_text())["rows"] if path.is_file() else []
-        rows += [{"source": s, "steps": list(cfg.steps), "measured": len(calls)} for s in sources]
+        rows += [
+            {"source": s, "steps": list(cfg.steps), "guidance": list(cfg.guidance), "measured": len(calls)}
+            for s in sources
+        ]
         path.write_text(json.dumps({"rows": rows}))
         return {"rows": rows}
 
@@ -90,3 +93,12 @@ def test_runs_at_once_measure_the_teacher_once(
     for i in range(2):
         rows = json.loads((tmp_path / f"bench{i}" / "report.json").read_text())["rows"]
         assert [r["source"] for r in rows] == [teacher, str(tmp_path / f"s{i}")]
+
+
+def test_a_teacher_is_benched_at_its_worlds_guidance_and_the_student_at_one(fake_bench: list, tmp_path: Path) -> None:
+    """The video teacher samples at w 1.5 (worlds.TEACHER_GUIDANCE), the guidance its students are distilled with,
+    named in the teacher's bench config so that its cached rows are keyed by it."""
+    distill.bench_student(tmp_path / "s", "video", [1, 4], tmp_path / "bench")
+    teacher, student = json.loads((tmp_path / "bench" / "report.json").read_text())["rows"]
+    assert (teacher["source"], teacher["guidance"], teacher["steps"]) == ("video", [1.5], [1, 4, 50])
+    assert (student["source"], student["guidance"]) == (str(tmp_path / "s"), [])  # its own: 1 (bench.run.guidance_of)

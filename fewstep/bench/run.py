@@ -41,7 +41,7 @@ VIDEO_METRICS = ("frame_fid", "motion_accuracy", "class_agreement", "jitter")
 @dataclass(frozen=True)
 class BenchConfig:
     steps: Sequence[int] = (1, 2, 4, 50)
-    guidance: Sequence[float] = (1.0,)
+    guidance: Sequence[float] = ()  # CFG scales; empty: each model at its own (guidance_of)
     num: int = 1000  # generated samples per seed
     seeds: int = 3
     batch_size: int = 500  # generation batch for the metrics
@@ -121,6 +121,14 @@ def unique_labels(keys: Sequence[str], taken: dict[str, str]) -> dict[str, str]:
     return labels
 
 
+def guidance_of(cfg: BenchConfig, source: str) -> tuple[float, ...]:
+    """The CFG scales to bench ``source`` at: the config's, else its own: an embedded world's teacher at the guidance
+    it is sampled and distilled at (``worlds.TEACHER_GUIDANCE``), anything else (students, folders, hub ids) at 1."""
+    from ..worlds import TEACHER_GUIDANCE
+
+    return tuple(cfg.guidance) or (TEACHER_GUIDANCE.get(source, 1.0),)
+
+
 def _mean(values: list[float]) -> float | None:
     return statistics.mean(values) if values else None
 
@@ -130,7 +138,7 @@ def bench_model(
 ) -> list[Row]:
     """One row per (guidance, steps): quality over ``cfg.seeds`` seeds, then speed on one latency batch."""
     rows = []
-    for guidance in cfg.guidance:
+    for guidance in guidance_of(cfg, source):
         for steps in cfg.steps:
             per_seed: dict[str, list[float]] = {}
             grid = grid_name(label, steps, guidance, runtime_tag(asdict(cfg)))
@@ -292,7 +300,7 @@ def run_bench(
         DigitsWorld() if kind == "digits" else VideoWorld() if kind == "video"
         else TextWorld.load(pipes[0], text or TextOptions())
     )  # fmt: skip
-    total = len(sources) * len(cfg.guidance) * len(cfg.steps) * cfg.seeds
+    total = sum(len(guidance_of(cfg, s)) for s in sources) * len(cfg.steps) * cfg.seeds
     keys = [source_key(s) for s in sources]
     provisional = unique_labels(keys, {})  # grid names inside the private folder; final labels come at the merge
     work = Path(tempfile.mkdtemp(prefix=f".{report_dir.name}.rows-", dir=report_dir.parent))

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fewstep.bench.measure import count_nfe, percentile
-from fewstep.bench.run import BenchConfig, merge_rows, run_bench
+from fewstep.bench.run import BenchConfig, guidance_of, merge_rows, run_bench
 from fewstep.worlds.digits.pipeline import DigitsPipeline
 
 ROW_KEYS = {
@@ -171,3 +171,11 @@ def test_cpu_peak_memory_grows_with_batch(random_digits: Path) -> None:
         call = {"class_labels": balanced_labels(batch), "num_inference_steps": 2}
         peaks[batch] = measure_speed(pipe, call, batch, torch.device("cpu"), warmup=0, repeats=1).peak_mem_mb
     assert 0.5 <= peaks[20] < peaks[400], peaks
+
+
+def test_each_model_is_benched_at_its_own_guidance_unless_told() -> None:
+    """No --guidance: the video world's teacher at the w 1.5 its students distil, the digits teacher and any folder
+    (students) at 1; a given list applies to every model."""
+    own = BenchConfig()
+    assert [guidance_of(own, s) for s in ("video", "digits", "/runs/x/student")] == [(1.5,), (1.0,), (1.0,)]
+    assert guidance_of(BenchConfig(guidance=(1.0, 2.0)), "video") == (1.0, 2.0)
