@@ -28,7 +28,7 @@ from typing import Any
 
 from fewstep.io import atomic_file
 from fewstep.recipes import available, default_world
-from fewstep.worlds import EMBEDDED, TEACHER_GUIDANCE
+from fewstep.worlds import EMBEDDED, teacher_guidance
 
 TEACHER = "teacher (Euler)"
 TIMING = "compare_timing.json"
@@ -88,7 +88,7 @@ def aggregate(runs: Sequence[Run]) -> dict[str, Any]:
     reports = {run.folder: _read_json(run.folder / "bench" / "report.json") for run in runs}
     first = next((r for r in reports.values() if r), {})
     world = first.get("reference", {}).get("world", "digits")
-    guidance = TEACHER_GUIDANCE.get(world, 1.0)  # the teacher's own guidance: its 50-step row is the reference
+    guidance = teacher_guidance(world)  # the teacher's own guidance: its 50-step row is the reference
     teacher_rows: dict[tuple[int, Any], dict[str, Any]] = {}
     for report in reports.values():
         for row in report.get("rows", []):

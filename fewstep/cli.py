@@ -209,9 +209,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
     out = args.output or Path("runs") / f"sample-{model_label(args.model)}-{args.steps}steps"
     guidance = args.guidance
     if guidance is None:
-        from .worlds import TEACHER_GUIDANCE
+        from .worlds import teacher_guidance
 
-        guidance = TEACHER_GUIDANCE.get(args.model, 1.0)
+        guidance = teacher_guidance(args.model)
     path = run_sample(args.model, out, args.steps, args.num, guidance, args.seed, args.prompt, args.device)
     print(f"wrote {path}")
     return 0

@@ -253,10 +253,10 @@ def bench_student(student: Path, teacher: str, steps: list[int], report: Path) -
 
     from .bench.run import BenchConfig, run_bench
     from .io import atomic_dir, check_writable_parent, locked
-    from .worlds import TEACHER_GUIDANCE
+    from .worlds import teacher_guidance
 
     # the teacher's guidance named, not left to bench.run.guidance_of, so that the cache key holds it
-    teacher_cfg = BenchConfig(steps=tuple(sorted({*steps, 50})), guidance=(TEACHER_GUIDANCE.get(teacher, 1.0),))
+    teacher_cfg = BenchConfig(steps=tuple(sorted({*steps, 50})), guidance=(teacher_guidance(teacher),))
     cached = bench_cache_dir() / "teacher-bench" / teacher_bench_key(teacher, teacher_cfg)
     with ExitStack() as stack:
         try:

@@ -124,9 +124,9 @@ def unique_labels(keys: Sequence[str], taken: dict[str, str]) -> dict[str, str]:
 def guidance_of(cfg: BenchConfig, source: str) -> tuple[float, ...]:
     """The CFG scales to bench ``source`` at: the config's, else its own: an embedded world's teacher at the guidance
     it is sampled and distilled at (``worlds.TEACHER_GUIDANCE``), anything else (students, folders, hub ids) at 1."""
-    from ..worlds import TEACHER_GUIDANCE
+    from ..worlds import teacher_guidance
 
-    return tuple(cfg.guidance) or (TEACHER_GUIDANCE.get(source, 1.0),)
+    return tuple(cfg.guidance) or (teacher_guidance(source),)
 
 
 def _mean(values: list[float]) -> float | None:

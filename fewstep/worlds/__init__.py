@@ -11,3 +11,8 @@ EMBEDDED = ("digits", "video")  # the embedded worlds, each a name that stands f
 # accuracy 96.9% / 92.8% at w 1, 99.6% / 98.8% at 1.5; clip FD 56.7 / 48.9 at 1, 55.8 / 35.9 at 1.5, 129 at 2 and
 # 257 at 3 (4 steps), where the samples lose their variety.
 TEACHER_GUIDANCE = {"digits": 1.0, "video": 1.5}
+
+
+def teacher_guidance(name: str) -> float:
+    """The guidance ``name`` samples at by default: an embedded world's teacher its world's, any other model 1."""
+    return TEACHER_GUIDANCE.get(name, 1.0)
