@@ -38,6 +38,22 @@ def renoise(x0: Tensor, x_t: Tensor, c_t: Coeffs, c_next: Coeffs, gamma: float, 
     return forward_transition(ddim_step(x0, x_t, c_t, c_s), c_s, c_next, noise)
 
 
+def guidance_at(guidance: float | Tensor, t: Tensor, interval: tuple[float, float] | None) -> float | Tensor:
+    """The classifier-free guidance scale at noise level ``t`` when guidance applies only on ``interval`` = (lo, hi]
+    of the teacher's native time: ``guidance`` inside, 1 (the conditional model alone) outside; everywhere when
+    ``interval`` is None. Kynkaanniemi et al. (2024), "Applying guidance in a limited interval improves sample and
+    distribution quality in diffusion models": at high noise guidance costs variety, at low noise it does little.
+
+    t: a float or a (B,) tensor; returns ``guidance`` unchanged without an interval, else a tensor shaped like t.
+    """
+    if interval is None:
+        return guidance
+    lo, hi = interval
+    t = torch.as_tensor(t)
+    w = torch.as_tensor(guidance, dtype=torch.float32, device=t.device).expand(t.shape)
+    return torch.where((t > lo) & (t <= hi), w, torch.ones_like(w))
+
+
 @dataclass(frozen=True)
 class SamplingPlan:
     """Where a few-step student is evaluated: descending ``times`` in ``schedule``'s units and the re-noise gamma."""

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..sampling import guidance_at
 from ..schedules import append_dims, ddim_step
 from ..teacher import Denoiser
 from .losses import lcm_boundary
@@ -28,10 +29,11 @@ def consistency_output(denoiser: Denoiser, x: Tensor, t: Tensor, cond: dict[str,
 @torch.no_grad()
 def teacher_ode_step(
     teacher: Denoiser, x_t: Tensor, t: Tensor, s: Tensor, cond: dict[str, Any], uncond: dict[str, Any],
-    guidance: float | Tensor,
+    guidance: float | Tensor, interval: tuple[float, float] | None = None,
 ) -> Tensor:  # fmt: skip
     """x_s: one DDIM step of the teacher's guided probability-flow ODE from t to s (Euler on a flow teacher), the
-    x0 and eps of the step both taken from the guided x0 (LCM's DDIMSolver with guidance on x0 and eps alike)."""
+    x0 and eps of the step both taken from the guided x0 (LCM's DDIMSolver with guidance on x0 and eps alike).
+    ``interval``: guidance only for t in (lo, hi] (``sampling.guidance_at``), as the teacher's own sampler does."""
     native = teacher.native
-    x0 = teacher.guided(x_t, t, cond, uncond, guidance)
+    x0 = teacher.guided(x_t, t, cond, uncond, guidance_at(guidance, t, interval))
     return ddim_step(x0, x_t, native.coeffs(append_dims(t, x_t.ndim)), native.coeffs(append_dims(s, x_t.ndim)))

@@ -61,6 +61,9 @@ class DCMConfig:
     shift: float = 17.0  # the training files' FlowMatchEulerDiscreteScheduler(shift=17)
     boundary_index: int = 35  # the semantic expert trains grid indices [35, 50), the detail expert [0, 35)
     guidance: float = 6.0  # Ho scale; DCM's distill_cfg 5 is v_c + 5 (v_c - v_u)
+    # not in the reference: guidance only for t in (lo, hi] of the teacher's time (sampling.guidance_at), where the
+    # teacher's own sampler limits it so (the video world's); None: everywhere, as DCM does
+    guidance_interval: tuple[float, float] | None = None
     huber_c: float = 0.001
     temporal_weight: float = 1.0  # the semantic stage's loss_tc, weight 1
     temporal_stride: int = 3  # frame differences x[f + 3] - x[f]
@@ -171,7 +174,9 @@ class DCM(Recipe):
         x_i = native.add_noise(x0, batch_random.randn_like(x0), s)
         pred = self.jump(expert, x_i, s, end, batch.cond)
         with torch.no_grad():
-            x_prev = teacher_ode_step(self.teacher, x_i, s, s_prev, batch.cond, batch.uncond, cfg.guidance)
+            x_prev = teacher_ode_step(
+                self.teacher, x_i, s, s_prev, batch.cond, batch.uncond, cfg.guidance, cfg.guidance_interval
+            )
             at_start = append_dims(i == lo, x0.ndim)
             target = torch.where(at_start, x_prev, self.jump(expert, x_prev, s_prev, end, batch.cond))
         loss = pseudo_huber(pred, target, cfg.huber_c).mean()

@@ -59,6 +59,9 @@ class MCMConfig:
     num_ddim_timesteps: int = 50
     w_min: float = 6.0  # Ho scale; the scripts' w in [5, 15] is LCM's x0_c + w (x0_c - x0_u)
     w_max: float = 16.0
+    # not in the reference: guidance only for t in (lo, hi] of the teacher's time (sampling.guidance_at), where the
+    # teacher's own sampler limits it so (the video world's); None: everywhere, as MCM does
+    guidance_interval: tuple[float, float] | None = None
     huber_c: float = 0.001
     timestep_scaling: float = 4.0  # the scripts' timestep_scaling_factor (args.py's default is 10)
     lora_rank: int = 64  # r = alpha = 64; 0: full fine-tuning with an EMA target network
@@ -153,7 +156,7 @@ class MCM(Recipe):
         x_t = torch.where(append_dims(n == 0, x0.ndim), eps, native.add_noise(x0, eps, t))
         with torch.no_grad():
             guidance: float | Tensor = cfg.w_min if cfg.w_min == cfg.w_max else w
-            x_s = teacher_ode_step(self.teacher, x_t, t, s, batch.cond, batch.uncond, guidance)
+            x_s = teacher_ode_step(self.teacher, x_t, t, s, batch.cond, batch.uncond, guidance, cfg.guidance_interval)
             target = self.motion(self.f(self.target, x_s, s, batch.cond), self.target_head)
         pred = self.f(self.student, x_t, t, batch.cond)
         loss = pseudo_huber(self.motion(pred, self.net.head), target, cfg.huber_c).mean()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import itertools
 import math
 import sys
 import types
@@ -95,9 +96,11 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     if origin in (tuple, list, Sequence) or hint in (tuple, list):
         if not isinstance(value, list | tuple):
             raise FewstepError(f"{where}: expected a list, got {value!r}")
+        fixed = origin is tuple and len(args) > 1 and args[-1] is not Ellipsis  # tuple[float, float]: exactly 2
+        if fixed and len(value) != len(args):
+            raise FewstepError(f"{where}: {list(value)} does not fit {hint} ({len(args)} items)")
         item = args[0] if args and (len(args) == 1 or args[1] is Ellipsis) else Any
-        items = [_coerce(v, args[i] if args and args[-1] is not Ellipsis and len(args) > 1 else item, where)
-                 for i, v in enumerate(value)]  # fmt: skip
+        items = [_coerce(v, args[i] if fixed else item, where) for i, v in enumerate(value)]
         return tuple(items) if origin is tuple or hint is tuple else items
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
@@ -145,6 +148,7 @@ class Rule:
     non_empty: bool = False  # lists: at least one item
     choices: tuple[str, ...] = ()
     allow_inf: bool = False  # +-inf accepted (budgets and cut-offs where inf means "off"); NaN never is
+    increasing: bool = False  # lists: each item above the one before (intervals)
 
     def bounds(self) -> str:
         if self.high is None:
@@ -167,6 +171,8 @@ class Rule:
                 return "must not be empty"
             if any(_is_number(v) and not self._fits(v) for v in value):
                 return f"must hold values {self.bounds()}, got {list(value)}"
+            if self.increasing and any(not b > a for a, b in itertools.pairwise(value)):
+                return f"must be increasing, got {list(value)}"
             return None
         if _is_number(value) and not self._fits(value):
             return f"must be {self.bounds()}, got {value!r}"
@@ -196,6 +202,7 @@ RULES: tuple[tuple[str, Rule], ...] = (
     ("mixed_precision", Rule(choices=("no", "fp16", "bf16"))),
     # free: any real number
     ("seed", FREE),
+    ("guidance_interval", Rule(low=0, increasing=True)),  # (lo, hi] of the teacher's native time
     ("*guidance", FREE),  # guidance, anti_guidance (negative on purpose), teacher_guidance
     ("kappa*", FREE),  # SiD-LSG's long-short guidance scales kappa1..kappa4
     ("w_min", FREE),  # LCM's guidance range

@@ -56,6 +56,26 @@ def test_consistency_output_is_the_identity_at_the_boundary(random_video: Path) 
     torch.testing.assert_close(consistency_output(teacher, x, torch.zeros(2), cond, 4.0), x)
 
 
+def test_teacher_step_guides_each_sample_only_inside_the_interval(random_video: Path) -> None:
+    """Per sample: t outside (lo, hi] takes the conditional step (w = 1), t inside the guided one, as the teacher
+    folder's own sampler does (sampling.guidance_at)."""
+    from fewstep.objectives.consistency import teacher_ode_step
+    from fewstep.worlds.video.data import condition_tokens, null_tokens
+
+    teacher, _ = load_denoiser(str(random_video))
+    torch.manual_seed(0)
+    x = torch.randn(3, 1, 8, 16, 16)
+    t, s = torch.tensor([0.9, 0.5, 0.1]), torch.tensor([0.8, 0.4, 0.05])
+    cond = {"encoder_hidden_states": condition_tokens(torch.tensor([1, 2, 3]), torch.tensor([0, 1, 2]))}
+    uncond = {"encoder_hidden_states": null_tokens(1)}
+    limited = teacher_ode_step(teacher, x, t, s, cond, uncond, 3.0, (0.2, 0.85))
+    plain = teacher_ode_step(teacher, x, t, s, cond, uncond, 1.0)
+    guided = teacher_ode_step(teacher, x, t, s, cond, uncond, 3.0)
+    torch.testing.assert_close(limited[[0, 2]], plain[[0, 2]], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(limited[1], guided[1], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(guided[0], plain[0], atol=1e-3)
+
+
 def test_mcm_refuses_image_teachers(random_digits: Path) -> None:
     teacher, _ = load_denoiser(str(random_digits))
     with pytest.raises(FewstepError, match="mcm distils video teachers"):

@@ -99,6 +99,18 @@ def test_digits_presets_are_the_default_for_the_digits_teacher(recipe: str, caps
     assert "max_minutes" not in capsys.readouterr().out  # other teachers start from the paper defaults
 
 
+def test_video_presets_distil_the_guidance_the_video_teacher_samples_with() -> None:
+    """The students sample at w 1, so their presets must distil the teacher's own sampler: its scale and interval."""
+    from fewstep.recipes.dcm import DCMConfig
+    from fewstep.recipes.mcm import MCMConfig
+    from fewstep.worlds import TEACHER_GUIDANCE, TEACHER_GUIDANCE_INTERVAL
+
+    mcm = resolve_config(MCMConfig(), preset=find_preset("mcm", "video"))
+    dcm = resolve_config(DCMConfig(), preset=find_preset("dcm", "video"))
+    assert mcm.w_min == mcm.w_max == dcm.guidance == TEACHER_GUIDANCE["video"]
+    assert mcm.guidance_interval == dcm.guidance_interval == TEACHER_GUIDANCE_INTERVAL["video"]
+
+
 def test_every_preset_resolves_against_its_recipe_config() -> None:
     """Each recipes/<recipe>/<preset>.toml names only fields of its recipe's dataclass, with values of their types."""
     from fewstep.recipes import available, resolve
@@ -180,6 +192,16 @@ def test_out_of_range_values_name_their_key(sets: list[str], match: str) -> None
 
     with pytest.raises(FewstepError, match=match):
         resolve_config(LCMConfig(), sets=sets)
+
+
+def test_a_guidance_interval_is_an_increasing_pair() -> None:
+    from fewstep.recipes.mcm import MCMConfig
+
+    assert resolve_config(MCMConfig(), sets=["guidance_interval=[0.2, 0.85]"]).guidance_interval == (0.2, 0.85)
+    for bad, match in (("[0.85, 0.2]", "must be increasing"), ("[-0.1, 0.5]", "must hold values >= 0"),
+                       ("[0.1, 0.2, 0.3]", "does not fit")):  # fmt: skip
+        with pytest.raises(FewstepError, match=match):
+            resolve_config(MCMConfig(), sets=[f"guidance_interval={bad}"])
 
 
 def test_free_and_optional_values_pass() -> None:

@@ -127,6 +127,46 @@ def test_pipeline_loads_samples_and_refuses_bad_conditions(random_video: Path) -
             pipe(num_inference_steps=1, **bad)
 
 
+def test_guidance_interval_guides_only_the_steps_inside_it(random_video: Path) -> None:
+    """4 Euler steps sit at sigma 1, .75, .5, .25: an interval holding none of them is w = 1 (one branch, 4 NFE), one
+    holding all is plain guidance, one holding .75 and .5 is neither and doubles exactly those two steps."""
+    from fewstep.worlds.video.pipeline import VideoDigitsPipeline
+
+    pipe = VideoDigitsPipeline.from_pretrained(str(random_video))
+    pipe.set_progress_bar_config(disable=True)
+    batches: list[int] = []
+    pipe.transformer.register_forward_pre_hook(lambda module, args: batches.append(args[0].shape[0]))
+
+    def frames(w: float, interval: tuple[float, float] | None) -> torch.Tensor:
+        batches.clear()
+        kw = dict(class_labels=[3, 8], motions=[1, 2], num_inference_steps=4, guidance_scale=w)
+        return pipe(**kw, guidance_interval=interval, generator=torch.Generator().manual_seed(0)).frames
+
+    plain, guided = frames(1.0, None), frames(2.0, None)
+    assert torch.equal(frames(2.0, (0.0, 0.1)), plain) and batches == [2, 2, 2, 2]
+    assert torch.equal(frames(2.0, (0.0, 1.0)), guided)
+    middle = frames(2.0, (0.4, 0.8))
+    assert batches == [2, 4, 4, 2] and not torch.equal(middle, plain) and not torch.equal(middle, guided)
+    with pytest.raises(ValueError, match="guidance_interval"):
+        frames(2.0, (0.8, 0.4))
+
+
+def test_a_folder_carries_its_guidance_interval(random_video: Path, tmp_path: Path) -> None:
+    from diffusers import DiffusionPipeline
+
+    from fewstep.loading import embedded_path
+    from fewstep.worlds import TEACHER_GUIDANCE_INTERVAL
+    from fewstep.worlds.video.pipeline import VideoDigitsPipeline
+
+    pipe = VideoDigitsPipeline.from_pretrained(str(random_video))
+    assert pipe.config.guidance_interval is None
+    interval = VideoDigitsPipeline(pipe.transformer, pipe.scheduler, guidance_interval=(0.4, 0.8))
+    interval.save_pretrained(tmp_path / "interval")
+    assert DiffusionPipeline.from_pretrained(str(tmp_path / "interval")).config.guidance_interval == [0.4, 0.8]
+    shipped = json.loads((Path(str(embedded_path("teacher", world="video"))) / "model_index.json").read_text())
+    assert shipped["guidance_interval"] == list(TEACHER_GUIDANCE_INTERVAL["video"])
+
+
 def test_metrics_identities() -> None:
     """A set against itself has clip FD and frame FID ~0, noise is far away; real clips have full class agreement
     except where the digits evaluator itself errs, and zero jitter."""

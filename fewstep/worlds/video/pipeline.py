@@ -17,6 +17,7 @@ from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 from torch import Tensor
 
+from ...sampling import guidance_at
 from ..loop import denoise, guided_output
 from .data import CANVAS, MOTIONS, NUM_CLASSES, NUM_FRAMES, NUM_MOTIONS, condition_tokens, null_tokens
 
@@ -34,14 +35,27 @@ class VideoDigitsPipeline(DiffusionPipeline):
 
     model_cpu_offload_seq = "transformer"
 
-    def __init__(self, transformer, scheduler):
+    def __init__(self, transformer, scheduler, guidance_interval: Sequence[float] | None = None):
+        """``guidance_interval``: the (lo, hi] of noise levels sigma (timestep / num_train_timesteps) where
+        classifier-free guidance applies by default (``sampling.guidance_at``); None: at every step. Saved in
+        model_index.json, so a teacher folder carries its own sampler."""
         super().__init__()
         self.register_modules(transformer=transformer, scheduler=scheduler)
+        interval = None if guidance_interval is None else [float(v) for v in guidance_interval]
+        self.register_to_config(guidance_interval=interval)
 
-    def model_output(self, x: Tensor, timestep: Tensor, tokens: Tensor, guidance_scale: float) -> Tensor:
-        """One network evaluation with classifier-free guidance on the raw output (affine in x0 at fixed x_t)."""
+    def model_output(
+        self, x: Tensor, timestep: Tensor, tokens: Tensor, guidance_scale: float,
+        guidance_interval: Sequence[float] | None = None,
+    ) -> Tensor:  # fmt: skip
+        """One network evaluation with classifier-free guidance on the raw output (affine in x0 at fixed x_t), at
+        ``guidance_scale`` where the step's sigma lies in ``guidance_interval`` and at 1 (one branch) elsewhere."""
         null = null_tokens(x.shape[0]).to(tokens)
         forward = lambda x, t, cond: self.transformer(x, timestep=t, encoder_hidden_states=cond).sample  # noqa: E731
+        if guidance_interval is not None:
+            sigma = float(timestep.reshape(-1)[0]) / self.scheduler.config.num_train_timesteps
+            lo, hi = guidance_interval
+            guidance_scale = float(guidance_at(guidance_scale, torch.tensor(sigma), (lo, hi)))
         return guided_output(forward, x, timestep, tokens, null, guidance_scale)
 
     @torch.no_grad()
@@ -51,6 +65,7 @@ class VideoDigitsPipeline(DiffusionPipeline):
         motions: Sequence[int | str] | Tensor | None = None,
         num_inference_steps: int = 50,
         guidance_scale: float = 1.0,
+        guidance_interval: Sequence[float] | None = None,
         generator: torch.Generator | None = None,
         latents: Tensor | None = None,
         output_type: str = "pt",
@@ -58,7 +73,8 @@ class VideoDigitsPipeline(DiffusionPipeline):
         num_videos: int | None = None,
     ) -> VideoDigitsPipelineOutput | tuple:
         """``class_labels`` 0..9 and ``motions`` (indices or names of MOTIONS: still, right, left, down, up), one
-        per clip; a missing one cycles through its values."""
+        per clip; a missing one cycles through its values. ``guidance_interval`` (lo, hi]: where ``guidance_scale``
+        applies; None takes the folder's own (``config.guidance_interval``); (0, 1) is every step."""
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
         n = len(class_labels) if class_labels is not None else len(motions) if motions is not None else None
@@ -79,6 +95,9 @@ class VideoDigitsPipeline(DiffusionPipeline):
             raise ValueError(f"class labels must lie in 0..{NUM_CLASSES - 1}")
         if ((moves < 0) | (moves >= NUM_MOTIONS)).any():
             raise ValueError(f"motions must lie in 0..{NUM_MOTIONS - 1}")
+        interval = guidance_interval if guidance_interval is not None else self.config.get("guidance_interval")
+        if interval is not None and not (len(interval) == 2 and 0 <= interval[0] < interval[1]):
+            raise ValueError(f"guidance_interval must be (lo, hi) with 0 <= lo < hi, got {interval}")
         dtype = self.transformer.dtype
         tokens = condition_tokens(labels, moves).to(self.device, dtype)
         shape = (len(labels), self.transformer.config.in_channels, NUM_FRAMES, CANVAS, CANVAS)
@@ -86,7 +105,7 @@ class VideoDigitsPipeline(DiffusionPipeline):
             latents = torch.randn(shape, generator=generator, dtype=torch.float32)
         x = denoise(
             self, latents.to(self.device, dtype), num_inference_steps,
-            lambda x, t: self.model_output(x, t, tokens, guidance_scale), generator,
+            lambda x, t: self.model_output(x, t, tokens, guidance_scale, interval), generator,
         )  # fmt: skip
 
         frames: Tensor | np.ndarray | list = ((x.float().clamp(-1, 1) + 1) / 2).transpose(1, 2)  # (B, F, C, H, W)

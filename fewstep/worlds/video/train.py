@@ -23,6 +23,7 @@ from ...recipes.base import Batch, OptimizerSpec, Recipe
 from ...schedules import Flow, append_dims
 from ...training.data import VideoBatches
 from ...training.trainer import TrainConfig, Trainer
+from .. import TEACHER_GUIDANCE_INTERVAL
 from .data import COND_DIM, random_clips
 from .pipeline import VideoDigitsPipeline
 
@@ -114,7 +115,11 @@ def train_video_teacher(
         trainer.resume()
     start, first = time.perf_counter(), trainer.step
     trainer.fit()
-    pipe = VideoDigitsPipeline(transformer=trainer.ema["student"], scheduler=video_teacher_scheduler())
+    pipe = VideoDigitsPipeline(
+        transformer=trainer.ema["student"],
+        scheduler=video_teacher_scheduler(),
+        guidance_interval=TEACHER_GUIDANCE_INTERVAL["video"],
+    )
     pipe.save_pretrained(output)
     minutes = (time.perf_counter() - start) / 60
     (output / "TRAINING.md").write_text(
