@@ -196,6 +196,13 @@ def _memory_note(env: dict[str, Any]) -> str:
     return f"Peak MB: one latency-batch call's peak above the memory in use before it, measured as {how}."
 
 
+def _guidance(r: dict[str, Any]) -> str:
+    """w, and where the pipeline limited it to an interval of sigma, that interval: "1.5 on (0.2, 0.85]"."""
+    interval = r.get("guidance_interval")
+    w = _fmt(r.get("guidance"), 1)
+    return w if not interval else f"{w} on ({interval[0]:g}, {interval[1]:g}]"
+
+
 def _table_row(r: dict[str, Any], floor: float | None) -> str:
     fid = "-" if r.get("fid") is None else f"{r['fid']:.2f} +- {r['fid_std']:.2f}"
     floor = r.get("fid_floor", floor)  # rows merged from another run keep their own floor
@@ -203,7 +210,7 @@ def _table_row(r: dict[str, Any], floor: float | None) -> str:
     acc = None if r.get("accuracy") is None else 100 * r["accuracy"]
     grid = f"[png]({r['grid']})" if r.get("grid") else "-"
     cells = [
-        _name(r), r["steps"], r["nfe"], _fmt(r.get("guidance"), 1), fid, _fmt(ratio), _fmt(r.get("fid_train")),
+        _name(r), r["steps"], r["nfe"], _guidance(r), fid, _fmt(ratio), _fmt(r.get("fid_train")),
         _fmt(acc, 1), _fmt(r.get("diversity")), _fmt(r.get("clip_score")), _fmt(r.get("patch_fid")),
         f"{r['latency_ms']:.1f} ({r['latency_ms_p90']:.1f})", _fmt(r.get("latency_ms_per_image"), 3),
         f"{r['peak_mem_mb']:.0f}", r["num_samples"], grid,
@@ -220,7 +227,7 @@ def _video_row(r: dict[str, Any], ref: dict[str, Any]) -> str:
     grid = f"[png]({r['grid']})" if r.get("grid") else "-"
     gif = f"[gif]({r['animation']})" if r.get("animation") else "-"
     cells = [
-        _name(r), r["steps"], r["nfe"], _fmt(r.get("guidance"), 1), fid, _fmt(ratio), _fmt(r.get("fid_train")),
+        _name(r), r["steps"], r["nfe"], _guidance(r), fid, _fmt(ratio), _fmt(r.get("fid_train")),
         _fmt(r.get("frame_fid")), _fmt(frame_ratio), _fmt(pct("accuracy"), 1), _fmt(pct("motion_accuracy"), 1),
         _fmt(pct("class_agreement"), 1), _fmt(r.get("jitter"), 3), _fmt(r.get("diversity")),
         f"{r['latency_ms']:.1f} ({r['latency_ms_p90']:.1f})", _fmt(r.get("latency_ms_per_image"), 3),

@@ -96,6 +96,7 @@ class Row:
     attention: str = "sdpa"
     compile: bool = False
     dtype: str = "fp32"
+    guidance_interval: list[float] | None = None  # (lo, hi] of sigma where the pipeline applied ``guidance``
 
 
 def source_key(source: str) -> str:
@@ -186,9 +187,17 @@ def bench_model(
                     attention=cfg.attention,
                     compile=cfg.compile,
                     dtype=cfg.dtype,
+                    guidance_interval=guidance_interval_of(pipe, guidance),
                 )
             )
     return rows
+
+
+def guidance_interval_of(pipe: Any, guidance: float) -> list[float] | None:
+    """The interval a pipeline limits its guidance to by itself (a ``guidance_interval`` in its config, as the video
+    teacher's folder has), where it guides at all."""
+    interval = getattr(pipe, "config", {}).get("guidance_interval") if guidance not in (0.0, 1.0) else None
+    return None if interval is None else [float(v) for v in interval]
 
 
 def row_key(row: dict[str, Any]) -> tuple[Any, ...]:

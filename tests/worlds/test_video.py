@@ -232,6 +232,23 @@ def test_bench_on_video_pipeline_writes_clip_columns_and_gifs(random_video: Path
         run_bench(["digits"], tmp_path / "report", BenchConfig(steps=(1,), num=10, seeds=1, progress=False))
 
 
+def test_bench_names_and_counts_a_folders_guidance_interval(random_video: Path, tmp_path: Path) -> None:
+    """2 Euler steps sit at sigma 1 and .5: on (0.4, 0.8] only the second is guided (NFE 1 + 2 at w 2, 2 at w 1)."""
+    from fewstep.bench.run import BenchConfig, run_bench
+    from fewstep.worlds.video.pipeline import VideoDigitsPipeline
+
+    pipe = VideoDigitsPipeline.from_pretrained(str(random_video))
+    VideoDigitsPipeline(pipe.transformer, pipe.scheduler, guidance_interval=(0.4, 0.8)).save_pretrained(tmp_path / "m")
+    cfg = BenchConfig(
+        steps=(2,), guidance=(1.0, 2.0), num=50, seeds=1, batch_size=50, latency_batch=5, repeats=1, floor_subsets=1,
+        progress=False,
+    )  # fmt: skip
+    rows = {r["guidance"]: r for r in run_bench([str(tmp_path / "m")], tmp_path / "report", cfg)["rows"]}
+    assert rows[2.0]["guidance_interval"] == [0.4, 0.8] and rows[2.0]["nfe"] == 3
+    assert rows[1.0]["guidance_interval"] is None and rows[1.0]["nfe"] == 2
+    assert "| 2.0 on (0.4, 0.8] |" in (tmp_path / "report" / "report.md").read_text()
+
+
 def test_sample_writes_frame_strips_gif_and_clips(random_video: Path, tmp_path: Path) -> None:
     import numpy as np
 
