@@ -38,7 +38,7 @@ def renoise(x0: Tensor, x_t: Tensor, c_t: Coeffs, c_next: Coeffs, gamma: float, 
     return forward_transition(ddim_step(x0, x_t, c_t, c_s), c_s, c_next, noise)
 
 
-def guidance_at(guidance: float | Tensor, t: Tensor, interval: tuple[float, float] | None) -> float | Tensor:
+def guidance_at(guidance: float | Tensor, t: float | Tensor, interval: tuple[float, float] | None) -> float | Tensor:
     """The classifier-free guidance scale at noise level ``t`` when guidance applies only on ``interval`` = (lo, hi]
     of the teacher's native time: ``guidance`` inside, 1 (the conditional model alone) outside; everywhere when
     ``interval`` is None. Kynkaanniemi et al. (2024), "Applying guidance in a limited interval improves sample and

@@ -61,8 +61,9 @@ class DCMConfig:
     shift: float = 17.0  # the training files' FlowMatchEulerDiscreteScheduler(shift=17)
     boundary_index: int = 35  # the semantic expert trains grid indices [35, 50), the detail expert [0, 35)
     guidance: float = 6.0  # Ho scale; DCM's distill_cfg 5 is v_c + 5 (v_c - v_u)
-    # not in the reference: guidance only for t in (lo, hi] of the teacher's time (sampling.guidance_at), where the
-    # teacher's own sampler limits it so (the video world's); None: everywhere, as DCM does
+    # not in the reference: guidance only for t in (lo, hi] of the teacher's time (sampling.guidance_at), for a
+    # teacher that samples so; None: everywhere, as DCM does (the video preset too: distilling the video teacher's
+    # interval measured worse, recipes/dcm/video.toml)
     guidance_interval: tuple[float, float] | None = None
     huber_c: float = 0.001
     temporal_weight: float = 1.0  # the semantic stage's loss_tc, weight 1

@@ -59,8 +59,9 @@ class MCMConfig:
     num_ddim_timesteps: int = 50
     w_min: float = 6.0  # Ho scale; the scripts' w in [5, 15] is LCM's x0_c + w (x0_c - x0_u)
     w_max: float = 16.0
-    # not in the reference: guidance only for t in (lo, hi] of the teacher's time (sampling.guidance_at), where the
-    # teacher's own sampler limits it so (the video world's); None: everywhere, as MCM does
+    # not in the reference: guidance only for t in (lo, hi] of the teacher's time (sampling.guidance_at), for a
+    # teacher that samples so; None: everywhere, as MCM does (the video preset too: distilling the video teacher's
+    # interval measured worse, recipes/mcm/video.toml)
     guidance_interval: tuple[float, float] | None = None
     huber_c: float = 0.001
     timestep_scaling: float = 4.0  # the scripts' timestep_scaling_factor (args.py's default is 10)

@@ -46,17 +46,15 @@ class VideoDigitsPipeline(DiffusionPipeline):
 
     def model_output(
         self, x: Tensor, timestep: Tensor, tokens: Tensor, guidance_scale: float,
-        guidance_interval: Sequence[float] | None = None,
+        guidance_interval: tuple[float, float] | None = None,
     ) -> Tensor:  # fmt: skip
         """One network evaluation with classifier-free guidance on the raw output (affine in x0 at fixed x_t), at
         ``guidance_scale`` where the step's sigma lies in ``guidance_interval`` and at 1 (one branch) elsewhere."""
         null = null_tokens(x.shape[0]).to(tokens)
         forward = lambda x, t, cond: self.transformer(x, timestep=t, encoder_hidden_states=cond).sample  # noqa: E731
-        if guidance_interval is not None:
-            sigma = float(timestep.reshape(-1)[0]) / self.scheduler.config.num_train_timesteps
-            lo, hi = guidance_interval
-            guidance_scale = float(guidance_at(guidance_scale, torch.tensor(sigma), (lo, hi)))
-        return guided_output(forward, x, timestep, tokens, null, guidance_scale)
+        sigma = float(timestep.reshape(-1)[0]) / self.scheduler.config.num_train_timesteps
+        w = float(guidance_at(guidance_scale, sigma, guidance_interval))
+        return guided_output(forward, x, timestep, tokens, null, w)
 
     @torch.no_grad()
     def __call__(
@@ -95,9 +93,10 @@ class VideoDigitsPipeline(DiffusionPipeline):
             raise ValueError(f"class labels must lie in 0..{NUM_CLASSES - 1}")
         if ((moves < 0) | (moves >= NUM_MOTIONS)).any():
             raise ValueError(f"motions must lie in 0..{NUM_MOTIONS - 1}")
-        interval = guidance_interval if guidance_interval is not None else self.config.get("guidance_interval")
-        if interval is not None and not (len(interval) == 2 and 0 <= interval[0] < interval[1]):
-            raise ValueError(f"guidance_interval must be (lo, hi) with 0 <= lo < hi, got {interval}")
+        given = guidance_interval if guidance_interval is not None else self.config.get("guidance_interval")
+        if given is not None and not (len(given) == 2 and 0 <= given[0] < given[1]):
+            raise ValueError(f"guidance_interval must be (lo, hi) with 0 <= lo < hi, got {given}")
+        interval = None if given is None else (float(given[0]), float(given[1]))
         dtype = self.transformer.dtype
         tokens = condition_tokens(labels, moves).to(self.device, dtype)
         shape = (len(labels), self.transformer.config.in_channels, NUM_FRAMES, CANVAS, CANVAS)
