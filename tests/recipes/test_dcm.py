@@ -149,3 +149,25 @@ def test_single_expert_ablation_trains_one_expert_on_the_whole_grid(random_video
                          bench=False)  # fmt: skip
     pipe = load_pipeline(str(folder))
     assert type(pipe.transformer).__name__ == "WanTransformer3DModel"
+
+
+def test_temporal_coherence_is_the_frame_difference_mse_and_joins_the_detail_stage_only_when_asked(
+    random_video: Path,
+) -> None:
+    teacher, _ = load_denoiser(str(random_video))
+    recipe = DCM(teacher, small())
+    pred, target = torch.randn(2, 1, 8, 4, 4), torch.randn(2, 1, 8, 4, 4)
+    by_hand = ((pred[:, :, 3:] - pred[:, :, :-3]) - (target[:, :, 3:] - target[:, :, :-3])).pow(2).mean()
+    torch.testing.assert_close(recipe.temporal_coherence(pred, target), by_hand)
+    assert float(recipe.temporal_coherence(pred[:, :, :3], target[:, :, :3])) == 0.0  # no pair 3 frames apart
+
+    batch = VideoBatches(2)(0)
+
+    def detail_loss(**kw: object) -> float:
+        torch.manual_seed(0)  # the same LoRA and critic initialization, and the same draws
+        dcm = DCM(teacher, small(**kw))
+        return float(dcm.loss(batch, step=1)["student"])  # step 1 >= semantic_steps 1: the detail stage
+
+    plain = detail_loss(temporal_weight=0.0)
+    assert detail_loss(temporal_weight=1e3) == plain  # DCM's: the term belongs to the semantic stage
+    assert detail_loss(temporal_weight=1e3, temporal_stages="both") > plain + 1e-3
