@@ -10,7 +10,7 @@ shift(i / N) one point lower (sigma'_0 = shift(0.001)). The semantic expert owns
   (the online expert itself: the scripts pass no --use_ema).
 Stage 1, semantic expert (a full fine-tune of the teacher): L = pseudo-Huber(x_e, target) + temporal-coherence
   MSE(x_e[f + 3] - x_e[f], target[f + 3] - target[f]) over frames.
-  (``temporal_stages = "both"`` adds the same term to stage 2, a departure measured in recipes/dcm/video.toml.)
+  (``temporal_stages = "both"`` adds the same term to stage 2, a departure measured in README's video world.)
 Stage 2, detail expert (a LoRA, r 128 / alpha 256, on the attention projections of the finished semantic expert,
   with its own trainable copies of the condition embedder and output projection): L = pseudo-Huber + 0.5 hinge_G +
   1.0 feature matching, where target (as "real") and x_e (as "fake") are re-noised with one shared eps to a random
@@ -70,7 +70,8 @@ class DCMConfig:
     temporal_weight: float = 1.0  # the semantic stage's loss_tc, weight 1
     temporal_stride: int = 3  # frame differences x[f + 3] - x[f]
     # "semantic": the temporal-coherence term in the semantic stage only, as DCM; "both": in the detail stage too (not
-    # in the reference: on the video world the detail expert is where class agreement drops, recipes/dcm/video.toml)
+    # in the reference; on the video world, where class agreement drops with the detail expert, it did not raise it:
+    # README, the video world's ablations)
     temporal_stages: Literal["semantic", "both"] = "semantic"
     semantic_steps: int = 1000  # max_train_steps of the semantic script
     semantic_lr: float = 1e-6
