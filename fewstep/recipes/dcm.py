@@ -186,7 +186,7 @@ class DCM(Recipe):
             at_start = append_dims(i == lo, x0.ndim)
             target = torch.where(at_start, x_prev, self.jump(expert, x_prev, s_prev, end, batch.cond))
         loss = pseudo_huber(pred, target, cfg.huber_c).mean()
-        if semantic or cfg.temporal_stages == "both":
+        if cfg.temporal_weight > 0 and (semantic or cfg.temporal_stages == "both"):
             loss = loss + cfg.temporal_weight * self.temporal_coherence(pred, target)
         if semantic:
             return {"student": loss}
