@@ -130,10 +130,13 @@ def build_parser() -> argparse.ArgumentParser:
     tsub = p.add_subparsers(dest="teacher_command", required=True, parser_class=_Parser)
     t = tsub.add_parser("train", help="train a world's teacher and/or evaluator (reproduces the shipped ones)")
     t.add_argument("--world", choices=("digits", "video"), default="digits")
-    t.add_argument("--what", choices=("all", "teacher", "evaluator"), default="all")
-    t.add_argument("--output", type=Path, help="writes <output>/teacher, /evaluator (default runs/<world>)")
+    t.add_argument(
+        "--what", choices=("all", "teacher", "evaluator", "scorer"), default="all",
+        help="scorer: the digits reward model of Hyper-SD's feedback stage",
+    )  # fmt: skip
+    t.add_argument("--output", type=Path, help="writes <output>/teacher, /evaluator, /scorer (default runs/<world>)")
     t.add_argument("--steps", type=_positive_int, help="teacher training steps (default 6000)")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=int, help="default 0 (the scorer's own: 1)")
     t.add_argument(
         "--resume", action="store_true", help="video: continue the teacher from <output>/teacher-run/checkpoints"
     )
@@ -277,20 +280,27 @@ def cmd_teacher(args: argparse.Namespace) -> int:
     from .io import atomic_dir
 
     args.output = args.output or Path("runs") / args.world
+    scorer_seed, args.seed = args.seed, 0 if args.seed is None else args.seed
     if args.world == "video":
+        if args.what == "scorer":
+            raise FewstepError("the scorer (a reward model) is the digits world's; --world video has none")
         return _train_video_world(args)
     if args.resume:
         raise FewstepError("--resume applies to the video teacher (the digits teacher trains in one go)")
-    from .worlds.digits.train import EvaluatorTrainConfig, TeacherTrainConfig, train_evaluator, train_teacher
+    from .worlds.digits import train
 
     if args.what in ("all", "evaluator"):
         with atomic_dir(args.output / "evaluator", "config.json") as tmp:
-            train_evaluator(tmp, EvaluatorTrainConfig(seed=args.seed))
+            train.train_evaluator(tmp, train.EvaluatorTrainConfig(seed=args.seed))
         print(f"wrote {args.output / 'evaluator'}")
+    if args.what in ("all", "scorer"):
+        with atomic_dir(args.output / "scorer", "config.json") as tmp:  # its own seed (1) unless one is given
+            train.train_scorer(tmp, train.ScorerTrainConfig(**({} if scorer_seed is None else {"seed": scorer_seed})))
+        print(f"wrote {args.output / 'scorer'}")
     if args.what in ("all", "teacher"):
         steps = {"steps": args.steps} if args.steps else {}
         with atomic_dir(args.output / "teacher", "model_index.json") as tmp:
-            train_teacher(tmp, TeacherTrainConfig(seed=args.seed, **steps))
+            train.train_teacher(tmp, train.TeacherTrainConfig(seed=args.seed, **steps))
         print(f"wrote {args.output / 'teacher'}")
     return 0
 

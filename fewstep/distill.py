@@ -78,12 +78,17 @@ def check_exportable(recipe: Recipe, pipe: Any, teacher: Denoiser) -> None:
 
 
 def export_student(
-    recipe: Recipe, student: torch.nn.Module, pipe: Any, native: Any, prediction: str, out: Path, stock: Any = None
-) -> Path:
+    recipe: Recipe, student: torch.nn.Module, pipe: Any, native: Any, prediction: str, out: Path, stock: Any = None,
+    base: str | None = None,
+) -> Path:  # fmt: skip
     """Write the student with the scheduler that reproduces the recipe's plans in the teacher's own time: the
-    pipeline's stock one (``stock``) where it does, else FewStepScheduler."""
+    pipeline's stock one (``stock``) where it does, else FewStepScheduler. A LoRA student's folder also names its
+    ``base`` (the teacher's source; ``loading.LORA_BASE``), so fewstep's commands load it as they load a pipeline."""
+    import os
+
     from .export.pipeline import export_lora, export_pipeline, scheduler_for_plan
     from .io import atomic_dir
+    from .loading import LORA_BASE
 
     plans = teacher_plans(recipe, native)
     scheduler = scheduler_for_plan(plans, prediction, stock)
@@ -93,6 +98,8 @@ def export_student(
     export_lora(pipe, model, out)
     with atomic_dir(out / "scheduler", "scheduler_config.json") as tmp:
         scheduler.save_pretrained(tmp)
+    if base is not None:  # a local folder by its absolute path, so the run folder can move; hub ids and worlds as is
+        _write_text(out / LORA_BASE, json.dumps({"base": os.path.abspath(base) if os.path.isdir(base) else base}))
     return out
 
 
@@ -104,9 +111,14 @@ def teacher_plans(recipe: Recipe, native: Any) -> dict[int, Any]:
 
 
 def native_plans(recipe: Recipe, native: Any) -> dict[str, Any]:
-    """The recipe's plans in the teacher's own time, as training.json records them: {"plans": {n: times}, "gamma"}."""
+    """The recipe's plans in the teacher's own time, as training.json records them: {"plans": {n: times}, "gamma"},
+    and "gammas" {n: gamma} where the plans' gammas differ."""
     plans = teacher_plans(recipe, native)
-    return {"plans": {str(n): list(p.times) for n, p in plans.items()}, "gamma": next(iter(plans.values())).gamma}
+    gamma = next(iter(plans.values())).gamma
+    out: dict[str, Any] = {"plans": {str(n): list(p.times) for n, p in plans.items()}, "gamma": gamma}
+    if any(p.gamma != gamma for p in plans.values()):
+        out["gammas"] = {str(n): p.gamma for n, p in plans.items()}
+    return out
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -161,7 +173,7 @@ def run_distill(
             trainer.resume()
     student = trainer.ema.get("student") or trainer.accelerator.unwrap_model(trainer.nets["student"])
     folder = export_student(
-        recipe, student, pipe, denoiser.native, denoiser.prediction, output / "student", denoiser.stock
+        recipe, student, pipe, denoiser.native, denoiser.prediction, output / "student", denoiser.stock, teacher
     )
     summary = {
         "steps": trainer.step, "skipped": trainer.skipped, "recipe": recipe.name, "teacher": teacher,
@@ -170,7 +182,7 @@ def run_distill(
     }  # fmt: skip
     _write_text(output / "training.json", json.dumps(summary) + "\n")
     write_card(folder, recipe, pipe, teacher, denoiser.native)
-    if bench and teacher in EMBEDDED and not recipe.is_lora:
+    if bench and teacher in EMBEDDED:
         bench_student(folder, teacher, sorted(recipe.plan()), output / "bench")
         write_card(folder, recipe, pipe, teacher, denoiser.native, output / "bench" / "report.json")
     return folder
@@ -195,7 +207,8 @@ def write_card(folder: Path, recipe: Recipe, pipe: Any, teacher: str, native: An
     from .export.card import write_model_card
     from .teacher import VIDEO_BACKBONES, backbone_of, backbone_slot
 
-    plans = {n: list(p.times) for n, p in teacher_plans(recipe, native).items()}
+    plans_in_time = teacher_plans(recipe, native)
+    plans = {n: list(p.times) for n, p in plans_in_time.items()}
     scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     index = folder / "model_index.json"
     libraries = (
@@ -208,6 +221,7 @@ def write_card(folder: Path, recipe: Recipe, pipe: Any, teacher: str, native: An
         folder, recipe=recipe.name, paper=type(recipe).paper, teacher=teacher, pipeline=type(pipe).__name__,
         plans=plans, scheduler=scheduler, lora=recipe.is_lora, needs_fewstep=needs_fewstep, bench_rows=rows,
         slot=backbone_slot(pipe), video=type(backbone_of(pipe)).__name__ in VIDEO_BACKBONES,
+        gammas={n: p.gamma for n, p in plans_in_time.items()},
     )  # fmt: skip
 
 

@@ -32,12 +32,16 @@ def model_label(source: str) -> str:
 
 def resolve_source(source: str) -> str:
     """``digits`` / ``video`` -> the embedded teacher's folder; a local folder is checked to be a diffusers
-    pipeline."""
+    pipeline, or a LoRA student whose base resolves."""
     import os
 
     if source in EMBEDDED:
         return str(embedded_path("teacher", world=source))
     if os.path.isdir(source):
+        base = lora_base(source)
+        if base is not None:  # a LoRA student: its base must resolve
+            resolve_source(base)
+            return source
         if not os.path.isfile(os.path.join(source, "model_index.json")):
             raise FewstepError(f"{source} is not a diffusers pipeline folder (no model_index.json)")
         return source
@@ -51,8 +55,26 @@ def resolve_source(source: str) -> str:
     return source
 
 
+# written into a LoRA student's folder by ``fewstep distill``: {"base": the teacher it adapts}, so that every command
+# that takes a model (bench, sample) takes the LoRA folder too
+LORA_BASE = "fewstep_base.json"
+
+
+def lora_base(source: str) -> str | None:
+    """The base pipeline a LoRA student folder adapts, or None when ``source`` is no such folder."""
+    import json
+
+    path = Path(source) / LORA_BASE
+    return str(json.loads(path.read_text())["base"]) if path.is_file() else None
+
+
 def load_pipeline(source: str, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Any:
-    """A diffusers pipeline from ``digits``, a local folder or a hub id (when online), with progress bars off."""
+    """A diffusers pipeline from ``digits``, a local folder or a hub id (when online), with progress bars off; a
+    LoRA student's folder gives its base pipeline with the adapter merged and the student's scheduler."""
+    base = lora_base(source)
+    if base is not None:
+        pipe = with_lora(load_pipeline(base, dtype=dtype), Path(source))
+        return pipe if device is None else load_pipeline_to(pipe, device)
     from diffusers import DiffusionPipeline
     from diffusers.utils import logging as diffusers_logging
 
@@ -76,11 +98,48 @@ def load_pipeline(source: str, device: str | torch.device | None = None, dtype: 
         raise FewstepError(f"could not load pipeline {source}: {reason}") from None
     backbone_for(backbone_of(pipe))  # an unsupported network fails here, on one line, for every command
     if device is not None:
-        try:
-            pipe.to(device)
-        except (RuntimeError, AssertionError, ValueError) as err:  # no CUDA, unknown device string
-            raise FewstepError(f"cannot use device {device!r}: {str(err).splitlines()[0]}") from None
+        load_pipeline_to(pipe, device)
     pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def load_pipeline_to(pipe: Any, device: str | torch.device) -> Any:
+    """``pipe`` moved to ``device``, or a one-line error naming why it cannot be."""
+    try:
+        pipe.to(device)
+    except (RuntimeError, AssertionError, ValueError) as err:  # no CUDA, unknown device string
+        raise FewstepError(f"cannot use device {device!r}: {str(err).splitlines()[0]}") from None
+    return pipe
+
+
+def with_lora(pipe: Any, folder: Path) -> Any:
+    """``pipe`` with the LoRA student in ``folder`` merged into its backbone (diffusers' LoRA file through
+    ``load_lora_weights`` and ``fuse_lora``, or peft's adapter folder through ``merge_and_unload``) and the student's
+    scheduler from ``folder/scheduler``."""
+    import json
+
+    import diffusers
+
+    from .export import scheduling_fewstep
+    from .teacher import backbone_slot
+
+    slot = backbone_slot(pipe)
+    try:
+        if (folder / "adapter_config.json").is_file():
+            from peft import PeftModel
+
+            setattr(pipe, slot, PeftModel.from_pretrained(getattr(pipe, slot), str(folder)).merge_and_unload())
+        else:
+            pipe.load_lora_weights(str(folder))
+            pipe.fuse_lora()
+            pipe.unload_lora_weights()  # the fused weights stay
+        config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+        name = str(config["_class_name"])
+        cls = getattr(scheduling_fewstep, name, None) or getattr(diffusers, name)
+        pipe.scheduler = cls.from_config(config)
+    except (OSError, ValueError, KeyError, AttributeError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise FewstepError(f"could not load the LoRA student {folder}: {reason}") from None
     return pipe
 
 

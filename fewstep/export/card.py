@@ -61,9 +61,9 @@ def usage(
 def model_card(
     *, recipe: str, paper: str, teacher: str, pipeline: str, plans: Mapping[int, Sequence[float]], scheduler: str,
     lora: bool, folder: str, needs_fewstep: bool, bench_rows: Sequence[Mapping[str, Any]] = (),
-    slot: str = "transformer", video: bool = False,
+    slot: str = "transformer", video: bool = False, gammas: Mapping[int, float] | None = None,
 ) -> str:  # fmt: skip
-    """The README.md text of an exported student."""
+    """The README.md text of an exported student (``gammas``: each plan's re-noising gamma, TCD's eta)."""
     tags = ["fewstep", f"fewstep-{recipe}", "few-step", *(["lora"] if lora else [])]
     meta = ["---", "library_name: diffusers", f"base_model: {json.dumps(teacher)}", *_yaml_list("tags", tags)]
     meta += [f"pipeline_tag: {'text-to-video' if video else 'text-to-image'}"]
@@ -76,9 +76,7 @@ def model_card(
         f" ({pipeline}){', as a LoRA' if lora else ''}. It samples in {', '.join(map(str, steps))} steps with"
         f" `{scheduler}`.",
         "",
-        "| steps | evaluation times (the teacher's own time units) |",
-        "|---:|---|",
-        *(f"| {n} | {', '.join(f'{t:.6g}' for t in plans[n])} |" for n in steps),
+        *_plan_table(plans, gammas),
         "",
         "## Usage",
         "",
@@ -103,6 +101,18 @@ def model_card(
     if bench_rows:
         body += ["", *bench_section(bench_rows)]
     return "\n".join(meta + body) + "\n"
+
+
+def _plan_table(plans: Mapping[int, Sequence[float]], gammas: Mapping[int, float] | None) -> list[str]:
+    """One row per step count: its evaluation times and, where given, its re-noising gamma (TCD's eta: 0 is DDIM,
+    1 fresh noise; the value to pass as ``eta`` where the scheduler takes it at call time, as TCDScheduler does)."""
+    steps = sorted(plans)
+    times = {n: ", ".join(f"{t:.6g}" for t in plans[n]) for n in steps}
+    if not gammas:
+        head = ["| steps | evaluation times (the teacher's own time units) |", "|---:|---|"]
+        return head + [f"| {n} | {times[n]} |" for n in steps]
+    head = ["| steps | evaluation times (the teacher's own time units) | gamma (TCD's eta) |", "|---:|---|---:|"]
+    return head + [f"| {n} | {times[n]} | {gammas[n]:g} |" for n in steps]
 
 
 # the bench columns a card shows, where any row has a value: digits (FID vs train, accuracy), text-to-image (CLIP

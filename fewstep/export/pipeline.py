@@ -21,15 +21,17 @@ from .stock import StockPlans, StockSampler
 
 
 def fewstep_scheduler(plans: Mapping[int, SamplingPlan], prediction: str) -> FewStepScheduler:
-    """A FewStepScheduler holding one plan per step count (all on one schedule with one gamma)."""
+    """A FewStepScheduler holding one plan per step count, all on one schedule; the first plan's gamma is the
+    scheduler's, and a plan with another gamma keeps its own in ``gammas``."""
     first = next(iter(plans.values()))
-    if any(p.schedule != first.schedule or p.gamma != first.gamma for p in plans.values()):
-        raise ValueError("all plans of one export must share their schedule and gamma")
+    if any(p.schedule != first.schedule for p in plans.values()):
+        raise ValueError("all plans of one export must share their schedule")
     return FewStepScheduler(
         schedule=first.schedule.config(),
         prediction_type=prediction,
         plan={str(n): list(p.times) for n, p in plans.items()},
         gamma=first.gamma,
+        gammas={str(n): p.gamma for n, p in plans.items() if p.gamma != first.gamma} or None,
     )
 
 

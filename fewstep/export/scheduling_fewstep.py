@@ -60,6 +60,8 @@ class FewStepScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]  # di
         plan: step count (as a string) -> the descending times, in the schedule's own units, at which the model is
             evaluated, e.g. ``{"1": [1.0], "2": [1.0, 0.6]}``. Step counts not in the plan get an even grid.
         gamma: stochasticity in [0, 1] (module docstring): 0 is DDIM, 1 re-noises with fresh noise only.
+        gammas: step count (as a string) -> its own gamma, overriding ``gamma`` there (Hyper-SD's card runs its one
+            LoRA with TCD's eta chosen per step count).
         t_min, t_max: ends of the even grid (default the schedule's); t_max also sets ``init_noise_sigma``.
 
     ``FewStepScheduler.from_config(pipe.scheduler.config)`` also reads a stock diffusers scheduler's config (DDPM
@@ -107,6 +109,7 @@ class FewStepScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]  # di
         prediction_type: str = "flow",
         plan: dict[str, list[float]] | None = None,
         gamma: float = 1.0,
+        gammas: dict[str, float] | None = None,
         t_min: float | None = None,
         t_max: float | None = None,
         use_dynamic_shifting: bool = False,
@@ -116,8 +119,10 @@ class FewStepScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]  # di
         self.schedule = schedule_from_config(schedule if schedule is not None else Flow().config())
         if prediction_type not in PREDICTIONS:
             raise ValueError(f"unknown prediction_type {prediction_type!r}; expected one of {PREDICTIONS}")
-        if not 0.0 <= gamma <= 1.0:
-            raise ValueError(f"gamma must lie in [0, 1], got {gamma}")
+        gammas = {str(int(n)): float(g) for n, g in (gammas or {}).items()}
+        for g in (gamma, *gammas.values()):
+            if not 0.0 <= g <= 1.0:
+                raise ValueError(f"gamma must lie in [0, 1], got {g}")
         plan = {str(int(n)): [float(t) for t in times] for n, times in (plan or {}).items()}
         for n, times in plan.items():
             if len(times) != int(n) or any(a <= b for a, b in pairwise(times)):
@@ -125,8 +130,9 @@ class FewStepScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]  # di
         # Store the canonical JSON-able form so that save_config / from_pretrained round-trips exactly, and the stock
         # keys of the schedule for StockScheduler.from_config(self.config).
         self.register_to_config(
-            schedule=self.schedule.config(), plan=plan or None, **diffusers_schedule_config(self.schedule)
-        )
+            schedule=self.schedule.config(), plan=plan or None, gammas=gammas or None,
+            **diffusers_schedule_config(self.schedule),
+        )  # fmt: skip
 
         self.num_inference_steps: int | None = None
         self.times = torch.empty(0, dtype=torch.float64)  # schedule units, (num_inference_steps,), float64 on CPU
@@ -194,6 +200,11 @@ class FewStepScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]  # di
         c = self.schedule.coeffs(times.to(torch.float64))
         sigma = times.to(torch.float64) if isinstance(self.schedule, Flow) else c.sigma / c.alpha
         return torch.cat([sigma, sigma.new_zeros(1)])
+
+    def gamma_for(self, steps: int | None) -> float:
+        """The re-noising gamma of an n-step run: ``gammas[str(n)]`` where given, else ``gamma``."""
+        own = (self.config.get("gammas") or {}).get(str(steps))
+        return float(self.config["gamma"] if own is None else own)
 
     @property
     def init_noise_sigma(self) -> float:
@@ -334,7 +345,7 @@ class FewStepScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]  # di
         generator: torch.Generator | list[torch.Generator] | None,
     ) -> Tensor:
         """x at the next time from (x0, x_t) by ``sampling.renoise`` (module docstring)."""
-        gamma = float(self.config["gamma"])
+        gamma = self.gamma_for(self.num_inference_steps)
         # gamma = 0 draws no noise, so the generator is left untouched
         z = None if gamma == 0.0 else randn_tensor(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
         return renoise(x0, x_t, c_t, c_next, gamma, z)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import batch_random
-from ..schedules import NoiseSchedule
+from ..schedules import NoiseSchedule, append_dims, forward_transition
 from ..teacher import Denoiser, block_channels, block_tokens, feature_blocks
 
 
@@ -81,14 +81,25 @@ def discriminator_times(
 
 
 def ladd_losses(
-    disc: TeacherDiscriminator, x0_fake: Tensor, x0_real: Tensor, t_d: Tensor, cond: dict[str, Any]
-) -> tuple[Tensor, Tensor]:
+    disc: TeacherDiscriminator, x0_fake: Tensor, x0_real: Tensor, t_d: Tensor, cond: dict[str, Any],
+    t_from: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
     """(generator loss, critic loss): fake and real x0 re-noised at t_D (the discriminator teacher's schedule) and
     scored on its features. The fake's features are computed once: the critic reads them detached (the teacher is
-    frozen, so they equal the features of the detached fake), and the real ones need no graph."""
+    frozen, so they equal the features of the detached fake), and the real ones need no graph.
+
+    ``t_from``: fake and real are states at these (B,) times rather than x0, carried forward to max(t_D, t_from)
+    (``schedules.forward_transition``): PCM's adversarial consistency loss scores the student's and the target's
+    points at a segment edge, both moved further along the forward process (its ``noise_travel``)."""
     schedule = disc.teacher.schedule
-    fake = schedule.add_noise(x0_fake, batch_random.randn_like(x0_fake), t_d)
-    real = schedule.add_noise(x0_real, batch_random.randn_like(x0_real), t_d)
+    if t_from is None:
+        fake = schedule.add_noise(x0_fake, batch_random.randn_like(x0_fake), t_d)
+        real = schedule.add_noise(x0_real, batch_random.randn_like(x0_real), t_d)
+    else:
+        t_d = torch.maximum(t_d.to(t_from), t_from)
+        c_from, c_d = (schedule.coeffs(append_dims(t, x0_fake.ndim)) for t in (t_from, t_d))
+        fake = forward_transition(x0_fake, c_from, c_d, batch_random.randn_like(x0_fake))
+        real = forward_transition(x0_real, c_from, c_d, batch_random.randn_like(x0_real))
     fake_features = disc.features(fake, t_d, cond)
     with torch.no_grad():
         real_features = disc.features(real, t_d, cond)

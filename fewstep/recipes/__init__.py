@@ -22,6 +22,7 @@ BUILTIN: dict[str, str] = {
     "tdm": "fewstep.recipes.tdm:TDM",
     "mcm": "fewstep.recipes.mcm:MCM",
     "dcm": "fewstep.recipes.dcm:DCM",
+    "hyper_sd": "fewstep.recipes.hyper_sd:HyperSD",
 }
 
 # the embedded world a recipe trains on when no teacher is named (the video recipes need clips)

@@ -215,6 +215,12 @@ RULES: tuple[tuple[str, Rule], ...] = (
     ("plan_t_max", TRIGFLOW_TIME),
     # counts and budgets
     ("*warmup_steps", NON_NEGATIVE),  # 0: no warm-up
+    ("stage_steps", Rule(low=0, non_empty=True)),  # Hyper-SD's iterations per TSCD stage (0: the stage is skipped)
+    ("reward_steps", NON_NEGATIVE),  # Hyper-SD's feedback stage (0: none)
+    ("dmd_steps", NON_NEGATIVE),  # Hyper-SD's score-distillation stage (0: none)
+    ("segments", Rule(low=1, non_empty=True)),  # Hyper-SD's k per TSCD stage
+    ("adv_segments", NON_NEGATIVE),  # the adversarial term joins stages with k <= this (0: never)
+    ("reward_late", UNIT),  # a fraction of the teacher's time range
     ("*_steps", Rule(low=1, non_empty=True)),  # max_steps, plan_steps, train_steps, fake_steps, teacher_steps, ...
     ("steps", AT_LEAST_1),
     ("*batch_size", AT_LEAST_1),
@@ -248,6 +254,7 @@ RULES: tuple[tuple[str, Rule], ...] = (
     ("target_ema", UNIT),
     ("*_prob", UNIT),
     ("gamma", UNIT),  # re-noising share between steps
+    ("plan_gammas", UNIT),  # Hyper-SD's gamma per plan step count (empty: gamma for all)
     ("pred_x0_portion", UNIT),  # MCM's share of batches on the student's own samples
     ("t_min", UNIT),
     ("t_max", UNIT),

@@ -22,6 +22,7 @@ from ...schedules import Flow, append_dims
 from .data import NUM_CLASSES, RESOLUTION, load_split
 from .evaluator import DigitsEvaluator
 from .pipeline import DigitsPipeline
+from .scorer import DigitsScorer
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,18 @@ class EvaluatorTrainConfig:
     batch_size: int = 64
     lr: float = 1e-3
     seed: int = 0
+
+
+@dataclass(frozen=True)
+class ScorerTrainConfig:
+    """The reward model (``scorer.py``): its own seed, Gaussian pixel noise of a random std up to ``noise_max``
+    instead of the evaluator's shifts, so it also scores the slightly noisy x0 estimates a student makes."""
+
+    epochs: int = 60
+    batch_size: int = 64
+    lr: float = 1e-3
+    noise_max: float = 0.3
+    seed: int = 1
 
 
 def make_teacher_model() -> DiTTransformer2DModel:
@@ -147,5 +160,37 @@ def train_evaluator(output: Path, cfg: EvaluatorTrainConfig = EvaluatorTrainConf
     model.save_pretrained(output)
     (output / "TRAINING.md").write_text(
         f"Trained by `fewstep teacher train --what evaluator` with {cfg}; held-out accuracy {acc:.4f}.\n"
+    )
+    return output
+
+
+def train_scorer(output: Path, cfg: ScorerTrainConfig = ScorerTrainConfig(), progress: bool = True) -> Path:
+    """Train the reward model on the train split (pixel noise augmentation) and save it at ``output``."""
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    data = load_split("train")
+    model = DigitsScorer()
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    steps_per_epoch = math.ceil(len(data) / cfg.batch_size)
+    bar = tqdm(range(cfg.epochs), desc="scorer", disable=not progress)
+    model.train()
+    for _ in bar:
+        perm = torch.randperm(len(data), generator=gen)
+        for i in range(steps_per_epoch):
+            idx = perm[i * cfg.batch_size : (i + 1) * cfg.batch_size]
+            x, y = data.images[idx], data.labels[idx]
+            std = cfg.noise_max * torch.rand(len(idx), 1, 1, 1, generator=gen)
+            loss = F.cross_entropy(model(x + std * torch.randn(x.shape, generator=gen)), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    model.eval()
+    held_out = load_split("held_out")
+    with torch.no_grad():
+        acc = (model(held_out.images).argmax(1) == held_out.labels).float().mean().item()
+    model.save_pretrained(output)
+    (output / "TRAINING.md").write_text(
+        f"Trained by `fewstep teacher train --what scorer` with {cfg}; held-out accuracy {acc:.4f}.\n"
     )
     return output

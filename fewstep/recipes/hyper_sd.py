@@ -1,0 +1,288 @@
+"""Hyper-SD: trajectory-segmented consistency distillation, one LoRA for every step count (Ren et al. 2024).
+
+ByteDance published weights only; what is known of the method is in ../shared/RECIPES.md. This module follows the
+paper's description and, where it is silent, the public code it names as its basis: PCM's multiphase consistency
+distillation and its adversarial term (G-U-N/Phased-Consistency-Model), and the progressive segment schedule of
+the only public TSCD code (rootonchair/consistency_models_distill ``tscd/``).
+
+TSCD (Sec. 3.1), in the teacher's own time t. Training runs through stages of k = 8 -> 4 -> 2 -> 1 segments, each
+starting from the last one's weights (``segments``, ``stage_steps``). In a stage of k segments, each step:
+  t = t_{n+1} > s = t_n: neighbours of LCM's N-point skipping grid (``lcm.skipping_grid``),
+  e = the lower edge of t's segment (edges uniform in the unshifted time; ``consistency.segment_edges``), s >= e,
+  x_t = alpha_t x0 + sigma_t eps,   x_s = one DDIM step of the guided teacher ODE from t to s,
+  f(x, t -> e) = alpha_e x0_theta + sigma_e eps_theta: the DDIM jump to the edge (PCM's multiphase prediction),
+  loss = ||f_theta(x_t, t -> e) - sg f_target(x_s, s -> e)||^2 (the plain distance of the early stages),
+with the target the student itself without gradient for the LoRA (LCM-LoRA's and PCM-LoRA's rule), an EMA copy for
+a full student. In the stages with k <= ``adv_segments`` (the paper: the last two), PCM's adversarial consistency
+term joins: hinge heads on frozen teacher features score the student's edge point against the target's, both
+carried further along the forward process to a shared time (``adversarial.ladd_losses`` with ``t_from``).
+
+The final k = 1 stage makes f(x, t -> t_min) an x0 predictor at every t, which TCD's sampler (Zheng et al. 2024; its
+gamma is ``sampling.renoise``'s) runs at any step count: the exported scheduler carries ``gamma``.
+
+Two optional stages follow, each keeping the last TSCD loss beside its own term so that quality does not drift:
+  feedback (Sec. 3.2; ReFL, Xu et al. 2023): - reward_weight r(x0_theta(x_t_j, t_j), c), x_t_j a late state of the
+      student's own ``reward_plan_steps`` sampler reached without gradient (``objectives/reward.py``; on digits a
+      scorer apart from the bench's evaluator);
+  score distillation (Sec. 3.3; DMD, Yin et al. 2024): dmd_weight 1/2 ||x0_G - sg(x0_G - grad)||^2 on the one-step
+      sample x0_G = f(z, t_max -> t_min), with a fake score trained on x0_G (``objectives/dmd.py``).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from itertools import accumulate
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import Tensor, nn
+
+from .. import batch_random
+from ..errors import FewstepError
+from ..objectives.adversarial import TeacherDiscriminator, discriminator_times, ladd_losses
+from ..objectives.consistency import segment_edge, segment_edges, segment_output, teacher_ode_step
+from ..objectives.dmd import Weighting, distribution_matching_loss, fake_score_loss, fake_score_networks, uniform_times
+from ..objectives.losses import mean_per_sample
+from ..objectives.reward import RewardModel, load_reward
+from ..sampling import SamplingPlan, euler_times, initial_noise, plan_state
+from ..teacher import Denoiser
+from ..training.data import DataConfig
+from ..training.lora import add_lora
+from ..training.trainer import TrainConfig, ema_update
+from .base import Batch, OptimizerSpec, Recipe
+from .lcm import skipping_grid
+
+
+@dataclass(frozen=True)
+class HyperSDConfig:
+    num_ddim_timesteps: int = 50  # the teacher's skipping grid (PCM and rootonchair's TSCD: 50 DDIM steps)
+    segments: tuple[int, ...] = (8, 4, 2, 1)  # k per TSCD stage, progressively fewer (Hyper-SD Sec. 3.1)
+    stage_steps: tuple[int, ...] = (1000, 1000, 1000, 1000)  # iterations per stage (not published; the last runs on)
+    # stages with k <= adv_segments add the adversarial consistency term: Hyper-SD uses the MSE for k = 8, 4 and the
+    # adversarial loss for k = 2, 1
+    adv_segments: int = 2
+    adv_weight: float = 0.1  # PCM's adv_weight
+    # the distance loss's weight in the adversarial stages: 1 keeps it beside the adversarial term, as PCM's
+    # ``_adv`` scripts add the two; 0 leaves the adversarial term alone, as Hyper-SD's wording reads
+    adv_distance_weight: float = 1.0
+    adv_lr: float = 1e-5  # the discriminator heads (PCM's discriminator learning rate)
+    adv_block_every: int = 1  # read every k-th teacher block
+    # re-noising of both edge points for the critic: log-normal in the noise-to-signal ratio, as LCM's PCM term
+    adv_p_mean: float = -0.6
+    adv_p_std: float = 1.0
+    adv_p_sigma_data: float = 0.5
+    w_min: float = 3.0  # teacher guidance w ~ U[w_min, w_max] (rootonchair's TSCD: 3 to 15); no w-embedding
+    w_max: float = 15.0
+    lora_rank: int = 64  # > 0: the student is a LoRA on the teacher (Hyper-SD ships LoRAs); 0: full fine-tuning
+    lr: float = 1e-6  # PCM-LoRA's learning rate on SD1.5 is 5e-6; presets set their own
+    betas: tuple[float, float] = (0.9, 0.999)
+    target_ema: float = 0.95  # the EMA target's rate (LCM's mu)
+    # the LoRA student's target: "self", the student without gradient (LCM-LoRA's and PCM-LoRA's rule), or "ema", an
+    # EMA copy as a full student has (ours: a copy of the adapted network, trading memory for a target that lags)
+    lora_target: Literal["self", "ema"] = "self"
+    plan_steps: tuple[int, ...] = (1, 2, 4, 8)
+    # "stock": the times the teacher pipeline's stock scheduler visits for n steps; "recipe": the k = n segment
+    # edges (t_max and the n - 1 inner edges)
+    plan_times: Literal["stock", "recipe"] = "stock"
+    # TCD's gamma (its eta) in the exported scheduler: Hyper-SD's card runs its unified LoRA with TCDScheduler and
+    # eta 0.3 to 1 (lower for more steps)
+    gamma: float = 0.3
+    # one gamma per plan_steps entry, overriding ``gamma`` (Hyper-SD's card picks TCD's eta by step count); () keeps
+    # ``gamma`` for all. Exported in FewStepScheduler's ``gammas`` and stated per step count in the model card
+    plan_gammas: tuple[float, ...] = ()
+    # the human-feedback stage (Sec. 3.2), after the TSCD stages: ReFL (Xu et al. 2023) on the student's one-step x0
+    # at late times of its own sampler, the last TSCD stage's loss kept beside it as the regularizer
+    reward: str = ""  # the reward model (``objectives.reward.load_reward``); "" or reward_steps 0: no such stage
+    reward_steps: int = 0
+    reward_weight: float = 0.1
+    reward_plan_steps: int = 8  # the student's plan whose late states feed the reward (ReFL's denoising to step t)
+    reward_late: float = 0.5  # "late": plan times at or below this fraction of the teacher's range
+    # the score-distillation stage (Sec. 3.3) for one step, last: DMD (Yin et al. 2024) on the student's one-step
+    # samples from pure noise against a fake score trained on them, the last TSCD stage's loss kept beside it
+    dmd_steps: int = 0
+    dmd_weight: float = 1.0
+    fake_lr: float = 1e-5
+    fake_lora_rank: int = 0  # 0: the fake score is a full copy of the teacher
+    fake_weighting: Weighting = "v"  # the fake score's denoising weight (``dmd.fake_score_loss``)
+    dmd_t_min: float = 0.02  # DMD2's [20, 980] of 1000
+    dmd_t_max: float = 0.98
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+
+class HyperSD(Recipe):
+    name = "hyper_sd"
+    paper: ClassVar[str] = "Hyper-SD, trajectory-segmented consistency distillation (Ren et al. 2024)"
+    Config: ClassVar[type] = HyperSDConfig
+
+    def __init__(self, teacher: Denoiser, cfg: HyperSDConfig = HyperSDConfig()):
+        if not cfg.segments or len(cfg.stage_steps) != len(cfg.segments):
+            raise FewstepError(
+                f"hyper_sd: one stage_steps entry per segments entry, got {cfg.segments} and {cfg.stage_steps}"
+            )
+        if any(k < 1 for k in cfg.segments) or list(cfg.segments) != sorted(cfg.segments, reverse=True):
+            raise FewstepError(f"hyper_sd: segments must be positive and non-increasing, got {cfg.segments}")
+        if cfg.w_min > cfg.w_max:
+            raise FewstepError(f"hyper_sd: w_min {cfg.w_min} > w_max {cfg.w_max}")
+        if not 0 <= cfg.gamma <= 1:
+            raise FewstepError(f"hyper_sd: gamma must lie in [0, 1], got {cfg.gamma}")
+        if cfg.plan_gammas and len(cfg.plan_gammas) != len(cfg.plan_steps):
+            raise FewstepError(
+                f"hyper_sd: one plan_gammas entry per plan_steps entry, got {cfg.plan_gammas} for {cfg.plan_steps}"
+            )
+        self.cfg = cfg
+        self.teacher = teacher
+        teacher.model.requires_grad_(False).eval()
+        if cfg.lora_rank > 0:
+            self.model = add_lora(copy.deepcopy(teacher.model), cfg.lora_rank).eval()
+            # the student itself, without gradient, or an EMA copy of it
+            self.target_model = (
+                self.model if cfg.lora_target == "self" else copy.deepcopy(self.model).requires_grad_(False)
+            )
+        else:
+            self.model = copy.deepcopy(teacher.model).requires_grad_(True).eval()
+            self.target_model = copy.deepcopy(self.model).requires_grad_(False)
+        self.student = teacher.with_model(self.model)
+        self.target = teacher.with_model(self.target_model)
+        self.grid = skipping_grid(teacher.native, cfg.num_ddim_timesteps)  # t_max ... t_min, descending
+        self.edges = {k: segment_edges(teacher.native, k) for k in set(cfg.segments)}
+        # (kind, k, iterations) per stage: the TSCD stages, then feedback and score distillation where configured
+        last = cfg.segments[-1]
+        self.stages = [("tscd", k, n) for k, n in zip(cfg.segments, cfg.stage_steps, strict=True)]
+        self.reward: RewardModel | None = None
+        if cfg.reward and cfg.reward_steps > 0:
+            self.reward = load_reward(cfg.reward)  # a missing reward model fails here, before any training
+            self.stages.append(("reward", last, cfg.reward_steps))
+        elif cfg.reward_steps > 0:
+            raise FewstepError("hyper_sd: reward_steps > 0 needs a reward model (reward = 'digits' or a folder)")
+        self.fake: Denoiser | None = None
+        self.fake_nets: nn.Module | None = None
+        if cfg.dmd_steps > 0:
+            fakes, self.fake_nets = fake_score_networks(teacher.model, cfg.fake_lora_rank, 1)
+            self.fake = teacher.with_model(fakes[0])
+            self.stages.append(("dmd", last, cfg.dmd_steps))
+        self.stage_ends = list(accumulate(n for _, _, n in self.stages))
+        adv = cfg.adv_weight > 0 and any(k <= cfg.adv_segments for _, k, _ in self.stages)
+        self.disc = TeacherDiscriminator(teacher, cfg.adv_block_every) if adv else None
+
+    def trainable(self) -> dict[str, nn.Module]:
+        nets = {"student": self.model}
+        if self.disc is not None:
+            nets["critic"] = self.disc.heads
+        if self.fake_nets is not None:
+            nets["fake"] = self.fake_nets
+        return nets
+
+    def optimizer(self, name: str) -> OptimizerSpec:
+        if name == "critic":
+            return OptimizerSpec(lr=self.cfg.adv_lr, betas=(0.0, 0.99))
+        if name == "fake":
+            return OptimizerSpec(lr=self.cfg.fake_lr, betas=(0.0, 0.999))
+        return OptimizerSpec(lr=self.cfg.lr, betas=self.cfg.betas)
+
+    def stage(self, step: int) -> int:
+        """The stage of iteration ``step`` (an index of ``self.stages``): stage i runs from the sum of the earlier
+        stages' iterations on; the last runs on."""
+        return min(sum(step >= end for end in self.stage_ends), len(self.stages) - 1)
+
+    def loss(self, batch: Batch, step: int) -> dict[str, Tensor]:
+        if batch.x0 is None:
+            raise FewstepError("hyper_sd needs x0 samples (real images, or teacher samples for image-free runs)")
+        kind, k, _ = self.stages[self.stage(step)]
+        out = self.tscd_loss(batch, k)
+        if kind == "reward":
+            out["student"] = out["student"] - self.cfg.reward_weight * self.late_reward(batch).mean()
+        elif kind == "dmd":
+            dmd, fake = self.dmd_losses(batch)
+            out["student"] = out["student"] + self.cfg.dmd_weight * dmd
+            out["fake"] = fake
+        return out
+
+    def tscd_loss(self, batch: Batch, k: int) -> dict[str, Tensor]:
+        """TSCD with k segments: the distance at the segment edge, and the adversarial consistency term for k <=
+        ``adv_segments`` (the student's loss, and the critic's where it steps)."""
+        cfg, native = self.cfg, self.teacher.native
+        assert batch.x0 is not None
+        x0 = batch.x0
+        b = x0.shape[0]
+        n = batch_random.randint(cfg.num_ddim_timesteps, (b,))
+        t = self.grid[n].to(x0)
+        e = segment_edge(t, self.edges[k])
+        s = torch.maximum(self.grid[n + 1].to(x0), e)  # one teacher step, never past the segment's edge
+        w = cfg.w_min + (cfg.w_max - cfg.w_min) * batch_random.rand((b,))
+        x_t = native.add_noise(x0, batch_random.randn_like(x0), t)
+        with torch.no_grad():
+            guidance: float | Tensor = cfg.w_min if cfg.w_min == cfg.w_max else w
+            x_s = teacher_ode_step(self.teacher, x_t, t, s, batch.cond, batch.uncond, guidance)
+            at_edge = (s == e).view(-1, *([1] * (x0.ndim - 1)))
+            # f(x_s, s -> s) = x_s: the boundary condition (computed apart: at a flow teacher's t_min sigma is 0)
+            target = torch.where(at_edge, x_s, segment_output(self.target, x_s, s, e, batch.cond))
+        pred = segment_output(self.student, x_t, t, e, batch.cond)
+        distance = mean_per_sample((pred.float() - target.float()) ** 2).mean()
+        if self.disc is None or k > cfg.adv_segments:
+            return {"student": distance}
+        t_d = discriminator_times(native, b, cfg.adv_p_mean, cfg.adv_p_std, cfg.adv_p_sigma_data).to(x0)
+        generator, critic = ladd_losses(self.disc, pred, target, t_d, batch.cond, t_from=e)
+        return {"student": cfg.adv_distance_weight * distance + cfg.adv_weight * generator, "critic": critic}
+
+    def late_reward(self, batch: Batch) -> Tensor:
+        """(B,) rewards of the student's one-step x0 from a late state of its own sampler (ReFL): the
+        ``reward_plan_steps`` plan run without gradient from pure noise to a time drawn among its times at or below
+        ``reward_late`` of the range, then one x0 prediction with gradient."""
+        assert batch.x0 is not None and self.reward is not None
+        native, cond = self.teacher.native, batch.cond
+        times = euler_times(native, self.cfg.reward_plan_steps)[:-1]
+        edge = native.t_min + self.cfg.reward_late * (native.t_max - native.t_min)
+        late = [i for i, t in enumerate(times) if t <= edge]
+        j = late[int(batch_random.randint(len(late), (1,))[0])] if late else len(times) - 1
+        plan = SamplingPlan(native, tuple(times), self.cfg.gamma)
+        denoise = lambda x, t: self.student(x, t, cond)  # noqa: E731
+        with torch.no_grad():
+            x = plan_state(denoise, plan, batch_random.randn_like(batch.x0), j)
+        t = torch.full((x.shape[0],), times[j], dtype=x.dtype, device=x.device)
+        return self.reward(denoise(x, t), cond)
+
+    def dmd_losses(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        """(student's DMD loss, fake score's loss) on the one-step sample x0_G = f(z, t_max -> t_min) (DMD2's
+        generator; the teacher guided at w_min)."""
+        assert batch.x0 is not None and self.fake is not None
+        native, cond, cfg = self.teacher.native, batch.cond, self.cfg
+        b = batch.x0.shape[0]
+        t_max = torch.full((b,), native.t_max, dtype=batch.x0.dtype, device=batch.x0.device)
+        x0_gen = self.student(initial_noise(native, native.t_max, batch_random.randn_like(batch.x0)), t_max, cond)
+        fake = self.fake
+        real = lambda x, t: self.teacher.guided(x, t, cond, batch.uncond, cfg.w_min)  # noqa: E731
+        dmd, _ = distribution_matching_loss(
+            x0_gen, uniform_times(native, b, cfg.dmd_t_min, cfg.dmd_t_max).to(x0_gen), native, real,
+            lambda x, t: fake(x, t, cond),
+        )  # fmt: skip
+        t_f = uniform_times(native, b, cfg.dmd_t_min, cfg.dmd_t_max).to(x0_gen)
+        critic = fake_score_loss(x0_gen, t_f, native, lambda x, t: fake(x, t, cond), weighting=cfg.fake_weighting)
+        return dmd, critic
+
+    @torch.no_grad()
+    def after_step(self, step: int) -> None:
+        if self.target_model is not self.model:
+            ema_update(self.target_model, self.model.parameters(), self.cfg.target_ema)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {} if self.target_model is self.model else {"target": self.target_model.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "target" in state:
+            self.target_model.load_state_dict(state["target"])
+
+    @property
+    def is_lora(self) -> bool:
+        return self.cfg.lora_rank > 0
+
+    def plan(self) -> dict[int, SamplingPlan]:
+        from ..export.stock import plans_for
+
+        cfg, native = self.cfg, self.teacher.native
+        plans = plans_for(self.teacher, cfg.plan_steps, cfg.gamma, cfg.plan_times,
+                          lambda n: euler_times(native, n)[:-1])  # fmt: skip
+        gammas = dict(zip(cfg.plan_steps, cfg.plan_gammas, strict=True)) if cfg.plan_gammas else {}
+        return {n: dataclasses.replace(p, gamma=gammas.get(n, p.gamma)) for n, p in plans.items()}

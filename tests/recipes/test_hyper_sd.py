@@ -1,0 +1,238 @@
+"""Hyper-SD's TSCD stage: segment edges, the DDIM jump to an edge, the loss's exact solution, the progressive stage
+schedule with its adversarial stages, the LoRA student, plans, and export / reload on digits and on tiny SD and SD3
+pipelines."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from fewstep.errors import FewstepError
+from fewstep.loading import load_denoiser, load_pipeline
+from fewstep.objectives.consistency import segment_edge, segment_edges, segment_output
+from fewstep.recipes.base import Batch
+from fewstep.recipes.hyper_sd import HyperSD, HyperSDConfig
+from fewstep.training.data import DigitsBatches, null_class_of
+
+FIXED_W = {"w_min": 1.0, "w_max": 1.0}
+TINY_STAGES = {"stage_steps": (2, 2, 2, 2), "lora_rank": 4}
+
+
+def test_segment_edges_are_the_k_step_euler_grid_and_each_time_maps_to_the_edge_below(random_digits: Path) -> None:
+    teacher, _ = load_denoiser(str(random_digits))
+    edges = segment_edges(teacher.native, 4)  # flow, shift 1: 1, 0.75, 0.5, 0.25, 0
+    torch.testing.assert_close(edges, torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0]))
+    t = torch.tensor([1.0, 0.76, 0.75, 0.74, 0.5, 0.26, 0.25, 0.02])
+    expected = torch.tensor([0.75, 0.75, 0.5, 0.5, 0.25, 0.25, 0.0, 0.0])  # an edge opens the segment below it
+    torch.testing.assert_close(segment_edge(t, edges), expected)
+    torch.testing.assert_close(segment_edge(t, segment_edges(teacher.native, 1)), torch.zeros(8))
+
+
+class _PointMass:
+    """The exact denoiser of data that is one image x0*: x0(x_t, t) = x0* for every input (guided alike), so that the
+    probability-flow ODE's trajectories are the straight lines alpha_t x0* + sigma_t eps and DDIM steps are exact."""
+
+    def __init__(self, native: Any, x0: torch.Tensor, scale: float = 1.0):
+        self.native, self.x0, self.scale = native, x0, scale
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: dict[str, Any]) -> torch.Tensor:
+        return self.scale * self.x0.expand_as(x)
+
+    def guided(self, x: torch.Tensor, t: torch.Tensor, cond: Any, uncond: Any, w: Any) -> torch.Tensor:
+        return self.x0.expand_as(x)
+
+
+@pytest.mark.parametrize("k", [8, 4, 2, 1])
+def test_tscd_loss_vanishes_when_student_and_target_are_the_exact_solution(random_digits: Path, k: int) -> None:
+    """On point-mass data the teacher's DDIM step is exact and f(x_t, t -> e) = alpha_e x0* + sigma_e eps for every t
+    of the segment: the student at (x_t, t) and the target at (x_s, s) meet exactly at the edge, including where s is
+    the edge (the boundary branch). A student off the solution (x0 scaled by 0.9) gives a positive loss."""
+    teacher, _ = load_denoiser(str(random_digits))
+    recipe = HyperSD(teacher, HyperSDConfig(**FIXED_W, segments=(k,), stage_steps=(1,), lora_rank=4, adv_weight=0.0))
+    x0 = torch.randn(1, 1, 8, 8).expand(512, 1, 8, 8).contiguous()
+    batch = Batch(x0=x0, cond={"class_labels": torch.zeros(512, dtype=torch.long)}, uncond={})
+    exact = _PointMass(teacher.native, x0[:1])
+    recipe.teacher, recipe.target, recipe.student = exact, exact, exact  # type: ignore[assignment]
+    assert recipe.loss(batch, 0)["student"].item() < 1e-10
+    recipe.student = _PointMass(teacher.native, x0[:1], scale=0.9)  # type: ignore[assignment]
+    assert recipe.loss(batch, 0)["student"].item() > 1e-4
+
+
+def test_jump_to_its_own_time_is_the_identity_and_to_t_min_the_x0_estimate(random_digits: Path) -> None:
+    teacher, _ = load_denoiser(str(random_digits))
+    x, cond = torch.randn(3, 1, 8, 8), {"class_labels": torch.arange(3)}
+    t = torch.tensor([0.9, 0.5, 0.1])
+    torch.testing.assert_close(segment_output(teacher, x, t, t, cond), x, atol=1e-5, rtol=0)
+    torch.testing.assert_close(segment_output(teacher, x, t, torch.zeros(3), cond), teacher(x, t, cond))
+
+
+def test_stages_run_progressively_and_the_adversarial_term_joins_the_last_two(random_digits: Path) -> None:
+    teacher, _ = load_denoiser(str(random_digits))
+    recipe = HyperSD(teacher, HyperSDConfig(**FIXED_W, **TINY_STAGES))
+    assert [recipe.stage(s) for s in range(10)] == [0, 0, 1, 1, 2, 2, 3, 3, 3, 3]  # the last stage runs on
+    batch = DigitsBatches(null_class_of(teacher.model), batch_size=4)(0)
+    keys = [set(recipe.loss(batch, s)) for s in (0, 2, 4, 6)]
+    assert keys == [{"student"}, {"student"}, {"student", "critic"}, {"student", "critic"}]
+    trainable = [n for n, p in recipe.model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable) and recipe.target_model is recipe.model
+    no_adv = HyperSD(teacher, HyperSDConfig(**FIXED_W, **TINY_STAGES, adv_weight=0.0))
+    assert no_adv.disc is None and set(no_adv.loss(batch, 6)) == {"student"}
+
+
+def test_bad_stage_settings_are_one_line_errors(random_digits: Path) -> None:
+    teacher, _ = load_denoiser(str(random_digits))
+    with pytest.raises(FewstepError, match="one stage_steps entry per segments entry"):
+        HyperSD(teacher, HyperSDConfig(segments=(8, 4), stage_steps=(10,)))
+    with pytest.raises(FewstepError, match="non-increasing"):
+        HyperSD(teacher, HyperSDConfig(segments=(2, 4), stage_steps=(1, 1)))
+
+
+def test_plans_are_the_segment_edges_with_tcds_gamma(random_digits: Path) -> None:
+    teacher, _ = load_denoiser(str(random_digits))
+    plans = HyperSD(teacher, HyperSDConfig(**FIXED_W, lora_rank=4)).plan()
+    assert sorted(plans) == [1, 2, 4, 8]
+    assert plans[4].times == pytest.approx((1.0, 0.75, 0.5, 0.25))
+    assert plans[8].times == pytest.approx(tuple(1 - i / 8 for i in range(8)))
+    assert {p.gamma for p in plans.values()} == {0.3}
+
+
+def test_lora_student_folder_loads_as_a_pipeline_with_its_adapter_merged(random_digits: Path, tmp_path: Path) -> None:
+    """The exported LoRA folder names its base; load_pipeline gives the base with the adapter merged (the trained
+    student's outputs) and the student's scheduler, so bench and sample take the folder as they take a pipeline."""
+    from fewstep.distill import run_distill
+    from fewstep.loading import LORA_BASE, resolve_source
+    from fewstep.training.checkpoint import load_checkpoint
+    from fewstep.training.config import merge_into
+
+    run = {"train": {"max_steps": 4, "batch_size": 4, "progress": False}}
+    cfg = merge_into(HyperSDConfig(**FIXED_W, **TINY_STAGES, segments=(2, 1), lr=1e-2), run)
+    cfg = merge_into(cfg, {"stage_steps": [2, 2]})
+    out = run_distill(HyperSD, cfg, teacher=str(random_digits), output=tmp_path / "run", bench=False)
+    assert (out / LORA_BASE).is_file() and resolve_source(str(out)) == str(out)
+    pipe = load_pipeline(str(out))
+    assert type(pipe.scheduler).__name__ == "FewStepScheduler" and pipe.scheduler.config.gamma == 0.3
+    teacher, _ = load_denoiser(str(random_digits))
+    recipe = HyperSD(teacher, cfg)
+    _, state = load_checkpoint(tmp_path / "run" / "checkpoints")
+    recipe.model.load_state_dict(state["ema"]["student"])
+    x, t, labels = torch.randn(2, 1, 8, 8), torch.tensor([500.0, 200.0]), torch.tensor([1, 2])
+    expected = recipe.model(x, timestep=t, class_labels=labels).sample
+    base = load_pipeline(str(random_digits)).transformer(x, timestep=t, class_labels=labels).sample
+    assert not torch.allclose(expected, base)  # the adapter was trained
+    merged = pipe.transformer(x, timestep=t, class_labels=labels).sample
+    torch.testing.assert_close(merged, expected, rtol=1e-4, atol=1e-5)
+    (out / "scheduler" / "scheduler_config.json").unlink()
+    with pytest.raises(FewstepError, match="could not load the LoRA student"):
+        load_pipeline(str(out))
+
+
+@pytest.mark.parametrize("teacher", ["sd_folder", "sd3_folder"])
+def test_every_stage_distills_exports_and_samples_at_1_2_4_and_8_steps(
+    teacher: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    from fewstep.distill import run_distill
+    from fewstep.training.config import merge_into
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\nthe blue square\n")
+    run = {
+        "train": {"max_steps": 4, "batch_size": 2, "progress": False, "checkpoint_every": 2},
+        "data": {"teacher_steps": 2, "teacher_guidance": 2.0, "prompts": str(prompts)},
+        "stage_steps": [1, 1, 1, 1],
+    }
+    cfg = merge_into(HyperSDConfig(lora_rank=4), run)
+    out = run_distill(HyperSD, cfg, teacher=str(request.getfixturevalue(teacher)), output=tmp_path / "run")
+    pipe = load_pipeline(str(out))
+    for steps in (1, 2, 4, 8):
+        images = pipe(prompt=["a red circle"], num_inference_steps=steps, guidance_scale=1.0, output_type="pt").images
+        assert images.shape == (1, 3, 16, 16) and torch.isfinite(images).all()
+
+
+def test_a_missing_reward_model_fails_before_training(random_digits: Path, tmp_path: Path) -> None:
+    teacher, _ = load_denoiser(str(random_digits))
+    with pytest.raises(FewstepError, match="reward model 'nowhere' not found"):
+        HyperSD(teacher, HyperSDConfig(**FIXED_W, **TINY_STAGES, reward="nowhere", reward_steps=1))
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(FewstepError, match="does not load"):
+        HyperSD(teacher, HyperSDConfig(**FIXED_W, **TINY_STAGES, reward=str(tmp_path), reward_steps=1))
+    with pytest.raises(FewstepError, match="needs a reward model"):
+        HyperSD(teacher, HyperSDConfig(**FIXED_W, **TINY_STAGES, reward_steps=1))
+
+
+def test_feedback_stage_follows_tscd_and_its_loss_raises_the_reward(random_digits: Path) -> None:
+    """The feedback stage's loss is the last TSCD loss minus reward_weight times the scorer's reward of late x0
+    estimates: a few Adam steps on it (reward-dominated) raise the reward measured on the same draws."""
+    teacher, _ = load_denoiser(str(random_digits))
+    cfg = HyperSDConfig(
+        **FIXED_W, segments=(1,), stage_steps=(0,), reward="digits", reward_steps=10, reward_weight=10.0,
+        lora_rank=4, adv_weight=0.0,
+    )  # fmt: skip
+    recipe = HyperSD(teacher, cfg)
+    assert [kind for kind, _, _ in recipe.stages] == ["tscd", "reward"] and recipe.stage(0) == 1
+    batch = DigitsBatches(null_class_of(teacher.model), batch_size=16)(0)
+
+    def measured() -> float:
+        torch.manual_seed(0)
+        with torch.no_grad():
+            return float(recipe.late_reward(batch).mean())
+
+    before = measured()
+    opt = torch.optim.Adam([p for p in recipe.model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(5):
+        torch.manual_seed(0)
+        opt.zero_grad()
+        recipe.loss(batch, 0)["student"].backward()
+        opt.step()
+    assert measured() > before + 0.1
+
+
+def test_score_distillation_stage_comes_last_and_its_gradient_vanishes_when_fake_equals_teacher(
+    random_digits: Path,
+) -> None:
+    """DMD's gradient is (x0_fake - x0_real) / normalizer: with the fake score a fresh copy of the teacher and the
+    teacher unguided it is exactly 0; guided (w 3) it is not."""
+    teacher, _ = load_denoiser(str(random_digits))
+    stages = {"segments": (2, 1), "stage_steps": (1, 1), "lora_rank": 4, "adv_weight": 0.0}
+    recipe = HyperSD(teacher, HyperSDConfig(**FIXED_W, **stages, dmd_steps=5))
+    assert [kind for kind, _, _ in recipe.stages] == ["tscd", "tscd", "dmd"]
+    assert set(recipe.trainable()) == {"student", "fake"}
+    batch = DigitsBatches(null_class_of(teacher.model), batch_size=8)(0)
+    out = recipe.loss(batch, 2)
+    assert set(out) == {"student", "fake"} and torch.isfinite(out["fake"])
+    dmd, _ = recipe.dmd_losses(batch)
+    assert dmd.item() == 0.0
+    guided = HyperSD(teacher, HyperSDConfig(w_min=3.0, w_max=3.0, **stages, dmd_steps=5))
+    assert guided.dmd_losses(batch)[0].item() > 0
+
+
+def test_a_gamma_per_step_count_reaches_the_plans_the_exported_scheduler_and_the_card(
+    random_digits: Path, tmp_path: Path
+) -> None:
+    """plan_gammas gives each step count its own gamma: FewStepScheduler's ``gammas`` runs an n-step loop exactly as
+    a scheduler whose one gamma is gammas[n] does, and the model card states each step count's gamma."""
+    from fewstep.distill import run_distill
+    from fewstep.export.pipeline import _RandomModel, fewstep_scheduler, run_loop
+    from fewstep.training.config import merge_into
+
+    teacher, _ = load_denoiser(str(random_digits))
+    cfg = HyperSDConfig(**FIXED_W, **TINY_STAGES, plan_gammas=(1.0, 0.3, 0.5, 0.7))
+    plans = HyperSD(teacher, cfg).plan()
+    assert {n: p.gamma for n, p in plans.items()} == {1: 1.0, 2: 0.3, 4: 0.5, 8: 0.7}
+    mixed = fewstep_scheduler(plans, teacher.prediction)
+    assert mixed.config.gammas == {"2": 0.3, "4": 0.5, "8": 0.7}
+    model, noise = _RandomModel((2, 1, 3, 3)), torch.randn(2, 1, 3, 3)
+    for n, gamma in ((2, 0.3), (4, 0.5), (8, 0.7)):
+        alone = fewstep_scheduler({m: dataclasses.replace(p, gamma=gamma) for m, p in plans.items()}, "flow")
+        torch.testing.assert_close(run_loop(mixed, n, model, noise), run_loop(alone, n, model, noise))
+    assert not torch.allclose(run_loop(mixed, 4, model, noise), run_loop(mixed.__class__.from_config(
+        {**mixed.config, "gammas": None}), 4, model, noise))  # fmt: skip
+    with pytest.raises(FewstepError, match="one plan_gammas entry per plan_steps entry"):
+        HyperSD(teacher, HyperSDConfig(**FIXED_W, **TINY_STAGES, plan_gammas=(1.0,)))
+    run = {"train": {"max_steps": 1, "batch_size": 4, "progress": False}}
+    out = run_distill(HyperSD, merge_into(cfg, run), teacher=str(random_digits), output=tmp_path / "run", bench=False)
+    card = (out / "README.md").read_text()
+    assert "| gamma (TCD's eta) |" in card and "| 1, 0.75, 0.5, 0.25 | 0.5 |" in card  # the 4-step row and its gamma
