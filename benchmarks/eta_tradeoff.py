@@ -7,10 +7,10 @@ TCD's gamma (its eta; ``sampling.renoise``) sets how much of each step's own noi
 1 is fresh noise (LCM's multistep sampler). Hyper-SD's card runs its one LoRA with TCDScheduler and a lower eta for
 more steps; this script measures that choice on the digits world. STUDENT is a student folder whose scheduler is a
 FewStepScheduler (a full pipeline or a LoRA folder, as `fewstep distill` writes them); each gamma replaces the
-scheduler's gamma and keeps its plans. Each point is scored as `fewstep bench` scores (the mean over --seeds noise
-seeds of --num class-balanced samples): FID against the held-out and the train split, and class accuracy. One step
-does not re-noise, so its row is flat by construction. The table is printed and written with the plot to
-OUT/eta_tradeoff.json and OUT/eta_tradeoff.png (OUT: STUDENT/../eta).
+scheduler's gamma at every step count (its per-step ``gammas`` too) and keeps its plans. Each point is scored as
+`fewstep bench` scores (the mean over --seeds noise seeds of --num class-balanced samples): FID against the held-out
+and the train split, and class accuracy. One step does not re-noise, so its row is flat by construction. The table is
+printed and written with the plot to OUT/eta_tradeoff.json and OUT/eta_tradeoff.png (OUT: STUDENT/../eta).
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def measure(
     rows = []
     with tqdm(total=len(gammas) * len(steps) * seeds, desc="eta") as bar:
         for gamma in gammas:
-            pipe.scheduler = FewStepScheduler.from_config({**config, "gamma": gamma})
+            pipe.scheduler = FewStepScheduler.from_config({**config, "gamma": gamma, "gammas": None})
             for n in steps:
                 values: dict[str, list[float]] = {}
                 for seed in range(seeds):

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
 import statistics
@@ -15,6 +14,7 @@ from types import ModuleType
 from typing import Any
 
 import pytest
+from benchmark_scripts import load_benchmark
 
 from fewstep.bench.run import Row
 
@@ -23,12 +23,7 @@ SCRIPT = ROOT / "benchmarks" / "compare_recipes.py"
 
 
 def load_script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("compare_recipes", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("compare_recipes")
 
 
 @pytest.fixture(scope="module")

@@ -3,26 +3,18 @@ on the embedded digits teacher (a few Euler steps, a few samples)."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 from types import ModuleType
 
 import torch
+from benchmark_scripts import load_benchmark
 
 from fewstep.loading import load_denoiser
 from fewstep.sampling import SamplingPlan, euler_sample, euler_times, sample_plan
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "one_step_bound.py"
-
 
 def load_script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("one_step_bound", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("one_step_bound")
 
 
 def test_the_ideal_one_step_student_is_the_teachers_euler_sampler() -> None:
