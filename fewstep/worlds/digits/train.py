@@ -10,12 +10,15 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from diffusers import DiTTransformer2DModel, FlowMatchEulerDiscreteScheduler
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from ...schedules import Flow, append_dims
@@ -133,54 +136,45 @@ def train_teacher(output: Path, cfg: TeacherTrainConfig = TeacherTrainConfig(), 
 
 def train_evaluator(output: Path, cfg: EvaluatorTrainConfig = EvaluatorTrainConfig(), progress: bool = True) -> Path:
     """Train the evaluator classifier on the train split (+-1 px roll augmentation) and save it at ``output``."""
-    torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    data = load_split("train")
-    model = DigitsEvaluator()
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    steps_per_epoch = math.ceil(len(data) / cfg.batch_size)
-    bar = tqdm(range(cfg.epochs), desc="evaluator", disable=not progress)
-    model.train()
-    for _ in bar:
-        perm = torch.randperm(len(data), generator=gen)
-        for i in range(steps_per_epoch):
-            idx = perm[i * cfg.batch_size : (i + 1) * cfg.batch_size]
-            x, y = data.images[idx], data.labels[idx]
-            shift = torch.randint(-1, 2, (2,), generator=gen).tolist()
-            x = torch.roll(x, shifts=shift, dims=(2, 3))
-            loss = F.cross_entropy(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-    model.eval()
-    held_out = load_split("held_out")
-    with torch.no_grad():
-        acc = (model(held_out.images).argmax(1) == held_out.labels).float().mean().item()
-    model.save_pretrained(output)
-    (output / "TRAINING.md").write_text(
-        f"Trained by `fewstep teacher train --what evaluator` with {cfg}; held-out accuracy {acc:.4f}.\n"
-    )
-    return output
+
+    def roll(x: Tensor, gen: torch.Generator) -> Tensor:
+        shift = torch.randint(-1, 2, (2,), generator=gen).tolist()
+        return torch.roll(x, shifts=shift, dims=(2, 3))
+
+    return _train_classifier(DigitsEvaluator, output, cfg, "evaluator", roll, progress)
 
 
 def train_scorer(output: Path, cfg: ScorerTrainConfig = ScorerTrainConfig(), progress: bool = True) -> Path:
     """Train the reward model on the train split (pixel noise augmentation) and save it at ``output``."""
+
+    def noise(x: Tensor, gen: torch.Generator) -> Tensor:
+        std = cfg.noise_max * torch.rand(len(x), 1, 1, 1, generator=gen)
+        return x + std * torch.randn(x.shape, generator=gen)
+
+    return _train_classifier(DigitsScorer, output, cfg, "scorer", noise, progress)
+
+
+def _train_classifier(
+    make: Callable[[], Any], output: Path, cfg: EvaluatorTrainConfig | ScorerTrainConfig, what: str,
+    augment: Callable[[Tensor, torch.Generator], Tensor], progress: bool,
+) -> Path:  # fmt: skip
+    """Train a digits classifier (the evaluator, the scorer: ``make()``, built after seeding) by cross-entropy on the
+    train split, each batch through ``augment``, for ``cfg.epochs`` epochs of Adam; save it at ``output`` with its
+    held-out accuracy in TRAINING.md (``what`` names it for ``fewstep teacher train --what``)."""
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     data = load_split("train")
-    model = DigitsScorer()
+    model = make()
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     steps_per_epoch = math.ceil(len(data) / cfg.batch_size)
-    bar = tqdm(range(cfg.epochs), desc="scorer", disable=not progress)
+    bar = tqdm(range(cfg.epochs), desc=what, disable=not progress)
     model.train()
     for _ in bar:
         perm = torch.randperm(len(data), generator=gen)
         for i in range(steps_per_epoch):
             idx = perm[i * cfg.batch_size : (i + 1) * cfg.batch_size]
             x, y = data.images[idx], data.labels[idx]
-            std = cfg.noise_max * torch.rand(len(idx), 1, 1, 1, generator=gen)
-            loss = F.cross_entropy(model(x + std * torch.randn(x.shape, generator=gen)), y)
+            loss = F.cross_entropy(model(augment(x, gen)), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -191,6 +185,6 @@ def train_scorer(output: Path, cfg: ScorerTrainConfig = ScorerTrainConfig(), pro
         acc = (model(held_out.images).argmax(1) == held_out.labels).float().mean().item()
     model.save_pretrained(output)
     (output / "TRAINING.md").write_text(
-        f"Trained by `fewstep teacher train --what scorer` with {cfg}; held-out accuracy {acc:.4f}.\n"
+        f"Trained by `fewstep teacher train --what {what}` with {cfg}; held-out accuracy {acc:.4f}.\n"
     )
     return output
