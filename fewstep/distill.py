@@ -112,12 +112,15 @@ def teacher_plans(recipe: Recipe, native: Any) -> dict[int, Any]:
 
 def native_plans(recipe: Recipe, native: Any) -> dict[str, Any]:
     """The recipe's plans in the teacher's own time, as training.json records them: {"plans": {n: times}, "gamma"},
-    and "gammas" {n: gamma} where the plans' gammas differ."""
+    "gammas" {n: gamma} where the plans' gammas differ, and "rule" where gamma takes TCD's (``sampling.RULES``)."""
     plans = teacher_plans(recipe, native)
     gamma = next(iter(plans.values())).gamma
     out: dict[str, Any] = {"plans": {str(n): list(p.times) for n, p in plans.items()}, "gamma": gamma}
     if any(p.gamma != gamma for p in plans.values()):
         out["gammas"] = {str(n): p.gamma for n, p in plans.items()}
+    rule = next(iter(plans.values())).rule
+    if rule != "ratio":
+        out["rule"] = rule
     return out
 
 

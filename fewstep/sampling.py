@@ -15,26 +15,44 @@ import torch
 from torch import Tensor
 
 from . import batch_random
-from .schedules import Coeffs, Flow, NoiseSchedule, append_dims, ddim_step, forward_transition, velocity
+from .schedules import VP, Coeffs, Flow, NoiseSchedule, append_dims, ddim_step, forward_transition, velocity
+
+# how a plan's gamma picks the intermediate time s of a re-noising step: "ratio", by its noise-to-signal ratio
+# (``renoise``, the same on every schedule); "tcd", TCDScheduler's own rule on a VP schedule's DDPM timesteps
+# (``tcd_intermediate``), so that a plan exports as stock TCDScheduler run with ``eta`` = gamma
+RULES = ("ratio", "tcd")
 
 
-def renoise(x0: Tensor, x_t: Tensor, c_t: Coeffs, c_next: Coeffs, gamma: float, noise: Tensor | None) -> Tensor:
+def tcd_intermediate(schedule: NoiseSchedule, t_next: float, gamma: float) -> float:
+    """TCD's intermediate timestep s = floor((1 - gamma) t_next) (Zheng et al. 2024, Sec. 4.3), computed as
+    TCDScheduler.step computes it (a float32 product with the integer timestep, then floor), so that s matches it
+    exactly. Only a VP schedule's time is a DDPM timestep."""
+    if not isinstance(schedule, VP):
+        raise ValueError(f"TCD's re-noise rule needs a VP schedule's DDPM timesteps, not {type(schedule).__name__}")
+    return float(torch.floor((1 - gamma) * torch.tensor(round(t_next))))
+
+
+def renoise(
+    x0: Tensor, x_t: Tensor, c_t: Coeffs, c_next: Coeffs, gamma: float, noise: Tensor | None, c_s: Coeffs | None = None
+) -> Tensor:
     """x at the next (lower-noise) time from an x0 estimate at t, with stochasticity gamma in [0, 1].
 
     x_next = alpha_next x0 + sigma_next ((1 - gamma) eps_hat + sqrt(1 - (1 - gamma)^2) z), eps_hat implied by x_t.
     gamma = 0 is DDIM (Song et al., 2021, Eq. 12, eta = 0); gamma = 1 is consistency-model multistep sampling (Song et
     al., 2023, Alg. 1); in between it is TCD's DDIM-to-s then forward-to-next (Zheng et al., 2024, Sec. 4.3) with s
     defined by its noise-to-signal ratio sigma_s / alpha_s = (1 - gamma) sigma_next / alpha_next, so that gamma means
-    the same on every schedule. ``noise`` may be None only for gamma = 0.
+    the same on every schedule. ``c_s`` given: s is that point instead (TCD's own rule, ``tcd_intermediate``).
+    ``noise`` may be None only for gamma = 0.
     """
     if gamma == 0.0:
         return ddim_step(x0, x_t, c_t, c_next)
     if noise is None:
         raise ValueError("renoise with gamma > 0 needs noise")
-    # Both steps are invariant to rescaling x_s, so write s in the frame alpha_s = 1 (exists even for gamma = 1).
-    r_s = (1.0 - gamma) * c_next.sigma / c_next.alpha
-    one = torch.ones_like(r_s)
-    c_s = Coeffs(alpha=one, sigma=r_s, d_alpha=torch.zeros_like(r_s), d_sigma=one)
+    if c_s is None:
+        # Both steps are invariant to rescaling x_s, so write s in the frame alpha_s = 1 (exists even for gamma = 1).
+        r_s = (1.0 - gamma) * c_next.sigma / c_next.alpha
+        one = torch.ones_like(r_s)
+        c_s = Coeffs(alpha=one, sigma=r_s, d_alpha=torch.zeros_like(r_s), d_sigma=one)
     return forward_transition(ddim_step(x0, x_t, c_t, c_s), c_s, c_next, noise)
 
 
@@ -56,17 +74,24 @@ def guidance_at(guidance: float | Tensor, t: float | Tensor, interval: tuple[flo
 
 @dataclass(frozen=True)
 class SamplingPlan:
-    """Where a few-step student is evaluated: descending ``times`` in ``schedule``'s units and the re-noise gamma."""
+    """Where a few-step student is evaluated: descending ``times`` in ``schedule``'s units, the re-noise gamma and
+    its ``rule`` (``RULES``). Under "tcd" the last step also ends as TCDScheduler's does: x0 carried by DDIM to t_min
+    (x at timestep 0, where a VP schedule's sigma is not 0), not x0 itself."""
 
     schedule: NoiseSchedule
     times: tuple[float, ...]
     gamma: float = 1.0
+    rule: str = "ratio"
 
     def __post_init__(self) -> None:
         if not self.times or any(a <= b for a, b in pairwise(self.times)):
             raise ValueError(f"plan times must be non-empty and strictly decreasing, got {self.times}")
         if not 0.0 <= self.gamma <= 1.0:
             raise ValueError(f"gamma must lie in [0, 1], got {self.gamma}")
+        if self.rule not in RULES:
+            raise ValueError(f"rule must be one of {RULES}, got {self.rule!r}")
+        if self.rule == "tcd" and not isinstance(self.schedule, VP):
+            raise ValueError(f"the tcd rule needs a VP schedule, not {type(self.schedule).__name__}")
 
     @property
     def steps(self) -> int:
@@ -78,6 +103,8 @@ def plan_in(plan: SamplingPlan, schedule: NoiseSchedule) -> SamplingPlan:
     rule (defined through noise-to-signal ratios) are unchanged, so sampling gives the same x0 on either schedule."""
     if plan.schedule == schedule:
         return plan
+    if plan.rule == "tcd":
+        raise ValueError("a plan under TCD's rule lives on its VP schedule's DDPM timesteps and cannot move")
     # a time at or past pure noise (SCMScheduler's 1.5708 > pi/2) reads as pure noise
     times_in = torch.tensor(plan.times, dtype=torch.float64).clamp_max(plan.schedule.t_max)
     ratio = plan.schedule.ratio(times_in)
@@ -98,9 +125,15 @@ def initial_noise(schedule: NoiseSchedule, t_max: float, noise: Tensor) -> Tenso
 def sample_plan(
     denoise: Denoise, plan: SamplingPlan, noise: Tensor, generator: torch.Generator | None = None
 ) -> Tensor:
-    """Run ``plan`` from pure noise (B, ...) and return the final x0 estimate."""
+    """Run ``plan`` from pure noise (B, ...) and return the final x0 estimate (under TCD's rule, that x0 carried by
+    DDIM to t_min, as TCDScheduler's last step returns it)."""
     x = plan_state(denoise, plan, noise, plan.steps - 1, generator)
-    return denoise(x, torch.full((x.shape[0],), plan.times[-1], dtype=x.dtype, device=x.device))
+    t_b = torch.full((x.shape[0],), plan.times[-1], dtype=x.dtype, device=x.device)
+    x0 = denoise(x, t_b)
+    if plan.rule != "tcd":
+        return x0
+    c_t = plan.schedule.coeffs(append_dims(t_b, x.ndim))
+    return ddim_step(x0, x, c_t, plan.schedule.coeffs(append_dims(torch.full_like(t_b, plan.schedule.t_min), x.ndim)))
 
 
 def plan_state(
@@ -111,7 +144,7 @@ def plan_state(
     if not 0 <= k < plan.steps:
         raise ValueError(f"step index {k} outside the {plan.steps}-step plan")
     x = initial_noise(plan.schedule, plan.times[0], noise)
-    return advance(denoise, plan.schedule, x, plan.times[: k + 1], plan.gamma, generator)
+    return advance(denoise, plan.schedule, x, plan.times[: k + 1], plan.gamma, generator, plan.rule)
 
 
 def advance(
@@ -121,16 +154,21 @@ def advance(
     times: Sequence[float],
     gamma: float,
     generator: torch.Generator | None = None,
+    rule: str = "ratio",
 ) -> Tensor:
     """x carried from ``times[0]`` to ``times[-1]`` through each time in between: predict x0, then ``renoise`` to the
-    next time (a plan's steps, or part of them from any state)."""
+    next time (a plan's steps, or part of them from any state) under ``rule`` (``RULES``)."""
     for t, t_next in pairwise(times):
         t_b = torch.full((x.shape[0],), t, dtype=x.dtype, device=x.device)
         x0 = denoise(x, t_b)
         c_t = schedule.coeffs(append_dims(t_b, x.ndim))
         c_next = schedule.coeffs(append_dims(torch.full_like(t_b, t_next), x.ndim))
+        c_s = None
+        if rule == "tcd":
+            s = tcd_intermediate(schedule, t_next, gamma)
+            c_s = schedule.coeffs(append_dims(torch.full_like(t_b, s), x.ndim))
         z = None if gamma == 0 else _noise(x, generator)
-        x = renoise(x0, x, c_t, c_next, gamma, z)
+        x = renoise(x0, x, c_t, c_next, gamma, z, c_s)
     return x
 
 

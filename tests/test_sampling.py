@@ -107,3 +107,34 @@ def test_plan_in_another_schedule_gives_the_same_x0(gamma: float) -> None:
     b = sample_plan(exact(Flow()), flow_plan, noise, generator=torch.Generator().manual_seed(1))
     # both starts are prior_std(t0) * noise, which differ exactly by the change-of-variables scale
     torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.3, 1.0])
+def test_tcd_rule_plan_samples_as_tcd_scheduler_does(gamma: float) -> None:
+    """A plan at TCDScheduler's timesteps under TCD's rule is TCDScheduler's sampler (Zheng et al. 2024, Alg. 4):
+    same x0 model, same noise stream, same end, its last step's DDIM to timestep 0 included; fewstep's ratio rule at
+    the same gamma ends elsewhere once gamma is strictly between 0 and 1 (the rules differ there only)."""
+    import diffusers
+
+    from fewstep.export.pipeline import _RandomModel
+
+    schedule, shape = VP(), (2, 1, 3, 3)
+    model = _RandomModel(shape)  # an epsilon predictor
+    tcd = diffusers.TCDScheduler()
+    tcd.set_timesteps(4)
+
+    def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        c = schedule.coeffs(append_dims(t.double(), x.ndim))
+        return ((x.double() - c.sigma * model(x, t).double()) / c.alpha).to(x.dtype)
+
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    x, gen = noise.clone(), torch.Generator().manual_seed(0)
+    for t in tcd.timesteps:
+        x = tcd.step(model(x, t), t, x, eta=gamma, generator=gen, return_dict=False)[0]
+    plan = SamplingPlan(schedule, tuple(float(t) for t in tcd.timesteps), gamma, "tcd")
+    ours = sample_plan(denoise, plan, noise, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(ours, x, atol=1e-5, rtol=1e-5)  # float32 state, as the pipeline holds it
+    ratio = sample_plan(denoise, SamplingPlan(schedule, plan.times, gamma), noise, torch.Generator().manual_seed(0))
+    assert (ratio - x).abs().max() > 1e-3 if 0 < gamma < 1 else True
+    with pytest.raises(ValueError, match="VP"):
+        SamplingPlan(Flow(), (1.0, 0.5), gamma, "tcd")

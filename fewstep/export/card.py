@@ -29,10 +29,11 @@ def usage(
     peft: bool = False,
     slot: str = "transformer",
     video: bool = False,
+    eta: float | None = None,
 ) -> str:
     """A snippet that samples the student as exported (importing fewstep first when a component is fewstep's;
     SanaSprintPipeline takes intermediate_timesteps only for 2 steps; guidance embedded where the pipeline embeds
-    it)."""
+    it; ``eta`` passed where the scheduler takes it at call time, as TCDScheduler does)."""
     lines = ["from diffusers import DiffusionPipeline"]
     if needs_fewstep and not lora:
         lines.append("import fewstep  # noqa: F401  (registers fewstep's components with diffusers)")
@@ -53,6 +54,8 @@ def usage(
     extra = "" if pipeline in ("FluxPipeline", "SanaSprintPipeline") else ", guidance_scale=1.0"
     if pipeline == "SanaSprintPipeline" and steps != 2:
         extra += ", intermediate_timesteps=None"
+    if eta is not None:
+        extra += f", eta={eta:g}"
     out = "frames" if video else "images"
     lines.append(f'{out} = pipe(prompt="a photo of a cat", num_inference_steps={steps}{extra}).{out}')
     return "\n".join(lines)
@@ -92,9 +95,12 @@ def model_card(
             (Path(folder) / "adapter_config.json").is_file(),
             slot,
             video,
+            gammas[steps[-1]] if scheduler == "TCDScheduler" and gammas else None,
         ),
         "```",
     ]
+    if scheduler == "TCDScheduler" and gammas:
+        body += ["", "TCDScheduler takes its eta at call time: pass the table's gamma for the step count as `eta`."]
     if needs_fewstep:
         body += ["", "A component of this folder is fewstep's own (FewStepScheduler or TimestepExperts): `pip install"
                  " fewstep` before loading it."]  # fmt: skip

@@ -24,14 +24,15 @@ def fewstep_scheduler(plans: Mapping[int, SamplingPlan], prediction: str) -> Few
     """A FewStepScheduler holding one plan per step count, all on one schedule; the first plan's gamma is the
     scheduler's, and a plan with another gamma keeps its own in ``gammas``."""
     first = next(iter(plans.values()))
-    if any(p.schedule != first.schedule for p in plans.values()):
-        raise ValueError("all plans of one export must share their schedule")
+    if any(p.schedule != first.schedule or p.rule != first.rule for p in plans.values()):
+        raise ValueError("all plans of one export must share their schedule and re-noise rule")
     return FewStepScheduler(
         schedule=first.schedule.config(),
         prediction_type=prediction,
         plan={str(n): list(p.times) for n, p in plans.items()},
         gamma=first.gamma,
         gammas={str(n): p.gamma for n, p in plans.items() if p.gamma != first.gamma} or None,
+        **({"rule": first.rule} if first.rule != "ratio" else {}),
     )
 
 
@@ -51,11 +52,21 @@ class _RandomModel:
 
 
 def run_loop(
-    scheduler: Any, steps: int, model: _RandomModel, noise: Tensor, seed: int = 0, sampler: StockSampler | None = None
+    scheduler: Any,
+    steps: int,
+    model: _RandomModel,
+    noise: Tensor,
+    seed: int = 0,
+    sampler: StockSampler | None = None,
+    eta: float = 0.0,
 ) -> Tensor:
     """The diffusers sampling loop, as pipelines write it: plain (``set_timesteps(steps)``, a step per timestep), or
     as ``sampler``'s pipeline sets the timesteps (FluxPipeline's sigmas and mu) and, for SanaSprintPipeline, runs
-    them: the final 0 dropped, the scheduler handed sigma_d F, x0 of the last step kept."""
+    them: the final 0 dropped, the scheduler handed sigma_d F, x0 of the last step kept. ``eta`` goes to a ``step``
+    that takes one (TCDScheduler, DDIMScheduler), as StableDiffusionPipeline passes its ``eta`` argument."""
+    import inspect
+
+    extra = {"eta": eta} if "eta" in inspect.signature(scheduler.step).parameters else {}
     if sampler is None:
         scheduler.set_timesteps(steps)
     else:
@@ -69,7 +80,7 @@ def run_loop(
             x, x0 = scheduler.step(sigma_d * model(x, t), t, x, generator=gen, return_dict=False)
         return x0
     for t in scheduler.timesteps:
-        x = scheduler.step(model(x, t), t, x, generator=gen, return_dict=False)[0]
+        x = scheduler.step(model(x, t), t, x, generator=gen, return_dict=False, **extra)[0]
     return x
 
 
@@ -81,7 +92,8 @@ def reproduces(
     sampler: StockSampler | None = None,
 ) -> bool:
     """Whether ``candidate`` (run as ``sampler``'s pipeline runs it, if given) ends every sampling loop where
-    ``reference`` does (same model, same noise).
+    ``reference`` does (same model, same noise), called with ``eta`` = the reference's gamma for that step count
+    where its ``step`` takes an eta (TCDScheduler: the value a user passes for it, as the model card says).
 
     The state is float32, as in pipelines (stock schedulers draw their noise in float32 whatever the state's dtype);
     atol allows for float32 arithmetic and diffusers' float32 alpha tables (ours are float64).
@@ -91,7 +103,8 @@ def reproduces(
     noise = torch.randn(shape, generator=torch.Generator().manual_seed(1), dtype=torch.float32)
     for n in step_counts:
         try:
-            out = run_loop(candidate, n, model, noise, sampler=sampler)
+            eta = reference.gamma_for(n) if isinstance(reference, FewStepScheduler) else 0.0
+            out = run_loop(candidate, n, model, noise, sampler=sampler, eta=eta)
         except (ValueError, IndexError, RuntimeError):  # e.g. SCMScheduler refuses step counts it has no plan for
             return False
         if not torch.allclose(out.double(), run_loop(reference, n, model, noise).double(), atol=atol, rtol=0):
@@ -99,8 +112,8 @@ def reproduces(
     return True
 
 
-def stock_candidates(schedule: NoiseSchedule, prediction: str, gamma: float) -> list[Any]:
-    """Stock diffusers schedulers that could express a plan on this schedule with this re-noise rule."""
+def stock_candidates(schedule: NoiseSchedule, prediction: str, gamma: float, rule: str = "ratio") -> list[Any]:
+    """Stock diffusers schedulers that could express a plan on this schedule with this re-noise gamma and rule."""
     import diffusers
 
     if isinstance(schedule, Flow) and prediction == "flow" and gamma == 0.0:
@@ -112,7 +125,9 @@ def stock_candidates(schedule: NoiseSchedule, prediction: str, gamma: float) -> 
         ddim = dict(clip_sample=False, set_alpha_to_one=True, timestep_spacing="trailing")
         if schedule.snr_shift_scale != 1.0:  # only CogVideoX's schedulers shift the SNR; theirs is DDIM's step
             return [diffusers.CogVideoXDDIMScheduler(**betas, **ddim)] if gamma == 0.0 else []
-        if gamma == 1.0:  # TCD is no candidate: its gamma is a step() argument the plain loop never passes
+        if rule == "tcd":  # its gamma is step()'s eta, which the loop passes (run_loop)
+            return [diffusers.TCDScheduler(**betas)]
+        if gamma == 1.0:
             return [diffusers.LCMScheduler(**betas)]
         if gamma == 0.0:
             return [diffusers.DDIMScheduler(**betas, **ddim)]
@@ -127,13 +142,13 @@ def scheduler_for_plan(plans: Mapping[int, SamplingPlan], prediction: str, stock
     reference = fewstep_scheduler(plans, prediction)
     first = next(iter(plans.values()))
     if stock is not None:
-        sampler = stock.sampler(first.gamma)
+        sampler = stock.sampler(first.gamma, first.rule)
         if sampler is not None and first.schedule == stock.native:
             candidate = sampler.build()
             if reproduces(candidate, reference, plans, sampler=sampler):
                 return candidate
         return reference
-    for candidate in stock_candidates(first.schedule, prediction, first.gamma):
+    for candidate in stock_candidates(first.schedule, prediction, first.gamma, first.rule):
         if reproduces(candidate, reference, plans):
             return candidate
     return reference

@@ -11,6 +11,8 @@ et al., 2023, Alg. 1), x_{i+1} = alpha_{i+1} x0 + sigma_{i+1} z. In between it i
 noise. Here s is the time whose noise-to-signal ratio is sigma_s / alpha_s = (1 - gamma) sigma_{i+1} / alpha_{i+1},
 so gamma means the same thing on every schedule (TCD instead takes s = (1 - gamma) t_{i+1} in DDPM timesteps) and
 gamma = 1 lands exactly on x0 even where sigma(t_min) > 0 (VP). After the last time the step returns x0 itself.
+With ``rule = "tcd"`` (VP only) s is TCD's own and the last step ends as TCDScheduler's does, on x0 carried by DDIM to
+timestep 0 (``sampling.SamplingPlan``), so that the two schedulers sample alike with TCD's ``eta`` = gamma.
 """
 
 from __future__ import annotations
@@ -29,13 +31,14 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor
 
-from fewstep.sampling import euler_times, renoise
+from fewstep.sampling import RULES, euler_times, renoise, tcd_intermediate
 from fewstep.schedules import (
     PREDICTIONS,
     Coeffs,
     Flow,
     NoiseSchedule,
     append_dims,
+    ddim_step,
     diffusers_schedule_config,
     schedule_from_config,
     schedule_from_diffusers_config,
@@ -62,6 +65,7 @@ class FewStepScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]  # di
         gamma: stochasticity in [0, 1] (module docstring): 0 is DDIM, 1 re-noises with fresh noise only.
         gammas: step count (as a string) -> its own gamma, overriding ``gamma`` there (Hyper-SD's card runs its one
             LoRA with TCD's eta chosen per step count).
+        rule: how gamma picks the intermediate time, ``sampling.RULES``: "ratio" (module docstring) or "tcd".
         t_min, t_max: ends of the even grid (default the schedule's); t_max also sets ``init_noise_sigma``.
 
     ``FewStepScheduler.from_config(pipe.scheduler.config)`` also reads a stock diffusers scheduler's config (DDPM
@@ -113,12 +117,15 @@ class FewStepScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]  # di
         t_min: float | None = None,
         t_max: float | None = None,
         use_dynamic_shifting: bool = False,
+        rule: str = "ratio",
     ) -> None:
         if isinstance(schedule, NoiseSchedule):
             schedule = schedule.config()
         self.schedule = schedule_from_config(schedule if schedule is not None else Flow().config())
         if prediction_type not in PREDICTIONS:
             raise ValueError(f"unknown prediction_type {prediction_type!r}; expected one of {PREDICTIONS}")
+        if rule not in RULES or (rule == "tcd" and self.schedule.kind != "vp"):
+            raise ValueError(f"rule must be one of {RULES} ('tcd' on a VP schedule only), got {rule!r}")
         gammas = {str(int(n)): float(g) for n, g in (gammas or {}).items()}
         for g in (gamma, *gammas.values()):
             if not 0.0 <= g <= 1.0:
@@ -326,7 +333,9 @@ class FewStepScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]  # di
         c_t = self._coeffs(self.times[i], x_t)
         x0 = to_x0(model_output.to(dtype), x_t, c_t, self.config["prediction_type"])
         if i + 1 < len(self.times):
-            prev = self._renoise(x0, x_t, c_t, self._coeffs(self.times[i + 1], x_t), generator)
+            prev = self._renoise(x0, x_t, c_t, self.times[i + 1], generator)
+        elif self.config.get("rule", "ratio") == "tcd":  # TCDScheduler's last step: x0 carried to timestep 0
+            prev = ddim_step(x0, x_t, c_t, self._coeffs(torch.tensor(self.schedule.t_min), x_t))
         else:
             prev = x0
         self._step_index = i + 1
@@ -341,14 +350,17 @@ class FewStepScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]  # di
         x0: Tensor,
         x_t: Tensor,
         c_t: Coeffs,
-        c_next: Coeffs,
+        t_next: Tensor,
         generator: torch.Generator | list[torch.Generator] | None,
     ) -> Tensor:
         """x at the next time from (x0, x_t) by ``sampling.renoise`` (module docstring)."""
         gamma = self.gamma_for(self.num_inference_steps)
+        c_s = None
+        if self.config.get("rule", "ratio") == "tcd":
+            c_s = self._coeffs(torch.tensor(tcd_intermediate(self.schedule, float(t_next), gamma)), x_t)
         # gamma = 0 draws no noise, so the generator is left untouched
         z = None if gamma == 0.0 else randn_tensor(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
-        return renoise(x0, x_t, c_t, c_next, gamma, z)
+        return renoise(x0, x_t, c_t, self._coeffs(t_next, x_t), gamma, z, c_s)
 
     def add_noise(self, original_samples: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
         """x_t for model-unit timesteps (B,), as pipelines call it for img2img: alpha(t) x0 + sigma(t) eps."""

@@ -7,7 +7,9 @@ re-noise rule (``sampling.renoise``'s gamma):
 - flow teachers: FlowMatchEulerDiscreteScheduler, gamma = 0 its Euler step (DDIM on a flow), gamma = 1 its
   ``stochastic_sampling`` (x0, then the forward process to the next sigma with fresh noise);
 - VP teachers: LCMScheduler for gamma = 1 (Luo et al. 2023, its multistep sampler), DDIMScheduler with trailing
-  timesteps for gamma = 0 (Lin et al. 2024, Table 2: trailing spacing starts at the last timestep);
+  timesteps for gamma = 0 (Lin et al. 2024, Table 2: trailing spacing starts at the last timestep); under TCD's own
+  re-noise rule (``sampling.RULES``) TCDScheduler for any gamma, passed as its ``eta`` at call time (Zheng et al.
+  2024; Hyper-SD's card runs its LoRAs so);
 - SanaSprintPipeline (TrigFlow): SCMScheduler, gamma = 1 (Lu & Song 2024, its multistep sampler).
 
 Where a scheduler's grid comes from also depends on the pipeline's loop, so the times are read off the stock
@@ -102,9 +104,15 @@ class StockPlans:
         scm_call = (float(top), float(mid)) if top is not None and mid is not None else SCM_CALL
         return cls(type(pipe).__name__, native, prediction, dict(pipe.scheduler.config), scm_call)
 
-    def sampler(self, gamma: float) -> StockSampler | None:
-        """The stock scheduler that re-noises with ``gamma`` on this teacher, or None where there is none."""
+    def sampler(self, gamma: float, rule: str = "ratio") -> StockSampler | None:
+        """The stock scheduler that re-noises with ``gamma`` under ``rule`` on this teacher, or None where there is
+        none."""
         s, pred = self.native, self.prediction
+        if rule == "tcd":
+            if not (isinstance(s, VP) and pred in ("epsilon", "v_prediction", "sample") and s.snr_shift_scale == 1.0):
+                return None
+            betas = dict(diffusers_schedule_config(s), prediction_type=pred, steps_offset=1)
+            return StockSampler(self.pipeline, "TCDScheduler", betas, gamma)
         if self.pipeline == "SanaSprintPipeline":
             if not (isinstance(s, TrigFlow) and pred == "trigflow" and gamma == 1.0):
                 return None
@@ -152,20 +160,28 @@ def shifted_betas(schedule: VP) -> list[float]:
 PLAN_TIMES = ("stock", "recipe")
 
 
-def stock_sampler(teacher: Any, gamma: float, plan_times: str) -> StockSampler | None:
-    """The stock sampler a recipe's plans follow: the teacher pipeline's for ``gamma`` when ``plan_times`` is
-    "stock" and the teacher has one; None means the recipe's own plan."""
+def stock_sampler(teacher: Any, gamma: float, plan_times: str, renoise: str = "ratio") -> StockSampler | None:
+    """The stock sampler a recipe's plans follow: the teacher pipeline's for ``gamma`` under the re-noise rule
+    ``renoise`` when ``plan_times`` is "stock" and the teacher has one; None means the recipe's own plan."""
     if plan_times not in PLAN_TIMES:
         raise FewstepError(f"plan_times must be one of {', '.join(PLAN_TIMES)}, got {plan_times!r}")
     stock = getattr(teacher, "stock", None)
-    return stock.sampler(gamma) if plan_times == "stock" and stock is not None else None
+    return stock.sampler(gamma, renoise) if plan_times == "stock" and stock is not None else None
 
 
 def plans_for(
-    teacher: Any, steps: Sequence[int], gamma: float, plan_times: str, rule: Callable[[int], Sequence[float]]
+    teacher: Any,
+    steps: Sequence[int],
+    gamma: float,
+    plan_times: str,
+    rule: Callable[[int], Sequence[float]],
+    renoise: str = "ratio",
 ) -> dict[int, SamplingPlan]:
     """Each n-step plan on ``teacher.native``: the times its pipeline's stock scheduler visits (``plan_times`` =
-    "stock", where the teacher has a stock sampler for ``gamma``), else the recipe's own ``rule(n)``."""
-    sampler = stock_sampler(teacher, gamma, plan_times)
+    "stock", where the teacher has a stock sampler for ``gamma`` under the re-noise rule ``renoise``), else the
+    recipe's own ``rule(n)``. ``renoise`` = "tcd" applies on VP teachers only; elsewhere the plans keep "ratio"."""
+    native = teacher.native
+    renoise = renoise if isinstance(native, VP) else "ratio"
+    sampler = stock_sampler(teacher, gamma, plan_times, renoise)
     times = sampler.times if sampler is not None else rule
-    return {n: SamplingPlan(teacher.native, tuple(float(t) for t in times(n)), gamma) for n in steps}
+    return {n: SamplingPlan(native, tuple(float(t) for t in times(n)), gamma, renoise) for n in steps}

@@ -17,8 +17,9 @@ a full student. In the stages with k <= ``adv_segments`` (the paper: the last tw
 term joins: hinge heads on frozen teacher features score the student's edge point against the target's, both
 carried further along the forward process to a shared time (``adversarial.ladd_losses`` with ``t_from``).
 
-The final k = 1 stage makes f(x, t -> t_min) an x0 predictor at every t, which TCD's sampler (Zheng et al. 2024; its
-gamma is ``sampling.renoise``'s) runs at any step count: the exported scheduler carries ``gamma``.
+The final k = 1 stage makes f(x, t -> t_min) an x0 predictor at every t, which TCD's sampler (Zheng et al. 2024) runs
+at any step count with its gamma: on VP teachers by TCD's own rule, exported as stock TCDScheduler (eta = gamma per
+step count, in the model card); elsewhere by ``sampling.renoise``'s, exported in FewStepScheduler.
 
 Two optional stages follow, each keeping the last TSCD loss beside its own term so that quality does not drift:
   feedback (Sec. 3.2; ReFL, Xu et al. 2023): - reward_weight r(x0_theta(x_t_j, t_j), c), x_t_j a late state of the
@@ -92,6 +93,10 @@ class HyperSDConfig:
     # one gamma per plan_steps entry, overriding ``gamma`` (Hyper-SD's card picks TCD's eta by step count); () keeps
     # ``gamma`` for all. Exported in FewStepScheduler's ``gammas`` and stated per step count in the model card
     plan_gammas: tuple[float, ...] = ()
+    # how gamma picks TCD's intermediate time (``sampling.RULES``): "tcd", TCDScheduler's own rule, on VP teachers, so
+    # that the plans export as stock TCDScheduler run with eta = gamma, as Hyper-SD's card runs its LoRAs; "ratio",
+    # fewstep's schedule-free rule (flow teachers always take it: no stock scheduler runs TCD on a flow)
+    renoise: Literal["tcd", "ratio"] = "tcd"
     # the human-feedback stage (Sec. 3.2), after the TSCD stages: ReFL (Xu et al. 2023) on the student's one-step x0
     # at late times of its own sampler, the last TSCD stage's loss kept beside it as the regularizer
     reward: str = ""  # the reward model (``objectives.reward.load_reward``); "" or reward_steps 0: no such stage
@@ -283,6 +288,6 @@ class HyperSD(Recipe):
 
         cfg, native = self.cfg, self.teacher.native
         plans = plans_for(self.teacher, cfg.plan_steps, cfg.gamma, cfg.plan_times,
-                          lambda n: euler_times(native, n)[:-1])  # fmt: skip
+                          lambda n: euler_times(native, n)[:-1], cfg.renoise)  # fmt: skip
         gammas = dict(zip(cfg.plan_steps, cfg.plan_gammas, strict=True)) if cfg.plan_gammas else {}
         return {n: dataclasses.replace(p, gamma=gammas.get(n, p.gamma)) for n, p in plans.items()}

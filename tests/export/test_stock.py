@@ -3,6 +3,7 @@ as each pipeline's loop sets them, and the recipes' default plans are those time
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -49,7 +50,9 @@ def test_vp_pipelines_get_lcm_for_fresh_noise_and_trailing_ddim_for_deterministi
     lcm, ddim = stock.sampler(1.0), stock.sampler(0.0)
     assert lcm is not None and lcm.scheduler == "LCMScheduler" and lcm.times(4) == (999.0, 759.0, 499.0, 259.0)
     assert ddim is not None and ddim.scheduler == "DDIMScheduler" and ddim.times(4) == (999.0, 749.0, 499.0, 249.0)
-    assert stock.sampler(0.5) is None  # TCD's gamma is a step() argument the pipelines do not pass
+    assert stock.sampler(0.5) is None  # under fewstep's own re-noise rule no stock VP scheduler takes gamma 0.5
+    tcd = stock.sampler(0.5, "tcd")  # TCD's own rule: TCDScheduler, its gamma passed as eta at call time
+    assert tcd is not None and tcd.scheduler == "TCDScheduler" and tcd.times(4) == (999.0, 759.0, 499.0, 259.0)
 
 
 def test_cogvideox_snr_shift_is_folded_into_betas_the_stock_scheduler_reads() -> None:
@@ -93,6 +96,26 @@ def test_plans_at_stock_times_export_the_stock_scheduler(
     plans = {n: SamplingPlan(native, sampler.times(n), gamma) for n in (1, 2, 4)}
     assert type(scheduler_for_plan(plans, prediction, stock)).__name__ == sampler.scheduler
     moved = {**plans, 2: SamplingPlan(native, (plans[2].times[0], plans[2].times[1] * 0.9), gamma)}
+    assert type(scheduler_for_plan(moved, prediction, stock)).__name__ == "FewStepScheduler"
+
+
+@pytest.mark.parametrize(
+    ("native", "prediction"), [(VP(), "epsilon"), (VP(rescale_betas_zero_snr=True), "v_prediction")]
+)
+def test_tcd_rule_plans_export_stock_tcd_scheduler_with_a_gamma_per_step_count(native: VP, prediction: str) -> None:
+    """Plans at TCDScheduler's times under TCD's rule, each step count with its own gamma (Hyper-SD's card), end where
+    TCDScheduler ends when each loop passes that gamma as eta; the same plans under fewstep's ratio rule do not (so
+    the check tells the rules apart), nor do plans off its times."""
+    stock = StockPlans("StableDiffusionPipeline", native, prediction, {})
+    sampler = stock.sampler(0.3, "tcd")
+    assert sampler is not None
+    gammas = {1: 1.0, 2: 0.3, 4: 0.5, 8: 0.7}
+    plans = {n: SamplingPlan(native, sampler.times(n), g, "tcd") for n, g in gammas.items()}
+    assert type(scheduler_for_plan(plans, prediction, stock)).__name__ == "TCDScheduler"
+    assert type(scheduler_for_plan(plans, prediction)).__name__ == "TCDScheduler"  # the candidates without a stock
+    ratio = {n: dataclasses.replace(p, rule="ratio") for n, p in plans.items()}
+    assert type(scheduler_for_plan(ratio, prediction, stock)).__name__ == "FewStepScheduler"
+    moved = {**plans, 4: SamplingPlan(native, (*plans[4].times[:3], plans[4].times[3] - 20), 0.5, "tcd")}
     assert type(scheduler_for_plan(moved, prediction, stock)).__name__ == "FewStepScheduler"
 
 

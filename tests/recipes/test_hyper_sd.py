@@ -147,8 +147,15 @@ def test_every_stage_distills_exports_and_samples_at_1_2_4_and_8_steps(
     cfg = merge_into(HyperSDConfig(lora_rank=4), run)
     out = run_distill(HyperSD, cfg, teacher=str(request.getfixturevalue(teacher)), output=tmp_path / "run")
     pipe = load_pipeline(str(out))
+    # on the VP teacher the plans take TCD's own rule and export stock TCDScheduler, run with the card's eta
+    tcd = teacher == "sd_folder"
+    assert type(pipe.scheduler).__name__ == ("TCDScheduler" if tcd else "FewStepScheduler")
+    assert ("eta=0.3" in (out / "README.md").read_text()) == tcd
     for steps in (1, 2, 4, 8):
-        images = pipe(prompt=["a red circle"], num_inference_steps=steps, guidance_scale=1.0, output_type="pt").images
+        eta = {"eta": 0.3} if tcd else {}
+        images = pipe(
+            prompt=["a red circle"], num_inference_steps=steps, guidance_scale=1.0, output_type="pt", **eta
+        ).images
         assert images.shape == (1, 3, 16, 16) and torch.isfinite(images).all()
 
 
