@@ -130,25 +130,36 @@ def test_lora_student_folder_loads_as_a_pipeline_with_its_adapter_merged(random_
         load_pipeline(str(out))
 
 
-@pytest.mark.parametrize("teacher", ["sd_folder", "sd3_folder"])
+@pytest.mark.parametrize("teacher", ["sd_folder", "sd3_folder", "sdxl"])
 def test_every_stage_distills_exports_and_samples_at_1_2_4_and_8_steps(
     teacher: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
+    """k = 8, 4, 2, 1 (the adversarial term in the last two, at PCM's weight) and the one-step score-distillation
+    stage, one step each, on tiny SD, SD3 and SDXL teachers; the LoRA folder reloads and samples at 1, 2, 4, 8."""
+    from families import FAMILIES
+
     from fewstep.distill import run_distill
     from fewstep.training.config import merge_into
 
+    if teacher == "sdxl":
+        source = tmp_path / "sdxl"
+        FAMILIES["sdxl"]().save_pretrained(source)
+    else:
+        source = request.getfixturevalue(teacher)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\nthe blue square\n")
     run = {
-        "train": {"max_steps": 4, "batch_size": 2, "progress": False, "checkpoint_every": 2},
+        "train": {"max_steps": 5, "batch_size": 2, "progress": False, "checkpoint_every": 2},
         "data": {"teacher_steps": 2, "teacher_guidance": 2.0, "prompts": str(prompts)},
         "stage_steps": [1, 1, 1, 1],
+        "dmd_steps": 1,
+        "fake_lora_rank": 4,
     }
     cfg = merge_into(HyperSDConfig(lora_rank=4), run)
-    out = run_distill(HyperSD, cfg, teacher=str(request.getfixturevalue(teacher)), output=tmp_path / "run")
+    out = run_distill(HyperSD, cfg, teacher=str(source), output=tmp_path / "run")
     pipe = load_pipeline(str(out))
-    # on the VP teacher the plans take TCD's own rule and export stock TCDScheduler, run with the card's eta
-    tcd = teacher == "sd_folder"
+    # on the VP teachers the plans take TCD's own rule and export stock TCDScheduler, run with the card's eta
+    tcd = teacher in ("sd_folder", "sdxl")
     assert type(pipe.scheduler).__name__ == ("TCDScheduler" if tcd else "FewStepScheduler")
     assert ("eta=0.3" in (out / "README.md").read_text()) == tcd
     for steps in (1, 2, 4, 8):
@@ -157,6 +168,25 @@ def test_every_stage_distills_exports_and_samples_at_1_2_4_and_8_steps(
             prompt=["a red circle"], num_inference_steps=steps, guidance_scale=1.0, output_type="pt", **eta
         ).images
         assert images.shape == (1, 3, 16, 16) and torch.isfinite(images).all()
+    if tcd:  # plain diffusers: base pipeline, load_lora_weights, the folder's TCDScheduler, eta from the card's table
+        import json
+
+        from diffusers import DiffusionPipeline, TCDScheduler
+
+        from fewstep.export.scheduling_fewstep import FewStepScheduler
+
+        training = json.loads((out.parent / "training.json").read_text())
+        plain = DiffusionPipeline.from_pretrained(source)
+        plain.load_lora_weights(out)
+        plain.set_progress_bar_config(disable=True)
+        for steps in (2, 4):
+            kwargs = {"prompt": ["a red circle"], "num_inference_steps": steps, "guidance_scale": 1.0}
+            plain.scheduler = TCDScheduler.from_pretrained(out, subfolder="scheduler")
+            stock = plain(**kwargs, eta=0.3, generator=torch.Generator().manual_seed(0), output_type="latent")[0]
+            plan = {str(steps): training["plans"][str(steps)]}
+            plain.scheduler = FewStepScheduler.from_config(plain.scheduler.config, rule="tcd", gamma=0.3, plan=plan)
+            ours = plain(**kwargs, generator=torch.Generator().manual_seed(0), output_type="latent")[0]
+            torch.testing.assert_close(stock, ours, rtol=1e-5, atol=1e-5)
 
 
 def test_a_missing_reward_model_fails_before_training(random_digits: Path, tmp_path: Path) -> None:
