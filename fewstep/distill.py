@@ -43,22 +43,26 @@ def training_data(pipe: Any, teacher: Denoiser, source: str, cfg: Any, cache_dir
 
 def prepare_teacher(pipe: Any, denoiser: Denoiser, cfg: Any) -> Denoiser:
     """The teacher as recipes see it: checked for every component its family needs (one line naming a missing one,
-    before any work), at the time shift it samples with at the training size (FLUX.1-dev's dynamic shifting), and
-    carrying its pipeline's stock samplers (``export.stock``), which set the recipes' default plans."""
+    before any work), at the time shift it samples with at the training size (FLUX.1-dev's dynamic shifting),
+    carrying its pipeline's stock samplers (``export.stock``), which set the recipes' default plans, and its VAE's
+    decoder for rewards on images (``training.families.image_decoder``)."""
     from .export.stock import StockPlans
     from .worlds.digits.pipeline import DigitsPipeline
     from .worlds.video.pipeline import VideoDigitsPipeline
 
-    native = denoiser.native
+    native, decode = denoiser.native, None
     if not isinstance(pipe, DigitsPipeline | VideoDigitsPipeline):
         from .training.data import teacher_geometry
-        from .training.families import check_components, dynamic_shift_schedule
+        from .training.families import check_components, dynamic_shift_schedule, image_decoder
 
         check_components(pipe)
         _, _, shape = teacher_geometry(pipe, cfg.data)
         native = dynamic_shift_schedule(pipe, denoiser.native, shape)
+        decode = image_decoder(pipe)
     stock = StockPlans.of(pipe, native, denoiser.prediction)
-    return Denoiser(denoiser.model, native, denoiser.prediction, backbone=denoiser.backbone, stock=stock)
+    return Denoiser(
+        denoiser.model, native, denoiser.prediction, backbone=denoiser.backbone, stock=stock, decode=decode
+    )
 
 
 def check_exportable(recipe: Recipe, pipe: Any, teacher: Denoiser) -> None:

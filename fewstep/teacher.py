@@ -212,6 +212,7 @@ class Denoiser(nn.Module):
         schedule: NoiseSchedule | None = None,
         backbone: Backbone | None = None,
         stock: Any = None,
+        decode: Any = None,
     ):
         super().__init__()
         self.model = model
@@ -222,6 +223,9 @@ class Denoiser(nn.Module):
         # the stock diffusers samplers of the teacher's pipeline (``export.stock.StockPlans``), which set the recipes'
         # default plans; None for a network without a pipeline
         self.stock = stock
+        # x0 latents -> images in [0, 1] through the pipeline's VAE (``training.families.image_decoder``), for rewards
+        # on decoded images; None where x0 are the pixels themselves (digits) or clips
+        self.decode = decode
 
     @classmethod
     def from_pipeline(cls, pipe: Any) -> Denoiser:
@@ -240,7 +244,7 @@ class Denoiser(nn.Module):
 
     def with_model(self, model: nn.Module) -> Denoiser:
         """Another network of the same kind (a student, a fake score, a target copy) answering as this one does."""
-        return Denoiser(model, self.native, self.prediction, self.schedule, self.backbone, self.stock)
+        return Denoiser(model, self.native, self.prediction, self.schedule, self.backbone, self.stock, self.decode)
 
     def model_output(self, x: Tensor, t_native: Tensor, cond: Cond) -> Tensor:
         """The raw network output at native time ``t_native`` (B,), in the model's own prediction type."""

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from fewstep.distill import run_distill
 from fewstep.recipes.dcm import DCM, DCMConfig
+from fewstep.recipes.hyper_sd import HyperSD, HyperSDConfig
 from fewstep.recipes.lcm import LCM, LCMConfig
 from fewstep.recipes.mcm import MCM, MCMConfig
 from fewstep.recipes.phased_dmd import PhasedDMD, PhasedDMDConfig
@@ -33,6 +34,12 @@ SIZES = {**CALL_KWARGS, "sd": {"height": 16, "width": 16}, "sd3": {"height": 16,
 # backbones with a slot for LCM's w ~ U[w_min, w_max]: a guidance embedding, or a UNet that gets one
 EMBEDS_W = {"flux_dev", "sana_sprint", "sd"}
 
+# Hyper-SD's sampler per family, as its cards run it: TCDScheduler at eta 0.3 on DDPM teachers (TCD's own rule, the
+# default), FlowMatchEulerDiscreteScheduler (gamma 0) on flow teachers (its SD3 and FLUX LoRAs), SCMScheduler (gamma 1)
+# on SANA-Sprint, whose loop runs nothing else
+FLOW = frozenset({"sd3", "sana", "flux_dev", "flux_schnell", "wan"})
+HYPER_GAMMA = {**dict.fromkeys(FLOW, 0.0), "sana_sprint": 1.0}
+
 # recipe name -> (class, tiny config for a family)
 RECIPES: dict[str, tuple[type, Any]] = {
     "lcm": (LCM, lambda family: LCMConfig() if family in EMBEDS_W else LCMConfig(w_min=2.0, w_max=2.0)),
@@ -46,6 +53,11 @@ RECIPES: dict[str, tuple[type, Any]] = {
     # DCM at the stock scheduler's times, so WanPipeline's own loop runs the export (its default split plan needs
     # FewStepScheduler)
     "dcm": (DCM, lambda family: DCMConfig(semantic_steps=1, lora_rank=4, lora_alpha=8, plan_times="stock")),
+    # Hyper-SD full fine-tuned (its LoRA export is test_hyper_sd's), k = 8 then 4
+    "hyper_sd": (
+        HyperSD,
+        lambda family: HyperSDConfig(lora_rank=0, stage_steps=(1, 1, 1, 1), gamma=HYPER_GAMMA.get(family, 0.3)),
+    ),
 }
 # recipes for some families only, refused elsewhere by design: MCM distils video teachers, DCM flow-matching video
 # teachers (CogVideoX, ModelScope and AnimateDiff are DDPM)
@@ -104,6 +116,8 @@ def sample(pipe: Any, family: str, steps: int) -> Tensor:
         kwargs["guidance_scale"] = 1.0  # few-step students sample without CFG
     if family == "sana_sprint" and steps != 2:  # its __call__ refuses intermediate_timesteps at other step counts
         kwargs["intermediate_timesteps"] = None
+    if type(pipe.scheduler).__name__ == "TCDScheduler":
+        kwargs["eta"] = 0.3  # the card's eta
     out = pipe(prompt=PROMPTS[:2], num_inference_steps=steps, output_type="pt", **kwargs)
     return out.frames if family in VIDEO else out.images
 
@@ -215,8 +229,13 @@ torch.save(results, sys.argv[2])
 """
 
 
-def call_kwargs(family: str, steps: int) -> dict[str, Any]:
+def call_kwargs(family: str, steps: int, folder: Path | None = None) -> dict[str, Any]:
+    """The pipeline's keyword arguments for a tiny call; with an exported ``folder`` whose scheduler is TCDScheduler,
+    its ``eta``: the plan's gamma for that step count (training.json), as the model card tells users."""
     kwargs = {k: v for k, v in SIZES[family].items() if k != "complex_human_instruction"}
+    if folder is not None and '"TCDScheduler"' in (folder / "scheduler" / "scheduler_config.json").read_text():
+        training = json.loads((folder.parent / "training.json").read_text())
+        kwargs["eta"] = float(training.get("gammas", {}).get(str(steps), training["gamma"]))
     if family not in EMBEDS_W and family != "flux_schnell":
         kwargs["guidance_scale"] = 1.0
     if family == "sana_sprint" and steps != 2:
@@ -247,7 +266,8 @@ def fewstep_sampling(folder: Path, family: str, steps: int, seed: int) -> Tensor
     pipe = DiffusionPipeline.from_pretrained(folder)
     pipe.set_progress_bar_config(disable=True)
     native, prediction = schedule_from_diffusers_config(pipe.scheduler)
-    plan = SamplingPlan(native, tuple(training["plans"][str(steps)]), training["gamma"])
+    gamma = float(training.get("gammas", {}).get(str(steps), training["gamma"]))
+    plan = SamplingPlan(native, tuple(training["plans"][str(steps)]), gamma, training.get("rule", "ratio"))
     gen = torch.Generator().manual_seed(seed)
     if family == "sana_sprint":
         kw = SIZES[family]
@@ -261,8 +281,9 @@ def fewstep_sampling(folder: Path, family: str, steps: int, seed: int) -> Tensor
         x0 = sample_plan(lambda x, t: denoiser(x, t, cond), plan, noise, generator=gen)
         return x0 / pipe.scheduler.config.sigma_data  # the pipeline returns latents in units of sigma_data
     pipe.scheduler = FewStepScheduler(
-        schedule=native.config(), prediction_type=prediction, plan={str(steps): list(plan.times)}, gamma=plan.gamma
-    )
+        schedule=native.config(), prediction_type=prediction, plan={str(steps): list(plan.times)}, gamma=plan.gamma,
+        rule=plan.rule,
+    )  # fmt: skip
     torch.manual_seed(seed)
     return pipe(prompt=PROMPTS[:2], num_inference_steps=steps, generator=gen, output_type="latent",
                 **call_kwargs(family, steps))[0]  # fmt: skip
@@ -281,7 +302,7 @@ def test_exports_sample_in_plain_diffusers_without_fewstep(distilled: Any, tmp_p
         if needs_fewstep(folder):
             need.add(recipe)
             continue
-        calls = [(n, call_kwargs(family, n)) for n in sorted(cfg.plan_steps)]
+        calls = [(n, call_kwargs(family, n, folder)) for n in sorted(cfg.plan_steps)]
         jobs.append({"key": f"{recipe}/{family}", "folder": str(folder), "prompts": PROMPTS[:2], "seed": 7,
                      "calls": calls, "family": family})  # fmt: skip
     (tmp_path / "jobs.json").write_text(json.dumps(jobs))

@@ -89,6 +89,7 @@ def reproduces(
     reference: Any,
     step_counts: Iterable[int],
     atol: float = 1e-4,
+    rtol: float = 1e-6,
     sampler: StockSampler | None = None,
 ) -> bool:
     """Whether ``candidate`` (run as ``sampler``'s pipeline runs it, if given) ends every sampling loop where
@@ -96,7 +97,8 @@ def reproduces(
     where its ``step`` takes an eta (TCDScheduler: the value a user passes for it, as the model card says).
 
     The state is float32, as in pipelines (stock schedulers draw their noise in float32 whatever the state's dtype);
-    atol allows for float32 arithmetic and diffusers' float32 alpha tables (ours are float64).
+    atol allows for float32 arithmetic and diffusers' float32 alpha tables (ours are float64), rtol for a few float32
+    roundings of large states (an epsilon model's x0 at t = 999 on PixArt's linear betas reaches hundreds).
     """
     shape = (2, 1, 3, 3)
     model = _RandomModel(shape)
@@ -107,7 +109,7 @@ def reproduces(
             out = run_loop(candidate, n, model, noise, sampler=sampler, eta=eta)
         except (ValueError, IndexError, RuntimeError):  # e.g. SCMScheduler refuses step counts it has no plan for
             return False
-        if not torch.allclose(out.double(), run_loop(reference, n, model, noise).double(), atol=atol, rtol=0):
+        if not torch.allclose(out.double(), run_loop(reference, n, model, noise).double(), atol=atol, rtol=rtol):
             return False
     return True
 

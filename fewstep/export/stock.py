@@ -109,10 +109,9 @@ class StockPlans:
         none."""
         s, pred = self.native, self.prediction
         if rule == "tcd":
-            if not (isinstance(s, VP) and pred in ("epsilon", "v_prediction", "sample") and s.snr_shift_scale == 1.0):
+            if not (isinstance(s, VP) and pred in ("epsilon", "v_prediction", "sample")):
                 return None
-            betas = dict(diffusers_schedule_config(s), prediction_type=pred, steps_offset=1)
-            return StockSampler(self.pipeline, "TCDScheduler", betas, gamma)
+            return StockSampler(self.pipeline, "TCDScheduler", self._betas(s), gamma)
         if self.pipeline == "SanaSprintPipeline":
             if not (isinstance(s, TrigFlow) and pred == "trigflow" and gamma == 1.0):
                 return None
@@ -136,12 +135,17 @@ class StockPlans:
         loop = "uniform_sigmas" if self.pipeline in UNIFORM_SIGMAS else "steps"
         return StockSampler(self.pipeline, "FlowMatchEulerDiscreteScheduler", config, gamma, loop, mu)
 
-    def _vp(self, s: VP, gamma: float) -> StockSampler:
-        # steps_offset 1: StableDiffusionPipeline rewrites any other value (neither trailing DDIM nor LCM reads it)
+    def _betas(self, s: VP) -> dict[str, Any]:
+        """The config keys that give a stock VP scheduler this schedule's alphas_cumprod, and the prediction type."""
+        # steps_offset 1: StableDiffusionPipeline rewrites any other value (trailing DDIM, LCM and TCD don't read it)
         betas = dict(diffusers_schedule_config(s), prediction_type=self.prediction, steps_offset=1)
         if "snr_shift_scale" in betas:  # only CogVideoX's schedulers shift the SNR: fold the shift into the betas
             del betas["snr_shift_scale"]
             betas.update(trained_betas=shifted_betas(s), beta_schedule="linear")
+        return betas
+
+    def _vp(self, s: VP, gamma: float) -> StockSampler:
+        betas = self._betas(s)
         if gamma == 1.0:
             return StockSampler(self.pipeline, "LCMScheduler", betas, gamma)
         ddim = dict(clip_sample=False, set_alpha_to_one=True, timestep_spacing="trailing")

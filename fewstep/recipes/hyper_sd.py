@@ -99,7 +99,11 @@ class HyperSDConfig:
     renoise: Literal["tcd", "ratio"] = "tcd"
     # the human-feedback stage (Sec. 3.2), after the TSCD stages: ReFL (Xu et al. 2023) on the student's one-step x0
     # at late times of its own sampler, the last TSCD stage's loss kept beside it as the regularizer
-    reward: str = ""  # the reward model (``objectives.reward.load_reward``); "" or reward_steps 0: no such stage
+    # the reward model (``objectives.reward.load_reward``): "digits", a scorer folder, or "aesthetic:HEAD" (a
+    # LAION-style aesthetic head on CLIP image embeddings of the decoded x0, Hyper-SD's text-to-image reward); "" or
+    # reward_steps 0: no such stage
+    reward: str = ""
+    reward_clip: str = ""  # the open_clip ARCH:CHECKPOINT an aesthetic head reads (local weights)
     reward_steps: int = 0
     reward_weight: float = 0.1
     reward_plan_steps: int = 8  # the student's plan whose late states feed the reward (ReFL's denoising to step t)
@@ -158,10 +162,13 @@ class HyperSD(Recipe):
         self.stages = [("tscd", k, n) for k, n in zip(cfg.segments, cfg.stage_steps, strict=True)]
         self.reward: RewardModel | None = None
         if cfg.reward and cfg.reward_steps > 0:
-            self.reward = load_reward(cfg.reward)  # a missing reward model fails here, before any training
+            # a missing reward model fails here, before any training
+            self.reward = load_reward(cfg.reward, cfg.reward_clip, teacher.decode)
             self.stages.append(("reward", last, cfg.reward_steps))
         elif cfg.reward_steps > 0:
-            raise FewstepError("hyper_sd: reward_steps > 0 needs a reward model (reward = 'digits' or a folder)")
+            raise FewstepError(
+                "hyper_sd: reward_steps > 0 needs a reward model (reward = 'digits', a folder or 'aesthetic:HEAD')"
+            )
         self.fake: Denoiser | None = None
         self.fake_nets: nn.Module | None = None
         if cfg.dmd_steps > 0:

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from ..errors import FewstepError
 from ..schedules import Flow, NoiseSchedule
-from ..teacher import backbone_of
+from ..teacher import VIDEO_BACKBONES, backbone_of
 
 Cond = dict[str, Tensor]
 Encoded = tuple[Cond, Cond]  # (cond, one row per prompt; uncond, one row)
@@ -330,3 +330,22 @@ def dynamic_shift_schedule(pipe: Any, native: NoiseSchedule, shape: tuple[int, .
     )  # fmt: skip
     shift = math.exp(mu) if config.get("time_shift_type", "exponential") == "exponential" else mu
     return Flow(shift=shift, num_train_timesteps=native.num_train_timesteps)
+
+
+def image_decoder(pipe: Any) -> Callable[[Tensor], Tensor] | None:
+    """x0 latents (B, C, h, w), as the Denoiser holds them, -> images (B, 3, H, W) in [0, 1] through the pipeline's
+    frozen VAE, differentiable in x0 (a reward on decoded images, ReFL-style): z / scaling_factor + shift_factor, as
+    the pipelines decode (SD, SDXL and PixArt have no shift; SD3 and Flux do; Sana's DC-AE has its own scaling).
+    None for video teachers (their clips decode frame by frame through a temporal VAE) and pipelines without a VAE."""
+    vae = getattr(pipe, "vae", None)
+    scaling = getattr(getattr(vae, "config", None), "scaling_factor", None)
+    if vae is None or scaling is None or type(backbone_of(pipe)).__name__ in VIDEO_BACKBONES:
+        return None
+    vae.requires_grad_(False).eval()
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+
+    def decode(x0: Tensor) -> Tensor:
+        z = (x0 / scaling + shift).to(vae.dtype)
+        return ((vae.decode(z).sample.float() + 1) / 2).clamp(0, 1)
+
+    return decode

@@ -132,10 +132,11 @@ def test_lora_student_folder_loads_as_a_pipeline_with_its_adapter_merged(random_
 
 @pytest.mark.parametrize("teacher", ["sd_folder", "sd3_folder", "sdxl"])
 def test_every_stage_distills_exports_and_samples_at_1_2_4_and_8_steps(
-    teacher: str, tmp_path: Path, request: pytest.FixtureRequest
+    teacher: str, tmp_path: Path, request: pytest.FixtureRequest, tiny_clip_spec: str
 ) -> None:
-    """k = 8, 4, 2, 1 (the adversarial term in the last two, at PCM's weight) and the one-step score-distillation
-    stage, one step each, on tiny SD, SD3 and SDXL teachers; the LoRA folder reloads and samples at 1, 2, 4, 8."""
+    """k = 8, 4, 2, 1 (the adversarial term in the last two, at PCM's weight), the feedback stage with an aesthetic
+    head on CLIP embeddings of the VAE-decoded x0, and the one-step score-distillation stage, one step each, on tiny
+    SD, SD3 and SDXL teachers; the LoRA folder reloads and samples at 1, 2, 4, 8."""
     from families import FAMILIES
 
     from fewstep.distill import run_distill
@@ -148,12 +149,18 @@ def test_every_stage_distills_exports_and_samples_at_1_2_4_and_8_steps(
         source = request.getfixturevalue(teacher)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\nthe blue square\n")
+    head = tmp_path / "aesthetic.pt"  # a linear head on the tiny CLIP's 16-d embeddings
+    torch.save({"weight": torch.randn(1, 16), "bias": torch.zeros(1)}, head)
     run = {
-        "train": {"max_steps": 5, "batch_size": 2, "progress": False, "checkpoint_every": 2},
+        "train": {"max_steps": 6, "batch_size": 2, "progress": False, "checkpoint_every": 2},
         "data": {"teacher_steps": 2, "teacher_guidance": 2.0, "prompts": str(prompts)},
         "stage_steps": [1, 1, 1, 1],
         "dmd_steps": 1,
         "fake_lora_rank": 4,
+        "reward": f"aesthetic:{head}",
+        "reward_clip": tiny_clip_spec,
+        "reward_steps": 1,
+        "reward_plan_steps": 2,
     }
     cfg = merge_into(HyperSDConfig(lora_rank=4), run)
     out = run_distill(HyperSD, cfg, teacher=str(source), output=tmp_path / "run")
