@@ -18,6 +18,10 @@ def _yaml_list(name: str, items: Sequence[str]) -> list[str]:
     return [f"{name}:", *(f"- {json.dumps(item)}" for item in items)]
 
 
+# the embedded worlds' pipelines (fewstep's own classes, conditioned on classes, not prompts)
+EMBEDDED_PIPELINES = ("DigitsPipeline", "VideoDigitsPipeline")
+
+
 def usage(
     folder: str,
     teacher: str,
@@ -34,6 +38,15 @@ def usage(
     """A snippet that samples the student as exported (importing fewstep first when a component is fewstep's;
     SanaSprintPipeline takes intermediate_timesteps only for 2 steps; guidance embedded where the pipeline embeds
     it; ``eta`` passed where the scheduler takes it at call time, as TCDScheduler does)."""
+    if pipeline in EMBEDDED_PIPELINES:  # fewstep's own worlds: class-conditional, loaded by fewstep
+        out = "frames" if video else "images"
+        return "\n".join([
+            "from fewstep.loading import load_pipeline",
+            "",
+            f"pipe = load_pipeline({json.dumps(folder)})  # the student{' (base, adapter merged)' if lora else ''}"
+            " and its scheduler",
+            f"{out} = pipe(class_labels=[0, 1, 2, 3], num_inference_steps={steps}).{out}",
+        ])  # fmt: skip
     lines = ["from diffusers import DiffusionPipeline"]
     if needs_fewstep and not lora:
         lines.append("import fewstep  # noqa: F401  (registers fewstep's components with diffusers)")

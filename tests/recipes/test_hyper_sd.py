@@ -125,6 +125,12 @@ def test_lora_student_folder_loads_as_a_pipeline_with_its_adapter_merged(random_
     assert not torch.allclose(expected, base)  # the adapter was trained
     merged = pipe.transformer(x, timestep=t, class_labels=labels).sample
     torch.testing.assert_close(merged, expected, rtol=1e-4, atol=1e-5)
+    # the model card's snippet, as a user pastes it: fewstep loads the digits world's classes, not prompts
+    card = (out / "README.md").read_text()
+    snippet = card.split("```python\n")[1].split("```")[0]
+    namespace: dict[str, Any] = {}
+    exec(compile(snippet, "model-card", "exec"), namespace)
+    assert namespace["images"].shape == (4, 1, 8, 8) and torch.isfinite(namespace["images"]).all()
     (out / "scheduler" / "scheduler_config.json").unlink()
     with pytest.raises(FewstepError, match="could not load the LoRA student"):
         load_pipeline(str(out))
