@@ -322,8 +322,11 @@ def test_exports_sample_in_plain_diffusers_without_fewstep(distilled: Any, tmp_p
                 fewstep_sampling(Path(job["folder"]), job["family"], steps, job["seed"]),
                 f"{job['key']}/{steps}",
             )
-            # fp32: eps-prediction latents at t = 999 reach hundreds (x0 = (x - sigma eps) / alpha), hence rtol too
-            torch.testing.assert_close(stock[key], ours, rtol=1e-5, atol=1e-5, msg=key)
+            # fp32: eps-prediction latents at t = 999 reach hundreds (x0 = (x - sigma eps) / alpha), hence rtol too,
+            # and an atol of 1e-6 of the largest value: TCD's re-noised steps carry that x0's float32 rounding into
+            # every element (PixArt, 8 steps: 2e-4 apart where the largest is 670)
+            atol = max(1e-5, 1e-6 * float(ours.abs().max()))
+            torch.testing.assert_close(stock[key], ours, rtol=1e-5, atol=atol, msg=key)
     assert need == {"phased_dmd"}  # its backbone switches experts by time (TimestepExperts): README says so
 
 

@@ -48,7 +48,8 @@ from fewstep.schedules import (
 
 @dataclass
 class FewStepSchedulerOutput(BaseOutput):
-    """prev_sample: x at the next time (x0 after the last step); pred_original_sample: x0. Both shaped like x_t."""
+    """prev_sample: x at the next time (x0 after the last step); pred_original_sample: x0 (after the last step under
+    TCD's rule, the final sample, as TCDScheduler's pred_noised_sample). Both shaped like x_t."""
 
     prev_sample: Tensor
     pred_original_sample: Tensor | None = None
@@ -336,6 +337,9 @@ class FewStepScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]  # di
             prev = self._renoise(x0, x_t, c_t, self.times[i + 1], generator)
         elif self.config.get("rule", "ratio") == "tcd":  # TCDScheduler's last step: x0 carried to timestep 0
             prev = ddim_step(x0, x_t, c_t, self._coeffs(torch.tensor(self.schedule.t_min), x_t))
+            # the plan's final sample in both outputs, as TCDScheduler's pred_noised_sample is there (PixArt's
+            # one-step loop returns the second)
+            x0 = prev
         else:
             prev = x0
         self._step_index = i + 1

@@ -468,3 +468,19 @@ def test_sigmas_are_the_stock_schedulers_own_for_the_same_times() -> None:
     euler.set_timesteps(4)
     ours.set_timesteps(timesteps=euler.timesteps.tolist())
     torch.testing.assert_close(ours.sigmas, euler.sigmas, rtol=1e-4, atol=1e-5)
+
+
+def test_tcd_rule_outputs_match_tcd_schedulers_pair_at_every_step() -> None:
+    """Under TCD's rule both outputs of step() are TCDScheduler's: (prev_sample, pred_noised_sample), the latter the
+    final sample on the last step, which PixArt's one-step loop returns (``step(...)[1]``)."""
+    tcd = diffusers.TCDScheduler()
+    ours = FewStepScheduler.from_config(tcd.config, rule="tcd", gamma=0.0, plan={"1": [999.0], "2": [999.0, 499.0]})
+    x, out = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3)
+    for n in (1, 2):
+        tcd.set_timesteps(n)
+        ours.set_timesteps(n)
+        for t_tcd, t_ours in zip(tcd.timesteps, ours.timesteps, strict=True):
+            a = tcd.step(out, t_tcd, x, eta=0.0, return_dict=False)
+            b = ours.step(out, t_ours, x, return_dict=False)
+        torch.testing.assert_close(b[0], a[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(b[1], a[1], rtol=1e-5, atol=1e-5)
