@@ -131,7 +131,11 @@ def test_digits_preset_losses_are_the_old_code_paths(random_digits: Path) -> Non
         new = recipe.loss(batch, step)
         torch.manual_seed(step)
         old = old_rcm_loss(recipe, batch, step)
-        assert sorted(new) == sorted(old) and all(torch.equal(new[k], old[k]) for k in new), step
+        assert sorted(new) == sorted(old), step
+        # the same computation to float32 rounding: on some CPUs (an AMD EPYC here) the two paths' kernels round
+        # apart by 1e-7 relative on the fake score's loss (measured: 1.7379223 vs 1.7379222 at dmd_start + 1)
+        for k in new:
+            torch.testing.assert_close(new[k], old[k], rtol=1e-6, atol=0, msg=f"{k} at step {step}")
 
 
 def sd3_config() -> RCMConfig:
