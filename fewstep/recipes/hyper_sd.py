@@ -47,7 +47,7 @@ from ..objectives.consistency import segment_edge, segment_edges, segment_output
 from ..objectives.dmd import Weighting, distribution_matching_loss, fake_score_loss, fake_score_networks, uniform_times
 from ..objectives.losses import mean_per_sample
 from ..objectives.reward import RewardModel, load_reward
-from ..sampling import SamplingPlan, euler_times, initial_noise, plan_state
+from ..sampling import SamplingPlan, euler_times, plan_state
 from ..teacher import Denoiser
 from ..training.data import DataConfig
 from ..training.lora import add_lora
@@ -117,6 +117,15 @@ class HyperSDConfig:
     fake_weighting: Weighting = "v"  # the fake score's denoising weight (``dmd.fake_score_loss``)
     dmd_t_min: float = 0.02  # DMD2's [20, 980] of 1000
     dmd_t_max: float = 0.98
+    # the step counts (of plan_steps) whose samples the score-distillation stage matches to the teacher: (1,), the
+    # one-step sample from pure noise, is Hyper-SD Sec. 3.3's. More (ours, not the paper's): the batch's rows j, j + m,
+    # ... take the j-th entry's sampler, run without gradient to its last time (backward simulation, DMD2 Sec. 4.5,
+    # with the exported plan's times, gamma and rule), and its last x0 with gradient, so every step count the LoRA is
+    # sampled at is pulled toward the teacher's distribution and not only the one step the others pay for
+    dmd_plans: tuple[int, ...] = (1,)
+    # ours: one fake score per dmd_plans entry, trained on and read for that sampler's outputs only (SiD's
+    # fake_per_step finding in fewstep: a fake score of the mixture lets one step count make up for another)
+    dmd_fake_per_plan: bool = False
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
 
@@ -169,12 +178,17 @@ class HyperSD(Recipe):
             raise FewstepError(
                 "hyper_sd: reward_steps > 0 needs a reward model (reward = 'digits', a folder or 'aesthetic:HEAD')"
             )
-        self.fake: Denoiser | None = None
+        self.fakes: list[Denoiser] = []
         self.fake_nets: nn.Module | None = None
+        if not cfg.dmd_plans or (missing := set(cfg.dmd_plans) - set(cfg.plan_steps)):
+            what = "is empty" if not cfg.dmd_plans else f"has {sorted(missing)}, not in plan_steps {cfg.plan_steps}"
+            raise FewstepError(f"hyper_sd: dmd_plans {what}")
         if cfg.dmd_steps > 0:
-            fakes, self.fake_nets = fake_score_networks(teacher.model, cfg.fake_lora_rank, 1)
-            self.fake = teacher.with_model(fakes[0])
+            count = len(cfg.dmd_plans) if cfg.dmd_fake_per_plan else 1
+            fakes, self.fake_nets = fake_score_networks(teacher.model, cfg.fake_lora_rank, count)
+            self.fakes = [teacher.with_model(f) for f in fakes]
             self.stages.append(("dmd", last, cfg.dmd_steps))
+        self.dmd_samplers = self.plan() if cfg.dmd_steps > 0 else {}  # the exported samplers DMD draws through
         self.stage_ends = list(accumulate(n for _, _, n in self.stages))
         adv = cfg.adv_weight > 0 and any(k <= cfg.adv_segments for _, k, _ in self.stages)
         self.disc = TeacherDiscriminator(teacher, cfg.adv_block_every) if adv else None
@@ -257,22 +271,35 @@ class HyperSD(Recipe):
         return self.reward(denoise(x, t), cond)
 
     def dmd_losses(self, batch: Batch) -> tuple[Tensor, Tensor]:
-        """(student's DMD loss, fake score's loss) on the one-step sample x0_G = f(z, t_max -> t_min) (DMD2's
-        generator; the teacher guided at w_min)."""
-        assert batch.x0 is not None and self.fake is not None
-        native, cond, cfg = self.teacher.native, batch.cond, self.cfg
-        b = batch.x0.shape[0]
-        t_max = torch.full((b,), native.t_max, dtype=batch.x0.dtype, device=batch.x0.device)
-        x0_gen = self.student(initial_noise(native, native.t_max, batch_random.randn_like(batch.x0)), t_max, cond)
-        fake = self.fake
-        real = lambda x, t: self.teacher.guided(x, t, cond, batch.uncond, cfg.w_min)  # noqa: E731
-        dmd, _ = distribution_matching_loss(
-            x0_gen, uniform_times(native, b, cfg.dmd_t_min, cfg.dmd_t_max).to(x0_gen), native, real,
-            lambda x, t: fake(x, t, cond),
-        )  # fmt: skip
-        t_f = uniform_times(native, b, cfg.dmd_t_min, cfg.dmd_t_max).to(x0_gen)
-        critic = fake_score_loss(x0_gen, t_f, native, lambda x, t: fake(x, t, cond), weighting=cfg.fake_weighting)
-        return dmd, critic
+        """(student's DMD loss, fake score's loss) on the student's samples x0_G (DMD2's generator; the teacher guided
+        at w_min). With ``dmd_plans`` = (1,), x0_G = f(z, t_max -> t_min), the one-step sample; with m entries, the
+        batch's rows j, j + m, ... hold the last x0 of the j-th sampler (``dmd_plans``), each matched by its own fake
+        score with ``dmd_fake_per_plan``; both losses are the row-weighted means, i.e. means over the batch."""
+        assert batch.x0 is not None and self.fakes
+        native, cfg, plans = self.teacher.native, self.cfg, self.dmd_samplers
+        b, m = batch.x0.shape[0], len(cfg.dmd_plans)
+        if b < m:
+            raise FewstepError(f"hyper_sd: dmd_plans needs at least {m} samples per process, got {b}")
+        dmd_total, fake_total = batch.x0.new_zeros(()), batch.x0.new_zeros(())
+        for j, n in enumerate(cfg.dmd_plans):
+            rows = slice(j, None, m)
+            part = batch.rows(rows, b) if m > 1 else batch
+            assert part.x0 is not None
+            cond, plan, k = part.cond, plans[n], plans[n].steps - 1
+            denoise = lambda x, t, c=cond: self.student(x, t, c)  # noqa: E731
+            with torch.no_grad():  # backward simulation to the sampler's last time (none for one step)
+                x = plan_state(denoise, plan, batch_random.randn_like(part.x0), k)
+            x0_gen = denoise(x, torch.full((x.shape[0],), plan.times[k], dtype=x.dtype, device=x.device))
+            fake_net = self.fakes[j if cfg.dmd_fake_per_plan else 0]
+            fake = lambda x, t, f=fake_net, c=cond: f(x, t, c)  # noqa: E731
+            real = lambda x, t, c=part: self.teacher.guided(x, t, c.cond, c.uncond, cfg.w_min)  # noqa: E731
+            t = uniform_times(native, x0_gen.shape[0], cfg.dmd_t_min, cfg.dmd_t_max).to(x0_gen)
+            dmd, _ = distribution_matching_loss(x0_gen, t, native, real, fake)
+            t_f = uniform_times(native, x0_gen.shape[0], cfg.dmd_t_min, cfg.dmd_t_max).to(x0_gen)
+            critic = fake_score_loss(x0_gen, t_f, native, fake, weighting=cfg.fake_weighting)
+            share = x0_gen.shape[0] / b
+            dmd_total, fake_total = dmd_total + share * dmd, fake_total + share * critic
+        return dmd_total, fake_total
 
     @torch.no_grad()
     def after_step(self, step: int) -> None:

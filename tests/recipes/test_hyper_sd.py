@@ -286,3 +286,98 @@ def test_a_gamma_per_step_count_reaches_the_plans_the_exported_scheduler_and_the
     out = run_distill(HyperSD, merge_into(cfg, run), teacher=str(random_digits), output=tmp_path / "run", bench=False)
     card = (out / "README.md").read_text()
     assert "| gamma (TCD's eta) |" in card and "| 1, 0.75, 0.5, 0.25 | 0.5 |" in card  # the 4-step row and its gamma
+
+
+def _dmd_recipe(teacher: Any, **kw: Any) -> HyperSD:
+    stages = {"segments": (2, 1), "stage_steps": (1, 1), "lora_rank": 4, "adv_weight": 0.0}
+    recipe = HyperSD(teacher, HyperSDConfig(**{**FIXED_W, **stages, "dmd_steps": 5, **kw}))
+    with torch.no_grad():  # a LoRA that moves the student off the teacher, so that every sampler's output differs
+        for name, p in recipe.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+    return recipe
+
+
+def test_one_step_score_distillation_is_dmd_on_the_sample_from_pure_noise(random_digits: Path) -> None:
+    """``dmd_plans = (1,)`` (the paper's): the losses equal DMD written out on x0_G = f(z, t_max) with the teacher as
+    the real score, draw for draw."""
+    from fewstep import batch_random
+    from fewstep.objectives.dmd import distribution_matching_loss, fake_score_loss, uniform_times
+    from fewstep.sampling import initial_noise
+
+    teacher, _ = load_denoiser(str(random_digits))
+    recipe = _dmd_recipe(teacher, w_min=2.0, w_max=2.0)
+    batch = DigitsBatches(null_class_of(teacher.model), batch_size=6)(0)
+    torch.manual_seed(3)
+    dmd, fake_loss = recipe.dmd_losses(batch)
+    torch.manual_seed(3)
+    native, cfg, cond = teacher.native, recipe.cfg, batch.cond
+    assert batch.x0 is not None
+    t_max = torch.full((6,), native.t_max)
+    x0_gen = recipe.student(initial_noise(native, native.t_max, batch_random.randn_like(batch.x0)), t_max, cond)
+    real = lambda x, t: teacher.guided(x, t, cond, batch.uncond, 2.0)  # noqa: E731
+    fake = lambda x, t: recipe.fakes[0](x, t, cond)  # noqa: E731
+    t = uniform_times(native, 6, cfg.dmd_t_min, cfg.dmd_t_max)
+    expected, _ = distribution_matching_loss(x0_gen, t, native, real, fake)
+    t_f = uniform_times(native, 6, cfg.dmd_t_min, cfg.dmd_t_max)
+    expected_fake = fake_score_loss(x0_gen, t_f, native, fake, weighting=cfg.fake_weighting)
+    assert dmd.item() > 0
+    torch.testing.assert_close(dmd, expected, rtol=0, atol=0)
+    torch.testing.assert_close(fake_loss, expected_fake, rtol=0, atol=0)
+
+
+def test_score_distillation_over_several_samplers_reads_each_samplers_output_on_its_rows(
+    random_digits: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``dmd_plans = (1, 4)``: rows 0, 2, 4 hold the one-step sample and rows 1, 3, 5 the exported 4-step sampler's
+    output (its gamma and times, re-noising included), each with its rows' classes, and with ``dmd_fake_per_plan``
+    each sampler's samples train and are read by their own fake score."""
+    import fewstep.recipes.hyper_sd as module
+    from fewstep.sampling import sample_plan
+
+    teacher, _ = load_denoiser(str(random_digits))
+    recipe = _dmd_recipe(teacher, dmd_plans=(1, 4), dmd_fake_per_plan=True, plan_gammas=(1.0, 0.3, 0.5, 0.7))
+    assert isinstance(recipe.fake_nets, torch.nn.ModuleList) and len(recipe.fake_nets) == 2
+    batch = DigitsBatches(null_class_of(teacher.model), batch_size=6)(0)
+    starts, outputs, fakes_read = [], [], []
+    real_plan_state, real_dml = module.plan_state, module.distribution_matching_loss
+
+    def recording_plan_state(denoise: Any, plan: Any, noise: torch.Tensor, k: int) -> torch.Tensor:
+        starts.append((torch.get_rng_state(), plan, noise.clone()))
+        return real_plan_state(denoise, plan, noise, k)
+
+    def recording_dml(x0_gen: torch.Tensor, t: torch.Tensor, schedule: Any, real: Any, fake: Any) -> Any:
+        outputs.append(x0_gen.detach().clone())
+        fakes_read.append(fake.__defaults__[0])  # the fake Denoiser bound into the lambda
+        return real_dml(x0_gen, t, schedule, real, fake)
+
+    monkeypatch.setattr(module, "plan_state", recording_plan_state)
+    monkeypatch.setattr(module, "distribution_matching_loss", recording_dml)
+    torch.manual_seed(0)
+    _, fake_loss = recipe.dmd_losses(batch)
+    monkeypatch.setattr(module, "plan_state", real_plan_state)
+    assert [plan.steps for _, plan, _ in starts] == [1, 4]
+    assert starts[1][1].gamma == 0.5 and starts[1][1] == recipe.plan()[4]
+    assert fakes_read == recipe.fakes
+    labels = batch.cond["class_labels"]
+    for j, ((state, plan, noise), x0_gen) in enumerate(zip(starts, outputs, strict=True)):
+        torch.set_rng_state(state)
+        rows = labels[j::2]
+        with torch.no_grad():
+            expected = sample_plan(lambda x, t, c=rows: recipe.student(x, t, {"class_labels": c}), plan, noise)
+        torch.testing.assert_close(x0_gen, expected, rtol=0, atol=0)
+    assert not torch.allclose(outputs[0], outputs[1])
+    fake_loss.backward()
+    for net in recipe.fake_nets:
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters())
+
+
+def test_bad_score_distillation_samplers_are_one_line_errors(random_digits: Path) -> None:
+    teacher, _ = load_denoiser(str(random_digits))
+    with pytest.raises(FewstepError, match=r"dmd_plans has \[3\], not in plan_steps"):
+        _dmd_recipe(teacher, dmd_plans=(1, 3))
+    with pytest.raises(FewstepError, match="dmd_plans is empty"):
+        _dmd_recipe(teacher, dmd_plans=())
+    recipe = _dmd_recipe(teacher, dmd_plans=(1, 2, 4, 8))
+    with pytest.raises(FewstepError, match="at least 4 samples per process, got 3"):
+        recipe.dmd_losses(DigitsBatches(null_class_of(teacher.model), batch_size=3)(0))
