@@ -26,7 +26,9 @@ Two optional stages follow, each keeping the last TSCD loss beside its own term 
       student's own ``reward_plan_steps`` sampler reached without gradient (``objectives/reward.py``; on digits a
       scorer apart from the bench's evaluator);
   score distillation (Sec. 3.3; DMD, Yin et al. 2024): dmd_weight 1/2 ||x0_G - sg(x0_G - grad)||^2 on the one-step
-      sample x0_G = f(z, t_max -> t_min), with a fake score trained on x0_G (``objectives/dmd.py``).
+      sample x0_G = f(z, t_max -> t_min), with a fake score trained on x0_G (``objectives/dmd.py``); with
+      ``dmd_plans`` (ours) on the last x0 of each listed sampler instead, one fake score per sampler if
+      ``dmd_fake_per_plan``: on digits the one-step-only stage pulls the LoRA away from 8 steps.
 """
 
 from __future__ import annotations
