@@ -8,12 +8,14 @@ trainable networks take an optimizer step: ``loss(batch, step)`` returns one sca
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import torch
 from torch import Tensor, nn
 
+from ..errors import FewstepError
 from ..sampling import SamplingPlan
 
 
@@ -32,7 +34,7 @@ class Batch:
     uncond: dict[str, Any]
     images: Tensor | None = None
 
-    def rows(self, rows: slice, n: int) -> Batch:
+    def rows(self, rows: slice | Tensor, n: int) -> Batch:
         """The samples ``rows`` of this batch of ``n``: every tensor whose first dimension is n is cut (x0, per-sample
         conditions); the rest (a shared unconditional row, settings) is kept whole."""
 
@@ -40,6 +42,24 @@ class Batch:
             return per_sample(value, n, lambda t: t[rows])
 
         return Batch(cut(self.x0), cut(self.cond), cut(self.uncond), cut(self.images))
+
+    def interleaved(self, weights: Sequence[int], what: str) -> list[tuple[Tensor, Batch]]:
+        """The batch dealt into ``len(weights)`` parts, each as (its row indices, its samples): rows go round a
+        repeating cycle of ``weights[j]`` rows to part j, so (1,) * m gives part j the rows j, j + m, ... and (2, 1)
+        gives part 0 rows 0, 1, 3, 4, ... and part 1 rows 2, 5, .... Where a process's slice divides by the cycle,
+        its parts are the same rows of the global batch. ``what`` names the caller in the one-line error for a batch
+        shorter than the cycle (a part would be empty)."""
+        if self.x0 is None:
+            raise FewstepError(f"{what} needs x0 samples to deal the batch")
+        n, cycle = self.x0.shape[0], sum(weights)
+        if n < cycle:
+            raise FewstepError(f"{what} needs at least {cycle} samples per process, got {n}")
+        device = self.x0.device
+        part = torch.repeat_interleave(torch.arange(len(weights), device=device), torch.tensor(weights, device=device))
+        owner = part[torch.arange(n, device=device) % cycle]
+        return [
+            (rows, self.rows(rows, n)) for rows in (torch.nonzero(owner == j).flatten() for j in range(len(weights)))
+        ]
 
 
 def per_sample(value: Any, n: int, fn: Callable[[Tensor], Tensor]) -> Any:

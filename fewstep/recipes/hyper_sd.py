@@ -128,6 +128,12 @@ class HyperSDConfig:
     # ours: one fake score per dmd_plans entry, trained on and read for that sampler's outputs only (SiD's
     # fake_per_step finding in fewstep: a fake score of the mixture lets one step count make up for another)
     dmd_fake_per_plan: bool = False
+    # ours: rows per cycle of the batch for each dmd_plans entry (the batch is dealt round a cycle of dmd_plan_rows[j]
+    # rows to sampler j); () gives each one row, the even split
+    dmd_plan_rows: tuple[int, ...] = ()
+    # fake-score steps per student step in the score-distillation stage (DMD2's two time-scale update rule, its
+    # dfake_gen_update_ratio; 1 alternates, as the paper's DMD does); the other steps train the fake score alone
+    fake_steps: int = 1
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
 
@@ -185,6 +191,10 @@ class HyperSD(Recipe):
         if not cfg.dmd_plans or (missing := set(cfg.dmd_plans) - set(cfg.plan_steps)):
             what = "is empty" if not cfg.dmd_plans else f"has {sorted(missing)}, not in plan_steps {cfg.plan_steps}"
             raise FewstepError(f"hyper_sd: dmd_plans {what}")
+        if cfg.dmd_plan_rows and len(cfg.dmd_plan_rows) != len(cfg.dmd_plans):
+            raise FewstepError(
+                f"hyper_sd: one dmd_plan_rows entry per dmd_plans entry, got {cfg.dmd_plan_rows} for {cfg.dmd_plans}"
+            )
         if cfg.dmd_steps > 0:
             count = len(cfg.dmd_plans) if cfg.dmd_fake_per_plan else 1
             fakes, self.fake_nets = fake_score_networks(teacher.model, cfg.fake_lora_rank, count)
@@ -219,6 +229,8 @@ class HyperSD(Recipe):
         if batch.x0 is None:
             raise FewstepError("hyper_sd needs x0 samples (real images, or teacher samples for image-free runs)")
         kind, k, _ = self.stages[self.stage(step)]
+        if not self.student_steps(step):  # DMD2's two time-scale rule: the fake score steps alone
+            return {"fake": self.dmd_losses(batch, student=False)[1]}
         out = self.tscd_loss(batch, k)
         if kind == "reward":
             out["student"] = out["student"] - self.cfg.reward_weight * self.late_reward(batch).mean()
@@ -227,6 +239,11 @@ class HyperSD(Recipe):
             out["student"] = out["student"] + self.cfg.dmd_weight * dmd
             out["fake"] = fake
         return out
+
+    def student_steps(self, step: int) -> bool:
+        """Whether the student takes a step at iteration ``step``: always but in the score-distillation stage, where
+        it steps at every ``fake_steps``-th iteration and the fake score at every one."""
+        return self.stages[self.stage(step)][0] != "dmd" or step % self.cfg.fake_steps == 0
 
     def tscd_loss(self, batch: Batch, k: int) -> dict[str, Tensor]:
         """TSCD with k segments: the distance at the segment edge, and the adversarial consistency term for k <=
@@ -272,31 +289,34 @@ class HyperSD(Recipe):
         t = torch.full((x.shape[0],), times[j], dtype=x.dtype, device=x.device)
         return self.reward(denoise(x, t), cond)
 
-    def dmd_losses(self, batch: Batch) -> tuple[Tensor, Tensor]:
+    def dmd_losses(self, batch: Batch, student: bool = True) -> tuple[Tensor, Tensor]:
         """(student's DMD loss, fake score's loss) on the student's samples x0_G (DMD2's generator; the teacher guided
         at w_min). With ``dmd_plans`` = (1,), x0_G = f(z, t_max -> t_min), the one-step sample; with m entries, the
-        batch's rows j, j + m, ... hold the last x0 of the j-th sampler (``dmd_plans``), each matched by its own fake
-        score with ``dmd_fake_per_plan``; both losses are the row-weighted means, i.e. means over the batch."""
+        batch is dealt to the m samplers (``Batch.interleaved``: rows j, j + m, ... to the j-th, or by
+        ``dmd_plan_rows``), and each part holds the last x0 of its sampler, matched by its own fake score with
+        ``dmd_fake_per_plan``; both losses are the row-weighted means, i.e. means over the batch. ``student=False``: a
+        fake-score-only step (x0_G without gradient, the DMD loss not computed and returned as 0)."""
         assert batch.x0 is not None and self.fakes
         native, cfg, plans = self.teacher.native, self.cfg, self.dmd_samplers
-        b, m = batch.x0.shape[0], len(cfg.dmd_plans)
-        if b < m:
-            raise FewstepError(f"hyper_sd: dmd_plans needs at least {m} samples per process, got {b}")
+        b = batch.x0.shape[0]
+        weights = cfg.dmd_plan_rows or [1] * len(cfg.dmd_plans)
+        parts = batch.interleaved(weights, "hyper_sd: dmd_plans") if len(weights) > 1 else [(None, batch)]
         dmd_total, fake_total = batch.x0.new_zeros(()), batch.x0.new_zeros(())
-        for j, n in enumerate(cfg.dmd_plans):
-            rows = slice(j, None, m)
-            part = batch.rows(rows, b) if m > 1 else batch
+        for j, (n, (_, part)) in enumerate(zip(cfg.dmd_plans, parts, strict=True)):
             assert part.x0 is not None
             cond, plan, k = part.cond, plans[n], plans[n].steps - 1
             denoise = lambda x, t, c=cond: self.student(x, t, c)  # noqa: E731
             with torch.no_grad():  # backward simulation to the sampler's last time (none for one step)
                 x = plan_state(denoise, plan, batch_random.randn_like(part.x0), k)
-            x0_gen = denoise(x, torch.full((x.shape[0],), plan.times[k], dtype=x.dtype, device=x.device))
+            with torch.set_grad_enabled(student):
+                x0_gen = denoise(x, torch.full((x.shape[0],), plan.times[k], dtype=x.dtype, device=x.device))
             fake_net = self.fakes[j if cfg.dmd_fake_per_plan else 0]
             fake = lambda x, t, f=fake_net, c=cond: f(x, t, c)  # noqa: E731
             real = lambda x, t, c=part: self.teacher.guided(x, t, c.cond, c.uncond, cfg.w_min)  # noqa: E731
-            t = uniform_times(native, x0_gen.shape[0], cfg.dmd_t_min, cfg.dmd_t_max).to(x0_gen)
-            dmd, _ = distribution_matching_loss(x0_gen, t, native, real, fake)
+            dmd = x0_gen.new_zeros(())
+            if student:
+                t = uniform_times(native, x0_gen.shape[0], cfg.dmd_t_min, cfg.dmd_t_max).to(x0_gen)
+                dmd = distribution_matching_loss(x0_gen, t, native, real, fake)[0]
             t_f = uniform_times(native, x0_gen.shape[0], cfg.dmd_t_min, cfg.dmd_t_max).to(x0_gen)
             critic = fake_score_loss(x0_gen, t_f, native, fake, weighting=cfg.fake_weighting)
             share = x0_gen.shape[0] / b
@@ -305,7 +325,7 @@ class HyperSD(Recipe):
 
     @torch.no_grad()
     def after_step(self, step: int) -> None:
-        if self.target_model is not self.model:
+        if self.target_model is not self.model and self.student_steps(step):
             ema_update(self.target_model, self.model.parameters(), self.cfg.target_ema)
 
     def state_dict(self) -> dict[str, Any]:

@@ -211,15 +211,11 @@ class SiD(Recipe):
         w = self.guidance_scales()[2]
         with torch.no_grad():
             samples = self._trajectory(batch) if cfg.fake_per_step else [self._sample(batch)[1]]
-        n, b = len(samples), samples[0].shape[0]
-        if b < n:
-            raise FewstepError(f"sid: fake_per_step needs at least {n} samples per process, got {b}")
-        t_f = uniform_times(native, b, cfg.t_min, cfg.t_max)
+        parts = batch.interleaved([1] * len(samples), "sid: fake_per_step")
+        t_f = uniform_times(native, samples[0].shape[0], cfg.t_min, cfg.t_max)
         eps = batch_random.randn_like(samples[0])
         losses = []
-        for k, (fake_k, x0_G) in enumerate(zip(self.fakes, samples, strict=True)):
-            rows = slice(k, None, n)
-            part = batch.rows(rows, b)
+        for fake_k, x0_G, (rows, part) in zip(self.fakes, samples, parts, strict=True):
             fake_train = lambda x, t, f=fake_k, c=part: f.guided(x, t, c.cond, c.uncond, w)  # noqa: E731
             losses.append(
                 fake_score_loss(x0_G[rows], t_f[rows], native, fake_train, eps=eps[rows], weighting=cfg.fake_weighting)

@@ -219,6 +219,7 @@ RULES: tuple[tuple[str, Rule], ...] = (
     ("reward_steps", NON_NEGATIVE),  # Hyper-SD's feedback stage (0: none)
     ("dmd_steps", NON_NEGATIVE),  # Hyper-SD's score-distillation stage (0: none)
     ("dmd_plans", Rule(low=1, non_empty=True)),  # Hyper-SD: the step counts of the samplers score distillation reads
+    ("dmd_plan_rows", Rule(low=1)),  # Hyper-SD: rows per cycle of the batch for each dmd_plans entry (empty: one each)
     ("segments", Rule(low=1, non_empty=True)),  # Hyper-SD's k per TSCD stage
     ("adv_segments", NON_NEGATIVE),  # the adversarial term joins stages with k <= this (0: never)
     ("reward_late", UNIT),  # a fraction of the teacher's time range

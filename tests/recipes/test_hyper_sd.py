@@ -326,17 +326,21 @@ def test_one_step_score_distillation_is_dmd_on_the_sample_from_pure_noise(random
     torch.testing.assert_close(fake_loss, expected_fake, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize(("plan_rows", "rows_of"), [((), ([0, 2, 4], [1, 3, 5])), ((2, 1), ([0, 1, 3, 4], [2, 5]))])
 def test_score_distillation_over_several_samplers_reads_each_samplers_output_on_its_rows(
-    random_digits: Path, monkeypatch: pytest.MonkeyPatch
+    random_digits: Path, monkeypatch: pytest.MonkeyPatch, plan_rows: tuple[int, ...], rows_of: tuple[list[int], ...]
 ) -> None:
     """``dmd_plans = (1, 4)``: rows 0, 2, 4 hold the one-step sample and rows 1, 3, 5 the exported 4-step sampler's
     output (its gamma and times, re-noising included), each with its rows' classes, and with ``dmd_fake_per_plan``
-    each sampler's samples train and are read by their own fake score."""
+    each sampler's samples train and are read by their own fake score. ``dmd_plan_rows = (2, 1)`` deals two rows of
+    every three to the one-step sampler."""
     import fewstep.recipes.hyper_sd as module
     from fewstep.sampling import sample_plan
 
     teacher, _ = load_denoiser(str(random_digits))
-    recipe = _dmd_recipe(teacher, dmd_plans=(1, 4), dmd_fake_per_plan=True, plan_gammas=(1.0, 0.3, 0.5, 0.7))
+    recipe = _dmd_recipe(
+        teacher, dmd_plans=(1, 4), dmd_fake_per_plan=True, plan_gammas=(1.0, 0.3, 0.5, 0.7), dmd_plan_rows=plan_rows
+    )
     assert isinstance(recipe.fake_nets, torch.nn.ModuleList) and len(recipe.fake_nets) == 2
     batch = DigitsBatches(null_class_of(teacher.model), batch_size=6)(0)
     starts, outputs, fakes_read = [], [], []
@@ -362,11 +366,12 @@ def test_score_distillation_over_several_samplers_reads_each_samplers_output_on_
     labels = batch.cond["class_labels"]
     for j, ((state, plan, noise), x0_gen) in enumerate(zip(starts, outputs, strict=True)):
         torch.set_rng_state(state)
-        rows = labels[j::2]
+        rows = labels[rows_of[j]]
         with torch.no_grad():
             expected = sample_plan(lambda x, t, c=rows: recipe.student(x, t, {"class_labels": c}), plan, noise)
         torch.testing.assert_close(x0_gen, expected, rtol=0, atol=0)
-    assert not torch.allclose(outputs[0], outputs[1])
+    assert [len(x) for x in outputs] == [len(rows) for rows in rows_of]
+    assert not torch.allclose(outputs[0][: len(outputs[1])], outputs[1])
     fake_loss.backward()
     for net in recipe.fake_nets:
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters())
@@ -381,3 +386,29 @@ def test_bad_score_distillation_samplers_are_one_line_errors(random_digits: Path
     recipe = _dmd_recipe(teacher, dmd_plans=(1, 2, 4, 8))
     with pytest.raises(FewstepError, match="at least 4 samples per process, got 3"):
         recipe.dmd_losses(DigitsBatches(null_class_of(teacher.model), batch_size=3)(0))
+    with pytest.raises(FewstepError, match=r"one dmd_plan_rows entry per dmd_plans entry"):
+        _dmd_recipe(teacher, dmd_plans=(1, 2), dmd_plan_rows=(3,))
+
+
+def test_with_fake_steps_the_student_steps_every_kth_iteration_of_score_distillation_only(random_digits: Path) -> None:
+    """DMD2's two time-scale rule (``fake_steps = 2``; stages: TSCD iterations 0 and 1, then score distillation): the
+    TSCD stages step the student every iteration; in score distillation, iterations 2, 4 step both networks and 3, 5
+    the fake score alone, with no gradient reaching the student and its EMA target left where it was."""
+    teacher, _ = load_denoiser(str(random_digits))
+    recipe = _dmd_recipe(teacher, fake_steps=2, lora_target="ema")
+    batch = DigitsBatches(null_class_of(teacher.model), batch_size=4)(0)
+    assert [set(recipe.loss(batch, step)) for step in range(6)] == [{"student"}] * 2 + [
+        {"student", "fake"},
+        {"fake"},
+    ] * 2
+    recipe.loss(batch, 3)["fake"].backward()
+    assert all(p.grad is None for p in recipe.model.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in recipe.fake_nets.parameters())
+    with torch.no_grad():
+        for p in recipe.model.parameters():
+            p.add_(0.01)
+    before = [p.clone() for p in recipe.target_model.parameters()]
+    recipe.after_step(3)
+    assert all(torch.equal(a, b) for a, b in zip(before, recipe.target_model.parameters(), strict=True))
+    recipe.after_step(4)
+    assert not all(torch.equal(a, b) for a, b in zip(before, recipe.target_model.parameters(), strict=True))
