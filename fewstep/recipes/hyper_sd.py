@@ -191,6 +191,8 @@ class HyperSD(Recipe):
         if not cfg.dmd_plans or (missing := set(cfg.dmd_plans) - set(cfg.plan_steps)):
             what = "is empty" if not cfg.dmd_plans else f"has {sorted(missing)}, not in plan_steps {cfg.plan_steps}"
             raise FewstepError(f"hyper_sd: dmd_plans {what}")
+        if cfg.fake_steps < 1:
+            raise FewstepError(f"hyper_sd: fake_steps must be at least 1, got {cfg.fake_steps}")
         if cfg.dmd_plan_rows and len(cfg.dmd_plan_rows) != len(cfg.dmd_plans):
             raise FewstepError(
                 f"hyper_sd: one dmd_plan_rows entry per dmd_plans entry, got {cfg.dmd_plan_rows} for {cfg.dmd_plans}"

@@ -388,6 +388,8 @@ def test_bad_score_distillation_samplers_are_one_line_errors(random_digits: Path
         recipe.dmd_losses(DigitsBatches(null_class_of(teacher.model), batch_size=3)(0))
     with pytest.raises(FewstepError, match=r"one dmd_plan_rows entry per dmd_plans entry"):
         _dmd_recipe(teacher, dmd_plans=(1, 2), dmd_plan_rows=(3,))
+    with pytest.raises(FewstepError, match="fake_steps must be at least 1, got 0"):
+        _dmd_recipe(teacher, fake_steps=0)
 
 
 def test_with_fake_steps_the_student_steps_every_kth_iteration_of_score_distillation_only(random_digits: Path) -> None:
