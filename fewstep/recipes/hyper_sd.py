@@ -301,8 +301,7 @@ class HyperSD(Recipe):
         assert batch.x0 is not None and self.fakes
         native, cfg, plans = self.teacher.native, self.cfg, self.dmd_samplers
         b = batch.x0.shape[0]
-        weights = cfg.dmd_plan_rows or [1] * len(cfg.dmd_plans)
-        parts = batch.interleaved(weights, "hyper_sd: dmd_plans") if len(weights) > 1 else [(None, batch)]
+        parts = batch.interleaved(cfg.dmd_plan_rows or [1] * len(cfg.dmd_plans), "hyper_sd: dmd_plans")
         dmd_total, fake_total = batch.x0.new_zeros(()), batch.x0.new_zeros(())
         for j, (n, (_, part)) in enumerate(zip(cfg.dmd_plans, parts, strict=True)):
             assert part.x0 is not None
