@@ -21,7 +21,8 @@ The final k = 1 stage makes f(x, t -> t_min) an x0 predictor at every t, which T
 at any step count with its gamma: on VP teachers by TCD's own rule, exported as stock TCDScheduler (eta = gamma per
 step count, in the model card); elsewhere by ``sampling.renoise``'s, exported in FewStepScheduler.
 
-Two optional stages follow, each keeping the last TSCD loss beside its own term so that quality does not drift:
+Two optional stages follow, each keeping the last TSCD loss beside its own term so that quality does not drift (in
+score distillation weighted by ``dmd_tscd_weight``, 0 dropping it):
   feedback (Sec. 3.2; ReFL, Xu et al. 2023): - reward_weight r(x0_theta(x_t_j, t_j), c), x_t_j a late state of the
       student's own ``reward_plan_steps`` sampler reached without gradient (``objectives/reward.py``; on digits a
       scorer apart from the bench's evaluator);
@@ -134,6 +135,10 @@ class HyperSDConfig:
     # fake-score steps per student step in the score-distillation stage (DMD2's two time-scale update rule, its
     # dfake_gen_update_ratio; 1 alternates, as the paper's DMD does); the other steps train the fake score alone
     fake_steps: int = 1
+    # the last TSCD loss's weight beside DMD in the score-distillation stage (ours): 1 keeps it as the regularizer
+    # the module docstring describes; 0 leaves DMD alone and skips the TSCD forwards (about a third of the stage's
+    # time on digits)
+    dmd_tscd_weight: float = 1.0
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
 
@@ -233,12 +238,15 @@ class HyperSD(Recipe):
         kind, k, _ = self.stages[self.stage(step)]
         if not self.student_steps(step):  # DMD2's two time-scale rule: the fake score steps alone
             return {"fake": self.dmd_losses(batch, student=False)[1]}
+        if kind == "dmd" and self.cfg.dmd_tscd_weight == 0:
+            dmd, fake = self.dmd_losses(batch)
+            return {"student": self.cfg.dmd_weight * dmd, "fake": fake}
         out = self.tscd_loss(batch, k)
         if kind == "reward":
             out["student"] = out["student"] - self.cfg.reward_weight * self.late_reward(batch).mean()
         elif kind == "dmd":
             dmd, fake = self.dmd_losses(batch)
-            out["student"] = out["student"] + self.cfg.dmd_weight * dmd
+            out["student"] = self.cfg.dmd_tscd_weight * out["student"] + self.cfg.dmd_weight * dmd
             out["fake"] = fake
         return out
 

@@ -414,3 +414,26 @@ def test_with_fake_steps_the_student_steps_every_kth_iteration_of_score_distilla
     assert all(torch.equal(a, b) for a, b in zip(before, recipe.target_model.parameters(), strict=True))
     recipe.after_step(4)
     assert not all(torch.equal(a, b) for a, b in zip(before, recipe.target_model.parameters(), strict=True))
+
+
+@pytest.mark.parametrize(("tscd_weight", "expected"), [(1.0, 2.0 + 3.0), (0.5, 1.0 + 3.0), (0.0, 3.0)])
+def test_score_distillation_weights_the_tscd_term_by_dmd_tscd_weight_and_skips_it_at_zero(
+    random_digits: Path, tscd_weight: float, expected: float
+) -> None:
+    """The student's loss in score distillation is dmd_tscd_weight * TSCD + dmd_weight * DMD; at weight 0 the TSCD
+    term is not computed at all (its forwards are the saving), while the TSCD stages before it are untouched."""
+    teacher, _ = load_denoiser(str(random_digits))
+    recipe = _dmd_recipe(teacher, dmd_tscd_weight=tscd_weight)
+    calls: list[int] = []
+
+    def tscd(batch: Any, k: int) -> dict[str, torch.Tensor]:
+        calls.append(k)
+        return {"student": torch.tensor(2.0)}
+
+    recipe.tscd_loss = tscd  # type: ignore[method-assign]
+    recipe.dmd_losses = lambda batch, student=True: (torch.tensor(3.0), torch.tensor(5.0))  # type: ignore[method-assign]
+    batch = DigitsBatches(null_class_of(teacher.model), batch_size=4)(0)
+    assert recipe.loss(batch, 0)["student"].item() == 2.0  # a TSCD stage
+    out = recipe.loss(batch, 2)  # score distillation
+    assert out["student"].item() == expected and out["fake"].item() == 5.0
+    assert calls == [2] + ([1] if tscd_weight > 0 else [])
