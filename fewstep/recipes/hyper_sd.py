@@ -136,7 +136,7 @@ class HyperSDConfig:
     # dfake_gen_update_ratio; 1 alternates, as the paper's DMD does); the other steps train the fake score alone
     fake_steps: int = 1
     # the last TSCD loss's weight beside DMD in the score-distillation stage (ours): 1 keeps it as the regularizer
-    # the module docstring describes; 0 leaves DMD alone and skips the TSCD forwards (about a third of the stage's
+    # the module docstring describes; 0 leaves DMD alone and skips the TSCD forwards (about a quarter of the stage's
     # time on digits)
     dmd_tscd_weight: float = 1.0
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -238,15 +238,14 @@ class HyperSD(Recipe):
         kind, k, _ = self.stages[self.stage(step)]
         if not self.student_steps(step):  # DMD2's two time-scale rule: the fake score steps alone
             return {"fake": self.dmd_losses(batch, student=False)[1]}
-        if kind == "dmd" and self.cfg.dmd_tscd_weight == 0:
-            dmd, fake = self.dmd_losses(batch)
-            return {"student": self.cfg.dmd_weight * dmd, "fake": fake}
-        out = self.tscd_loss(batch, k)
+        # at dmd_tscd_weight 0 score distillation runs DMD alone, without the TSCD forwards
+        out = {} if kind == "dmd" and self.cfg.dmd_tscd_weight == 0 else self.tscd_loss(batch, k)
         if kind == "reward":
             out["student"] = out["student"] - self.cfg.reward_weight * self.late_reward(batch).mean()
         elif kind == "dmd":
             dmd, fake = self.dmd_losses(batch)
-            out["student"] = self.cfg.dmd_tscd_weight * out["student"] + self.cfg.dmd_weight * dmd
+            tscd = out.get("student", dmd.new_zeros(()))
+            out["student"] = self.cfg.dmd_tscd_weight * tscd + self.cfg.dmd_weight * dmd
             out["fake"] = fake
         return out
 
