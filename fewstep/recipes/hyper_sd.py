@@ -29,7 +29,8 @@ score distillation weighted by ``dmd_tscd_weight``, 0 dropping it):
   score distillation (Sec. 3.3; DMD, Yin et al. 2024): dmd_weight 1/2 ||x0_G - sg(x0_G - grad)||^2 on the one-step
       sample x0_G = f(z, t_max -> t_min), with a fake score trained on x0_G (``objectives/dmd.py``); with
       ``dmd_plans`` (ours) on the last x0 of each listed sampler instead, one fake score per sampler if
-      ``dmd_fake_per_plan``: on digits the one-step-only stage pulls the LoRA away from 8 steps.
+      ``dmd_fake_per_plan``: on digits the one-step-only stage pulls the LoRA away from 8 steps. ``dmd_adv_weight``
+      (ours) adds DMD2's GAN on real data beside it (Yin et al. 2024b, Sec. 4.4; heads on frozen teacher features).
 """
 
 from __future__ import annotations
@@ -139,6 +140,11 @@ class HyperSDConfig:
     # the module docstring describes; 0 leaves DMD alone and skips the TSCD forwards (about a quarter of the stage's
     # time on digits)
     dmd_tscd_weight: float = 1.0
+    # ours: DMD2's GAN branch (Yin et al. 2024b, Sec. 4.4) beside DMD in the score-distillation stage, with this
+    # recipe's discriminator (hinge heads on frozen teacher features, as LADD's, re-noised at ``adv_p_*`` times)
+    # scoring each sampler's x0_G against the batch's real x0; its critic steps at every iteration of the stage, fake-
+    # only ones included, as DMD2's classifier steps with the fake score. 0: DMD alone (the paper's Sec. 3.3)
+    dmd_adv_weight: float = 0.0
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
 
@@ -210,6 +216,7 @@ class HyperSD(Recipe):
         self.dmd_samplers = self.plan() if cfg.dmd_steps > 0 else {}  # the exported samplers DMD draws through
         self.stage_ends = list(accumulate(n for _, _, n in self.stages))
         adv = cfg.adv_weight > 0 and any(k <= cfg.adv_segments for _, k, _ in self.stages)
+        adv = adv or (cfg.dmd_steps > 0 and cfg.dmd_adv_weight > 0)
         self.disc = TeacherDiscriminator(teacher, cfg.adv_block_every) if adv else None
 
     def trainable(self) -> dict[str, nn.Module]:
@@ -236,17 +243,21 @@ class HyperSD(Recipe):
         if batch.x0 is None:
             raise FewstepError("hyper_sd needs x0 samples (real images, or teacher samples for image-free runs)")
         kind, k, _ = self.stages[self.stage(step)]
-        if not self.student_steps(step):  # DMD2's two time-scale rule: the fake score steps alone
-            return {"fake": self.dmd_losses(batch, student=False)[1]}
+        cfg = self.cfg
+        if not self.student_steps(step):  # DMD2's two time-scale rule: the fake score (and critic) steps alone
+            return {name: v for name, v in self.dmd_losses(batch, student=False).items() if name in ("fake", "critic")}
         # at dmd_tscd_weight 0 score distillation runs DMD alone, without the TSCD forwards
-        out = {} if kind == "dmd" and self.cfg.dmd_tscd_weight == 0 else self.tscd_loss(batch, k)
+        out = {} if kind == "dmd" and cfg.dmd_tscd_weight == 0 else self.tscd_loss(batch, k)
         if kind == "reward":
-            out["student"] = out["student"] - self.cfg.reward_weight * self.late_reward(batch).mean()
+            out["student"] = out["student"] - cfg.reward_weight * self.late_reward(batch).mean()
         elif kind == "dmd":
-            dmd, fake = self.dmd_losses(batch)
-            tscd = out.get("student", dmd.new_zeros(()))
-            out["student"] = self.cfg.dmd_tscd_weight * tscd + self.cfg.dmd_weight * dmd
-            out["fake"] = fake
+            dmd = self.dmd_losses(batch)
+            tscd = out.get("student", dmd["dmd"].new_zeros(()))
+            out["student"] = cfg.dmd_tscd_weight * tscd + cfg.dmd_weight * dmd["dmd"]
+            out["fake"] = dmd["fake"]
+            if "generator" in dmd:
+                out["student"] = out["student"] + cfg.dmd_adv_weight * dmd["generator"]
+                out["critic"] = out.get("critic", 0) + dmd["critic"]
         return out
 
     def student_steps(self, step: int) -> bool:
@@ -275,7 +286,7 @@ class HyperSD(Recipe):
             target = torch.where(at_edge, x_s, segment_output(self.target, x_s, s, e, batch.cond))
         pred = segment_output(self.student, x_t, t, e, batch.cond)
         distance = mean_per_sample((pred.float() - target.float()) ** 2).mean()
-        if self.disc is None or k > cfg.adv_segments:
+        if self.disc is None or cfg.adv_weight == 0 or k > cfg.adv_segments:
             return {"student": distance}
         t_d = discriminator_times(native, b, cfg.adv_p_mean, cfg.adv_p_std, cfg.adv_p_sigma_data).to(x0)
         generator, critic = ladd_losses(self.disc, pred, target, t_d, batch.cond, t_from=e)
@@ -298,18 +309,21 @@ class HyperSD(Recipe):
         t = torch.full((x.shape[0],), times[j], dtype=x.dtype, device=x.device)
         return self.reward(denoise(x, t), cond)
 
-    def dmd_losses(self, batch: Batch, student: bool = True) -> tuple[Tensor, Tensor]:
-        """(student's DMD loss, fake score's loss) on the student's samples x0_G (DMD2's generator; the teacher guided
-        at w_min). With ``dmd_plans`` = (1,), x0_G = f(z, t_max -> t_min), the one-step sample; with m entries, the
-        batch is dealt to the m samplers (``Batch.interleaved``: rows j, j + m, ... to the j-th, or by
-        ``dmd_plan_rows``), and each part holds the last x0 of its sampler, matched by its own fake score with
-        ``dmd_fake_per_plan``; both losses are the row-weighted means, i.e. means over the batch. ``student=False``: a
-        fake-score-only step (x0_G without gradient, the DMD loss not computed and returned as 0)."""
+    def dmd_losses(self, batch: Batch, student: bool = True) -> dict[str, Tensor]:
+        """The score-distillation terms on the student's samples x0_G (DMD2's generator; the teacher guided at w_min):
+        "dmd", the student's DMD loss, and "fake", the fake score's; with ``dmd_adv_weight`` also "generator" and
+        "critic", the GAN's hinge losses of x0_G against the real x0. With ``dmd_plans`` = (1,), x0_G = f(z, t_max ->
+        t_min), the one-step sample; with m entries, the batch is dealt to the m samplers (``Batch.interleaved``: rows
+        j, j + m, ... to the j-th, or by ``dmd_plan_rows``), and each part holds the last x0 of its sampler, matched
+        by its own fake score with ``dmd_fake_per_plan``; every loss is the row-weighted mean, i.e. a mean over the
+        batch. ``student=False``: a fake-score-only step (x0_G without gradient, "dmd" not computed and 0)."""
         assert batch.x0 is not None and self.fakes
         native, cfg, plans = self.teacher.native, self.cfg, self.dmd_samplers
         b = batch.x0.shape[0]
         parts = batch.interleaved(cfg.dmd_plan_rows or [1] * len(cfg.dmd_plans), "hyper_sd: dmd_plans")
-        dmd_total, fake_total = batch.x0.new_zeros(()), batch.x0.new_zeros(())
+        gan = self.disc is not None and cfg.dmd_adv_weight > 0
+        zero = batch.x0.new_zeros(())
+        totals = {"dmd": zero, "fake": zero} | ({"generator": zero, "critic": zero} if gan else {})
         for j, (n, (_, part)) in enumerate(zip(cfg.dmd_plans, parts, strict=True)):
             assert part.x0 is not None
             cond, plan, k = part.cond, plans[n], plans[n].steps - 1
@@ -326,10 +340,15 @@ class HyperSD(Recipe):
                 t = uniform_times(native, x0_gen.shape[0], cfg.dmd_t_min, cfg.dmd_t_max).to(x0_gen)
                 dmd = distribution_matching_loss(x0_gen, t, native, real, fake)[0]
             t_f = uniform_times(native, x0_gen.shape[0], cfg.dmd_t_min, cfg.dmd_t_max).to(x0_gen)
-            critic = fake_score_loss(x0_gen, t_f, native, fake, weighting=cfg.fake_weighting)
+            terms = {"dmd": dmd, "fake": fake_score_loss(x0_gen, t_f, native, fake, weighting=cfg.fake_weighting)}
+            if gan:
+                assert self.disc is not None
+                p = cfg.adv_p_mean, cfg.adv_p_std, cfg.adv_p_sigma_data
+                t_d = discriminator_times(native, x0_gen.shape[0], *p).to(x0_gen)
+                terms["generator"], terms["critic"] = ladd_losses(self.disc, x0_gen, part.x0, t_d, cond)
             share = x0_gen.shape[0] / b
-            dmd_total, fake_total = dmd_total + share * dmd, fake_total + share * critic
-        return dmd_total, fake_total
+            totals = {name: total + share * terms[name] for name, total in totals.items()}
+        return totals
 
     @torch.no_grad()
     def after_step(self, step: int) -> None:

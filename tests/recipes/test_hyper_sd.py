@@ -253,10 +253,9 @@ def test_score_distillation_stage_comes_last_and_its_gradient_vanishes_when_fake
     batch = DigitsBatches(null_class_of(teacher.model), batch_size=8)(0)
     out = recipe.loss(batch, 2)
     assert set(out) == {"student", "fake"} and torch.isfinite(out["fake"])
-    dmd, _ = recipe.dmd_losses(batch)
-    assert dmd.item() == 0.0
+    assert recipe.dmd_losses(batch)["dmd"].item() == 0.0
     guided = HyperSD(teacher, HyperSDConfig(w_min=3.0, w_max=3.0, **stages, dmd_steps=5))
-    assert guided.dmd_losses(batch)[0].item() > 0
+    assert guided.dmd_losses(batch)["dmd"].item() > 0
 
 
 def test_a_gamma_per_step_count_reaches_the_plans_the_exported_scheduler_and_the_card(
@@ -309,7 +308,9 @@ def test_one_step_score_distillation_is_dmd_on_the_sample_from_pure_noise(random
     recipe = _dmd_recipe(teacher, w_min=2.0, w_max=2.0)
     batch = DigitsBatches(null_class_of(teacher.model), batch_size=6)(0)
     torch.manual_seed(3)
-    dmd, fake_loss = recipe.dmd_losses(batch)
+    losses = recipe.dmd_losses(batch)
+    dmd, fake_loss = losses["dmd"], losses["fake"]
+    assert set(losses) == {"dmd", "fake"}
     torch.manual_seed(3)
     native, cfg, cond = teacher.native, recipe.cfg, batch.cond
     assert batch.x0 is not None
@@ -358,7 +359,7 @@ def test_score_distillation_over_several_samplers_reads_each_samplers_output_on_
     monkeypatch.setattr(module, "plan_state", recording_plan_state)
     monkeypatch.setattr(module, "distribution_matching_loss", recording_dml)
     torch.manual_seed(0)
-    _, fake_loss = recipe.dmd_losses(batch)
+    fake_loss = recipe.dmd_losses(batch)["fake"]
     monkeypatch.setattr(module, "plan_state", real_plan_state)
     assert [plan.steps for _, plan, _ in starts] == [1, 4]
     assert starts[1][1].gamma == 0.5 and starts[1][1] == recipe.plan()[4]
@@ -431,9 +432,62 @@ def test_score_distillation_weights_the_tscd_term_by_dmd_tscd_weight_and_skips_i
         return {"student": torch.tensor(2.0)}
 
     recipe.tscd_loss = tscd  # type: ignore[method-assign]
-    recipe.dmd_losses = lambda batch, student=True: (torch.tensor(3.0), torch.tensor(5.0))  # type: ignore[method-assign]
+    recipe.dmd_losses = lambda batch, student=True: {"dmd": torch.tensor(3.0), "fake": torch.tensor(5.0)}  # type: ignore[method-assign]
     batch = DigitsBatches(null_class_of(teacher.model), batch_size=4)(0)
     assert recipe.loss(batch, 0)["student"].item() == 2.0  # a TSCD stage
     out = recipe.loss(batch, 2)  # score distillation
     assert out["student"].item() == expected and out["fake"].item() == 5.0
     assert calls == [2] + ([1] if tscd_weight > 0 else [])
+
+
+def test_the_gan_beside_dmd_is_ladd_on_the_one_step_sample_against_real_x0_and_its_critic_steps_every_iteration(
+    random_digits: Path,
+) -> None:
+    """``dmd_adv_weight`` (DMD2's GAN branch): "generator" and "critic" equal the hinge losses of the teacher-feature
+    discriminator on x0_G = f(z, t_max) against the batch's real x0, draw for draw; the student's loss gains
+    dmd_adv_weight * generator; the critic steps in the fake-only iterations too, and not in TSCD stages (where
+    ``adv_weight`` is 0); the critic's gradient reaches the heads and not the LoRA, the generator's the LoRA."""
+    from fewstep import batch_random
+    from fewstep.objectives.adversarial import discriminator_times, ladd_losses
+    from fewstep.objectives.dmd import distribution_matching_loss, fake_score_loss, uniform_times
+    from fewstep.sampling import initial_noise
+
+    teacher, _ = load_denoiser(str(random_digits))
+    recipe = _dmd_recipe(teacher, dmd_adv_weight=0.25, fake_steps=2)
+    assert recipe.disc is not None and set(recipe.trainable()) == {"student", "fake", "critic"}
+    batch = DigitsBatches(null_class_of(teacher.model), batch_size=6)(0)
+    torch.manual_seed(3)
+    losses = recipe.dmd_losses(batch)
+    torch.manual_seed(3)
+    native, cfg, cond = teacher.native, recipe.cfg, batch.cond
+    assert batch.x0 is not None
+    t_max = torch.full((6,), native.t_max)
+    x0_gen = recipe.student(initial_noise(native, native.t_max, batch_random.randn_like(batch.x0)), t_max, cond)
+    real = lambda x, t: teacher.guided(x, t, cond, batch.uncond, 1.0)  # noqa: E731
+    fake = lambda x, t: recipe.fakes[0](x, t, cond)  # noqa: E731
+    distribution_matching_loss(x0_gen, uniform_times(native, 6, cfg.dmd_t_min, cfg.dmd_t_max), native, real, fake)
+    fake_score_loss(x0_gen, uniform_times(native, 6, cfg.dmd_t_min, cfg.dmd_t_max), native, fake)
+    t_d = discriminator_times(native, 6, cfg.adv_p_mean, cfg.adv_p_std, cfg.adv_p_sigma_data)
+    generator, critic = ladd_losses(recipe.disc, x0_gen, batch.x0, t_d, cond)
+    torch.testing.assert_close(losses["generator"], generator, rtol=0, atol=0)
+    torch.testing.assert_close(losses["critic"], critic, rtol=0, atol=0)
+    lora = [p for n, p in recipe.model.named_parameters() if "lora" in n]
+    losses["critic"].backward()
+    assert all(p.grad is not None for p in recipe.disc.heads.parameters()) and all(p.grad is None for p in lora)
+    losses["generator"].backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in lora)
+
+    assert [set(recipe.loss(batch, step)) for step in range(4)] == [{"student"}] * 2 + [
+        {"student", "fake", "critic"},
+        {"fake", "critic"},
+    ]
+    recipe.tscd_loss = lambda batch, k: {"student": torch.tensor(2.0)}  # type: ignore[method-assign]
+    stub = {
+        "dmd": torch.tensor(3.0),
+        "fake": torch.tensor(5.0),
+        "generator": torch.tensor(7.0),
+        "critic": torch.tensor(11.0),
+    }
+    recipe.dmd_losses = lambda batch, student=True: stub  # type: ignore[method-assign]
+    out = recipe.loss(batch, 2)
+    assert out["student"].item() == 2.0 + 3.0 + 0.25 * 7.0 and out["critic"].item() == 11.0
