@@ -288,9 +288,14 @@ class HyperSD(Recipe):
         distance = mean_per_sample((pred.float() - target.float()) ** 2).mean()
         if self.disc is None or cfg.adv_weight == 0 or k > cfg.adv_segments:
             return {"student": distance}
-        t_d = discriminator_times(native, b, cfg.adv_p_mean, cfg.adv_p_std, cfg.adv_p_sigma_data).to(x0)
-        generator, critic = ladd_losses(self.disc, pred, target, t_d, batch.cond, t_from=e)
+        generator, critic = ladd_losses(self.disc, pred, target, self.disc_times(x0), batch.cond, t_from=e)
         return {"student": cfg.adv_distance_weight * distance + cfg.adv_weight * generator, "critic": critic}
+
+    def disc_times(self, x: Tensor) -> Tensor:
+        """(B,) re-noising times t_D of the discriminator for the rows of ``x`` (the ``adv_p_*`` proposal)."""
+        cfg = self.cfg
+        t_d = discriminator_times(self.teacher.native, x.shape[0], cfg.adv_p_mean, cfg.adv_p_std, cfg.adv_p_sigma_data)
+        return t_d.to(x)
 
     def late_reward(self, batch: Batch) -> Tensor:
         """(B,) rewards of the student's one-step x0 from a late state of its own sampler (ReFL): the
@@ -321,9 +326,9 @@ class HyperSD(Recipe):
         native, cfg, plans = self.teacher.native, self.cfg, self.dmd_samplers
         b = batch.x0.shape[0]
         parts = batch.interleaved(cfg.dmd_plan_rows or [1] * len(cfg.dmd_plans), "hyper_sd: dmd_plans")
-        gan = self.disc is not None and cfg.dmd_adv_weight > 0
+        disc = self.disc if cfg.dmd_adv_weight > 0 else None  # the GAN beside DMD
         zero = batch.x0.new_zeros(())
-        totals = {"dmd": zero, "fake": zero} | ({"generator": zero, "critic": zero} if gan else {})
+        totals = {"dmd": zero, "fake": zero} | ({"generator": zero, "critic": zero} if disc is not None else {})
         for j, (n, (_, part)) in enumerate(zip(cfg.dmd_plans, parts, strict=True)):
             assert part.x0 is not None
             cond, plan, k = part.cond, plans[n], plans[n].steps - 1
@@ -341,11 +346,8 @@ class HyperSD(Recipe):
                 dmd = distribution_matching_loss(x0_gen, t, native, real, fake)[0]
             t_f = uniform_times(native, x0_gen.shape[0], cfg.dmd_t_min, cfg.dmd_t_max).to(x0_gen)
             terms = {"dmd": dmd, "fake": fake_score_loss(x0_gen, t_f, native, fake, weighting=cfg.fake_weighting)}
-            if gan:
-                assert self.disc is not None
-                p = cfg.adv_p_mean, cfg.adv_p_std, cfg.adv_p_sigma_data
-                t_d = discriminator_times(native, x0_gen.shape[0], *p).to(x0_gen)
-                terms["generator"], terms["critic"] = ladd_losses(self.disc, x0_gen, part.x0, t_d, cond)
+            if disc is not None:
+                terms["generator"], terms["critic"] = ladd_losses(disc, x0_gen, part.x0, self.disc_times(x0_gen), cond)
             share = x0_gen.shape[0] / b
             totals = {name: total + share * terms[name] for name, total in totals.items()}
         return totals

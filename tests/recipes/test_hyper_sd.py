@@ -297,13 +297,28 @@ def _dmd_recipe(teacher: Any, **kw: Any) -> HyperSD:
     return recipe
 
 
-def test_one_step_score_distillation_is_dmd_on_the_sample_from_pure_noise(random_digits: Path) -> None:
-    """``dmd_plans = (1,)`` (the paper's): the losses equal DMD written out on x0_G = f(z, t_max) with the teacher as
-    the real score, draw for draw."""
+def _one_step_dmd_by_hand(recipe: HyperSD, batch: Any, w: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x0_G, DMD loss, fake-score loss) of ``dmd_plans = (1,)`` written out, drawing in the recipe's order from the
+    current RNG state: x0_G = f(z, t_max), the teacher guided at ``w`` as the real score, the first fake score."""
     from fewstep import batch_random
     from fewstep.objectives.dmd import distribution_matching_loss, fake_score_loss, uniform_times
     from fewstep.sampling import initial_noise
 
+    native, cfg, cond = recipe.teacher.native, recipe.cfg, batch.cond
+    b = batch.x0.shape[0]
+    t_max = torch.full((b,), native.t_max)
+    x0_gen = recipe.student(initial_noise(native, native.t_max, batch_random.randn_like(batch.x0)), t_max, cond)
+    real = lambda x, t: recipe.teacher.guided(x, t, cond, batch.uncond, w)  # noqa: E731
+    fake = lambda x, t: recipe.fakes[0](x, t, cond)  # noqa: E731
+    t = uniform_times(native, b, cfg.dmd_t_min, cfg.dmd_t_max)
+    dmd, _ = distribution_matching_loss(x0_gen, t, native, real, fake)
+    t_f = uniform_times(native, b, cfg.dmd_t_min, cfg.dmd_t_max)
+    return x0_gen, dmd, fake_score_loss(x0_gen, t_f, native, fake, weighting=cfg.fake_weighting)
+
+
+def test_one_step_score_distillation_is_dmd_on_the_sample_from_pure_noise(random_digits: Path) -> None:
+    """``dmd_plans = (1,)`` (the paper's): the losses equal DMD written out on x0_G = f(z, t_max) with the teacher as
+    the real score, draw for draw."""
     teacher, _ = load_denoiser(str(random_digits))
     recipe = _dmd_recipe(teacher, w_min=2.0, w_max=2.0)
     batch = DigitsBatches(null_class_of(teacher.model), batch_size=6)(0)
@@ -312,16 +327,7 @@ def test_one_step_score_distillation_is_dmd_on_the_sample_from_pure_noise(random
     dmd, fake_loss = losses["dmd"], losses["fake"]
     assert set(losses) == {"dmd", "fake"}
     torch.manual_seed(3)
-    native, cfg, cond = teacher.native, recipe.cfg, batch.cond
-    assert batch.x0 is not None
-    t_max = torch.full((6,), native.t_max)
-    x0_gen = recipe.student(initial_noise(native, native.t_max, batch_random.randn_like(batch.x0)), t_max, cond)
-    real = lambda x, t: teacher.guided(x, t, cond, batch.uncond, 2.0)  # noqa: E731
-    fake = lambda x, t: recipe.fakes[0](x, t, cond)  # noqa: E731
-    t = uniform_times(native, 6, cfg.dmd_t_min, cfg.dmd_t_max)
-    expected, _ = distribution_matching_loss(x0_gen, t, native, real, fake)
-    t_f = uniform_times(native, 6, cfg.dmd_t_min, cfg.dmd_t_max)
-    expected_fake = fake_score_loss(x0_gen, t_f, native, fake, weighting=cfg.fake_weighting)
+    _, expected, expected_fake = _one_step_dmd_by_hand(recipe, batch, 2.0)
     assert dmd.item() > 0
     torch.testing.assert_close(dmd, expected, rtol=0, atol=0)
     torch.testing.assert_close(fake_loss, expected_fake, rtol=0, atol=0)
@@ -447,10 +453,7 @@ def test_the_gan_beside_dmd_is_ladd_on_the_one_step_sample_against_real_x0_and_i
     discriminator on x0_G = f(z, t_max) against the batch's real x0, draw for draw; the student's loss gains
     dmd_adv_weight * generator; the critic steps in the fake-only iterations too, and not in TSCD stages (where
     ``adv_weight`` is 0); the critic's gradient reaches the heads and not the LoRA, the generator's the LoRA."""
-    from fewstep import batch_random
     from fewstep.objectives.adversarial import discriminator_times, ladd_losses
-    from fewstep.objectives.dmd import distribution_matching_loss, fake_score_loss, uniform_times
-    from fewstep.sampling import initial_noise
 
     teacher, _ = load_denoiser(str(random_digits))
     recipe = _dmd_recipe(teacher, dmd_adv_weight=0.25, fake_steps=2)
@@ -459,15 +462,9 @@ def test_the_gan_beside_dmd_is_ladd_on_the_one_step_sample_against_real_x0_and_i
     torch.manual_seed(3)
     losses = recipe.dmd_losses(batch)
     torch.manual_seed(3)
-    native, cfg, cond = teacher.native, recipe.cfg, batch.cond
-    assert batch.x0 is not None
-    t_max = torch.full((6,), native.t_max)
-    x0_gen = recipe.student(initial_noise(native, native.t_max, batch_random.randn_like(batch.x0)), t_max, cond)
-    real = lambda x, t: teacher.guided(x, t, cond, batch.uncond, 1.0)  # noqa: E731
-    fake = lambda x, t: recipe.fakes[0](x, t, cond)  # noqa: E731
-    distribution_matching_loss(x0_gen, uniform_times(native, 6, cfg.dmd_t_min, cfg.dmd_t_max), native, real, fake)
-    fake_score_loss(x0_gen, uniform_times(native, 6, cfg.dmd_t_min, cfg.dmd_t_max), native, fake)
-    t_d = discriminator_times(native, 6, cfg.adv_p_mean, cfg.adv_p_std, cfg.adv_p_sigma_data)
+    x0_gen, _, _ = _one_step_dmd_by_hand(recipe, batch, 1.0)
+    cfg, cond = recipe.cfg, batch.cond
+    t_d = discriminator_times(teacher.native, 6, cfg.adv_p_mean, cfg.adv_p_std, cfg.adv_p_sigma_data)
     generator, critic = ladd_losses(recipe.disc, x0_gen, batch.x0, t_d, cond)
     torch.testing.assert_close(losses["generator"], generator, rtol=0, atol=0)
     torch.testing.assert_close(losses["critic"], critic, rtol=0, atol=0)
