@@ -30,7 +30,8 @@ score distillation weighted by ``dmd_tscd_weight``, 0 dropping it):
       sample x0_G = f(z, t_max -> t_min), with a fake score trained on x0_G (``objectives/dmd.py``); with
       ``dmd_plans`` (ours) on the last x0 of each listed sampler instead, one fake score per sampler if
       ``dmd_fake_per_plan``: on digits the one-step-only stage pulls the LoRA away from 8 steps. ``dmd_adv_weight``
-      (ours) adds DMD2's GAN on real data beside it (Yin et al. 2024b, Sec. 4.4; heads on frozen teacher features).
+      (ours) adds DMD2's GAN on real data beside it (Yin et al. 2024b, Sec. 4.4): heads on frozen teacher features,
+      or, with ``dmd_adv_features = "fake"``, DMD2's own classifier on each fake score's features, trained with it.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from torch import Tensor, nn
 
 from .. import batch_random
 from ..errors import FewstepError
-from ..objectives.adversarial import TeacherDiscriminator, discriminator_times, ladd_losses
+from ..objectives.adversarial import TeacherDiscriminator, discriminator_times, ladd_losses, score_gan_losses
 from ..objectives.consistency import segment_edge, segment_edges, segment_output, teacher_ode_step
 from ..objectives.dmd import Weighting, distribution_matching_loss, fake_score_loss, fake_score_networks, uniform_times
 from ..objectives.losses import mean_per_sample
@@ -145,6 +146,13 @@ class HyperSDConfig:
     # scoring each sampler's x0_G against the batch's real x0; its critic steps at every iteration of the stage, fake-
     # only ones included, as DMD2's classifier steps with the fake score. 0: DMD alone (the paper's Sec. 3.3)
     dmd_adv_weight: float = 0.0
+    # the GAN's features: "teacher", the frozen teacher's, as above; "fake", DMD2's own classifier (its
+    # sd_guidance.py, cls_pred_branch on the fake UNet's bottleneck): heads on each sampler's fake score's blocks,
+    # non-saturating logistic losses (``adversarial.score_gan_losses``), the critic's loss times
+    # ``dmd_adv_critic_weight`` (DMD2's guidance_cls_loss_weight, 1e-2) added to that fake's denoising loss, so that
+    # the heads and the fake score's backbone train together at ``fake_lr``
+    dmd_adv_features: Literal["teacher", "fake"] = "teacher"
+    dmd_adv_critic_weight: float = 1e-2
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
 
@@ -216,8 +224,16 @@ class HyperSD(Recipe):
         self.dmd_samplers = self.plan() if cfg.dmd_steps > 0 else {}  # the exported samplers DMD draws through
         self.stage_ends = list(accumulate(n for _, _, n in self.stages))
         adv = cfg.adv_weight > 0 and any(k <= cfg.adv_segments for _, k, _ in self.stages)
-        adv = adv or (cfg.dmd_steps > 0 and cfg.dmd_adv_weight > 0)
+        gan = cfg.dmd_steps > 0 and cfg.dmd_adv_weight > 0
+        adv = adv or (gan and cfg.dmd_adv_features == "teacher")
         self.disc = TeacherDiscriminator(teacher, cfg.adv_block_every) if adv else None
+        # DMD2's classifier: one set of heads per fake score, trained in the fake scores' group
+        self.fake_discs: list[TeacherDiscriminator] = []
+        if gan and cfg.dmd_adv_features == "fake":
+            assert self.fake_nets is not None  # dmd_steps > 0 built them
+            self.fake_discs = [TeacherDiscriminator(f, cfg.adv_block_every) for f in self.fakes]
+            heads = nn.ModuleList(d.heads for d in self.fake_discs)
+            self.fake_nets = nn.ModuleDict({"model": self.fake_nets, "heads": heads})
 
     def trainable(self) -> dict[str, nn.Module]:
         nets = {"student": self.model}
@@ -257,6 +273,7 @@ class HyperSD(Recipe):
             out["fake"] = dmd["fake"]
             if "generator" in dmd:
                 out["student"] = out["student"] + cfg.dmd_adv_weight * dmd["generator"]
+            if "critic" in dmd:
                 out["critic"] = out.get("critic", 0) + dmd["critic"]
         return out
 
@@ -317,7 +334,8 @@ class HyperSD(Recipe):
     def dmd_losses(self, batch: Batch, student: bool = True) -> dict[str, Tensor]:
         """The score-distillation terms on the student's samples x0_G (DMD2's generator; the teacher guided at w_min):
         "dmd", the student's DMD loss, and "fake", the fake score's; with ``dmd_adv_weight`` also "generator" and
-        "critic", the GAN's hinge losses of x0_G against the real x0. With ``dmd_plans`` = (1,), x0_G = f(z, t_max ->
+        "critic", the GAN's hinge losses of x0_G against the real x0 (with ``dmd_adv_features = "fake"``, no "critic":
+        the classifier's loss is inside "fake"). With ``dmd_plans`` = (1,), x0_G = f(z, t_max ->
         t_min), the one-step sample; with m entries, the batch is dealt to the m samplers (``Batch.interleaved``: rows
         j, j + m, ... to the j-th, or by ``dmd_plan_rows``), and each part holds the last x0 of its sampler, matched
         by its own fake score with ``dmd_fake_per_plan``; every loss is the row-weighted mean, i.e. a mean over the
@@ -326,9 +344,11 @@ class HyperSD(Recipe):
         native, cfg, plans = self.teacher.native, self.cfg, self.dmd_samplers
         b = batch.x0.shape[0]
         parts = batch.interleaved(cfg.dmd_plan_rows or [1] * len(cfg.dmd_plans), "hyper_sd: dmd_plans")
-        disc = self.disc if cfg.dmd_adv_weight > 0 else None  # the GAN beside DMD
+        gan = cfg.dmd_adv_weight > 0  # the GAN beside DMD: on frozen teacher features, or on the fake scores'
+        disc = self.disc if gan and not self.fake_discs else None
         zero = batch.x0.new_zeros(())
-        totals = {"dmd": zero, "fake": zero} | ({"generator": zero, "critic": zero} if disc is not None else {})
+        totals = {"dmd": zero, "fake": zero} | ({"generator": zero} if gan else {})
+        totals |= {"critic": zero} if disc is not None else {}
         for j, (n, (_, part)) in enumerate(zip(cfg.dmd_plans, parts, strict=True)):
             assert part.x0 is not None
             cond, plan, k = part.cond, plans[n], plans[n].steps - 1
@@ -337,7 +357,8 @@ class HyperSD(Recipe):
                 x = plan_state(denoise, plan, batch_random.randn_like(part.x0), k)
             with torch.set_grad_enabled(student):
                 x0_gen = denoise(x, torch.full((x.shape[0],), plan.times[k], dtype=x.dtype, device=x.device))
-            fake_net = self.fakes[j if cfg.dmd_fake_per_plan else 0]
+            i = j if cfg.dmd_fake_per_plan else 0
+            fake_net = self.fakes[i]
             fake = lambda x, t, f=fake_net, c=cond: f(x, t, c)  # noqa: E731
             real = lambda x, t, c=part: self.teacher.guided(x, t, c.cond, c.uncond, cfg.w_min)  # noqa: E731
             dmd = x0_gen.new_zeros(())
@@ -348,6 +369,10 @@ class HyperSD(Recipe):
             terms = {"dmd": dmd, "fake": fake_score_loss(x0_gen, t_f, native, fake, weighting=cfg.fake_weighting)}
             if disc is not None:
                 terms["generator"], terms["critic"] = ladd_losses(disc, x0_gen, part.x0, self.disc_times(x0_gen), cond)
+            elif gan:  # DMD2: the classifier's loss joins its fake score's
+                t_d = self.disc_times(x0_gen)
+                generator, critic = score_gan_losses(self.fake_discs[i], x0_gen, part.x0, t_d, cond)
+                terms["generator"], terms["fake"] = generator, terms["fake"] + cfg.dmd_adv_critic_weight * critic
             share = x0_gen.shape[0] / b
             totals = {name: total + share * terms[name] for name, total in totals.items()}
         return totals

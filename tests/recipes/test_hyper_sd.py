@@ -488,3 +488,45 @@ def test_the_gan_beside_dmd_is_ladd_on_the_one_step_sample_against_real_x0_and_i
     recipe.dmd_losses = lambda batch, student=True: stub  # type: ignore[method-assign]
     out = recipe.loss(batch, 2)
     assert out["student"].item() == 2.0 + 3.0 + 0.25 * 7.0 and out["critic"].item() == 11.0
+
+
+def test_dmd2s_classifier_rides_on_each_samplers_fake_score_and_its_loss_trains_that_fake(random_digits: Path) -> None:
+    """``dmd_adv_features = "fake"`` (DMD2's own classifier): heads on the fake score's features; "generator" and the
+    critic equal ``score_gan_losses`` on x0_G = f(z, t_max) against the batch's real x0, draw for draw; the critic's
+    loss times ``dmd_adv_critic_weight`` is inside "fake" (no "critic" group), so it trains the heads and the fake
+    backbone and not the LoRA; the generator's reaches the LoRA; one set of heads per fake score."""
+    from fewstep.objectives.adversarial import discriminator_times, score_gan_losses
+
+    teacher, _ = load_denoiser(str(random_digits))
+    recipe = _dmd_recipe(
+        teacher, dmd_adv_weight=0.25, dmd_adv_features="fake", dmd_adv_critic_weight=0.5, fake_steps=2
+    )
+    assert recipe.disc is None and set(recipe.trainable()) == {"student", "fake"}
+    assert [d.teacher for d in recipe.fake_discs] == recipe.fakes
+    fake_group = set(recipe.trainable()["fake"].parameters())
+    heads = list(recipe.fake_discs[0].heads.parameters())
+    assert set(heads) <= fake_group and set(recipe.fakes[0].model.parameters()) <= fake_group
+    batch = DigitsBatches(null_class_of(teacher.model), batch_size=6)(0)
+    torch.manual_seed(3)
+    losses = recipe.dmd_losses(batch)
+    torch.manual_seed(3)
+    x0_gen, _, fake_loss = _one_step_dmd_by_hand(recipe, batch, 1.0)
+    cfg = recipe.cfg
+    t_d = discriminator_times(teacher.native, 6, cfg.adv_p_mean, cfg.adv_p_std, cfg.adv_p_sigma_data)
+    generator, critic = score_gan_losses(recipe.fake_discs[0], x0_gen, batch.x0, t_d, batch.cond)
+    assert set(losses) == {"dmd", "fake", "generator"}
+    torch.testing.assert_close(losses["generator"], generator, rtol=0, atol=0)
+    torch.testing.assert_close(losses["fake"], fake_loss + 0.5 * critic, rtol=0, atol=0)
+    lora = [p for n, p in recipe.model.named_parameters() if "lora" in n]
+    losses["fake"].backward(retain_graph=True)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in heads) and all(p.grad is None for p in lora)
+    losses["generator"].backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in lora)
+    assert [set(recipe.loss(batch, step)) for step in range(4)] == [{"student"}] * 2 + [
+        {"student", "fake"},
+        {"fake"},
+    ]
+    per_plan = _dmd_recipe(
+        teacher, dmd_adv_weight=0.25, dmd_adv_features="fake", dmd_plans=(1, 2), dmd_fake_per_plan=True
+    )
+    assert [d.teacher for d in per_plan.fake_discs] == per_plan.fakes and len(per_plan.fakes) == 2
