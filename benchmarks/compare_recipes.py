@@ -254,6 +254,26 @@ def markdown(compare: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot_series(compare: dict[str, Any], key: str) -> list[tuple[str, list[int], list[float], list[float]]]:
+    """(name, NFEs, FIDs, error bars) for one panel (``key`` "fid" or "fid_train"): the teacher's Euler sampler, then
+    one series per recipe however many trainings it has (``compare["runs"]`` holds a run per training seed). The bars
+    are the std over trainings where there are several, else, on the held-out panel, over the bench's sampling
+    seeds; a single training has no train-split spread."""
+    std = {"fid": "fid_std", "fid_train": "fid_train_std"}[key]
+    series = []
+    for name in dict.fromkeys([TEACHER, *(run["recipe"] for run in compare["runs"])]):
+        rows = compare["teacher"] if name == TEACHER else compare["rows"]
+        w = compare.get("teacher_guidance", 1.0) if name == TEACHER else 1.0  # each at the guidance it samples at
+        pts = sorted(
+            (r for r in rows if r["recipe"] == name and r[key] is not None and (r["guidance"] or 1.0) == w),
+            key=lambda r: r["nfe"],
+        )
+        if pts:
+            errs = [r.get(std) or 0.0 for r in pts]
+            series.append((name, [r["nfe"] for r in pts], [r[key] for r in pts], errs))
+    return series
+
+
 def plot_quality(compare: dict[str, Any], path: Path) -> None:
     """FID against NFE (log x), held-out and train panels: a line per recipe, the teacher's Euler sampler dashed,
     and a dotted line at 1.1x the teacher's 50-step FID."""
@@ -267,16 +287,8 @@ def plot_quality(compare: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, key, title in zip(axes, ("fid", "fid_train"), ("FID vs held-out", "FID vs train"), strict=True):
         nfes: set[int] = set()
-        for name in [TEACHER, *(run["recipe"] for run in compare["runs"])]:
-            rows = compare["teacher"] if name == TEACHER else compare["rows"]
-            w = compare.get("teacher_guidance", 1.0) if name == TEACHER else 1.0  # each at the guidance it samples at
-            pts = [r for r in rows if r["recipe"] == name and r[key] is not None and (r["guidance"] or 1.0) == w]
-            if not pts:
-                continue
-            pts.sort(key=lambda r: r["nfe"])
+        for name, xs, ys, errs in plot_series(compare, key):
             style = "--" if name == TEACHER else "-"
-            xs, ys = [p["nfe"] for p in pts], [p[key] for p in pts]
-            errs = [p["fid_std"] or 0.0 for p in pts] if key == "fid" else None
             color = "gray" if name == TEACHER else None
             ax.errorbar(xs, ys, yerr=errs, ls=style, marker="o", capsize=3, color=color, label=name)
             nfes.update(xs)

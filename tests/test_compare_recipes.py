@@ -243,6 +243,14 @@ def test_train_seeds_average_each_number_over_the_trainings(cr: ModuleType, tmp_
     cells = table_lines((out / "compare.md").read_text())
     rcm = [c for c in cells if c[0] == "rcm"]
     assert len(rcm) == 2 and all("+-" in c[3] and "mean of 3 seeds" in c[7] for c in rcm)
+    # the plot: one line per recipe (not one per training), its bars the std over the trainings on both panels
+    assert [run["recipe"] for run in compare["runs"]] == ["rcm"] * 3
+    for key, std in (("fid", "fid_std"), ("fid_train", "fid_train_std")):
+        series = cr.plot_series(compare, key)
+        assert [name for name, *_ in series] == [cr.TEACHER, "rcm"]
+        _, xs, ys, errs = series[1]
+        rows = sorted(compare["rows"], key=lambda r: r["nfe"])
+        assert (xs, ys, errs) == ([r["nfe"] for r in rows], [r[key] for r in rows], [r[std] for r in rows])
     assert cr.main(["--recipes", "rcm", "--output", str(out), "--train-seeds", "0"]) == 2
 
 
