@@ -74,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", metavar="DIR", help="text-to-image: captioned real images, encoded by the teacher's VAE")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     p.add_argument("--no-bench", action="store_true", help="digits: skip the bench report after training")
+    p.add_argument(
+        "--bench-seeds", type=_positive_int, metavar="N",
+        help="digits and video: noise seeds the bench report averages, student and teacher alike (default 3)",
+    )  # fmt: skip
 
     p = sub.add_parser("sample", help="sample a model at any step count and save a grid")
     p.add_argument("model", help="diffusers folder (teacher or student), hub id, or 'digits'")
@@ -172,7 +176,15 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
     resolve_source(args.teacher)
     out = args.output or Path("runs") / f"{args.recipe}-{_run_name(args.teacher)}"
-    folder = run_distill(recipe, cfg, teacher=args.teacher, output=out, resume=args.resume, bench=not args.no_bench)
+    folder = run_distill(
+        recipe,
+        cfg,
+        teacher=args.teacher,
+        output=out,
+        resume=args.resume,
+        bench=not args.no_bench,
+        bench_seeds=args.bench_seeds,
+    )
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"wrote {folder}")
     return 0

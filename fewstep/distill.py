@@ -136,8 +136,9 @@ def _write_text(path: Path, text: str) -> None:
 
 
 def run_distill(
-    recipe_cls: type[Recipe], cfg: Any, teacher: str, output: Path, resume: str | None = None, bench: bool = True
-) -> Path:
+    recipe_cls: type[Recipe], cfg: Any, teacher: str, output: Path, resume: str | None = None, bench: bool = True,
+    bench_seeds: int | None = None,
+) -> Path:  # fmt: skip
     """Train ``recipe_cls`` with ``cfg`` on ``teacher`` into ``output``; returns the student folder.
 
     ``resume``: None starts fresh (refusing a folder that already holds checkpoints), "" continues from the last good
@@ -145,7 +146,8 @@ def run_distill(
 
     Under a launcher (``torchrun``, ``accelerate launch``) with ``train.parallel`` set, every process trains its slice
     of each batch; the first then reads the final (sharded) checkpoint back into one process, whole, and exports
-    from it exactly as a one-process run does, while the others end.
+    from it exactly as a one-process run does, while the others end. ``bench_seeds``: the noise seeds of the bench
+    report on an embedded world (None: the bench's own default).
     """
     from .training.config import to_toml, validate_config
     from .training.parallel import Processes, alone
@@ -190,7 +192,7 @@ def run_distill(
     _write_text(output / "training.json", json.dumps(summary) + "\n")
     write_card(folder, recipe, pipe, teacher, denoiser.native)
     if bench and teacher in EMBEDDED:
-        bench_student(folder, teacher, sorted(recipe.plan()), output / "bench")
+        bench_student(folder, teacher, sorted(recipe.plan()), output / "bench", bench_seeds)
         write_card(folder, recipe, pipe, teacher, denoiser.native, output / "bench" / "report.json")
     return folder
 
@@ -261,9 +263,11 @@ def teacher_bench_key(teacher: str, cfg: Any) -> str:
     return digest.hexdigest()[:16]
 
 
-def bench_student(student: Path, teacher: str, steps: list[int], report: Path) -> None:
+def bench_student(student: Path, teacher: str, steps: list[int], report: Path, seeds: int | None = None) -> None:
     """The student at its plan's step counts next to the teacher at the same counts and at 50 steps (one report): the
-    teacher at its world's guidance (``worlds.TEACHER_GUIDANCE``, which the presets distil in), the student at 1.
+    teacher at its world's guidance (``worlds.TEACHER_GUIDANCE``, which the presets distil in), the student at 1,
+    both averaged over the same ``seeds`` noise seeds (None: the bench's default). Benching a student again (with more
+    seeds, say) replaces the earlier rows.
 
     The teacher's rows are deterministic for a given teacher, bench settings and machine, so they are measured once
     and then copied from the cache (about 1.5 of the 2 minutes a digits bench takes on 2 cores). The cache entry is
@@ -277,7 +281,8 @@ def bench_student(student: Path, teacher: str, steps: list[int], report: Path) -
     from .worlds import teacher_guidance
 
     # the teacher's guidance named, not left to bench.run.guidance_of, so that the cache key holds it
-    teacher_cfg = BenchConfig(steps=tuple(sorted({*steps, 50})), guidance=(teacher_guidance(teacher),))
+    seeds = BenchConfig().seeds if seeds is None else seeds
+    teacher_cfg = BenchConfig(steps=tuple(sorted({*steps, 50})), guidance=(teacher_guidance(teacher),), seeds=seeds)
     cached = bench_cache_dir() / "teacher-bench" / teacher_bench_key(teacher, teacher_cfg)
     with ExitStack() as stack:
         try:
@@ -292,4 +297,4 @@ def bench_student(student: Path, teacher: str, steps: list[int], report: Path) -
                 run_bench([teacher], cached, teacher_cfg)
             with locked(report), atomic_dir(report, "report.json") as tmp:
                 shutil.copytree(cached, tmp, dirs_exist_ok=True)
-    run_bench([str(student)], report, BenchConfig(steps=tuple(steps)))
+    run_bench([str(student)], report, BenchConfig(steps=tuple(steps), seeds=seeds))

@@ -176,7 +176,9 @@ def test_main_trains_reports_failures_and_reuses(cr: ModuleType, tmp_path: Path,
     specs = {"lcm": {"exit": 0, "report": report(rng, out / "lcm", [1, 2])}, "scm": {"exit": 5, "report": {}}}
     calls: list[tuple[str, bool]] = []
 
-    def fake(recipe: str, folder: Path, resume: bool, sets: list[str], world: str = "digits") -> list[str]:
+    def fake(
+        recipe: str, folder: Path, resume: bool, sets: list[str], world: str = "digits", bench_seeds: Any = None
+    ) -> list[str]:
         calls.append((recipe, resume))
         return [sys.executable, "-c", FAKE_DISTILL, str(folder), json.dumps(specs[recipe])]
 
@@ -222,7 +224,9 @@ def test_train_seeds_average_each_number_over_the_trainings(cr: ModuleType, tmp_
     specs = {k: {"exit": 0, "report": report(rng, out / "rcm" / f"seed{k}", [1, 2])} for k in range(3)}
     calls: list[tuple[Path, str]] = []
 
-    def fake(recipe: str, folder: Path, resume: bool, sets: list[str], world: str = "digits") -> list[str]:
+    def fake(
+        recipe: str, folder: Path, resume: bool, sets: list[str], world: str = "digits", bench_seeds: Any = None
+    ) -> list[str]:
         seed = int(sets[-1].split("=")[1])
         calls.append((folder, sets[-1]))
         return [sys.executable, "-c", FAKE_DISTILL, str(folder), json.dumps(specs[seed])]
@@ -254,6 +258,38 @@ def test_train_seeds_average_each_number_over_the_trainings(cr: ModuleType, tmp_
     assert cr.main(["--recipes", "rcm", "--output", str(out), "--train-seeds", "0"]) == 2
 
 
+def test_bench_seeds_reach_each_distill_and_rebench_reused_runs(
+    cr: ModuleType, tmp_path: Path, monkeypatch: Any
+) -> None:
+    """--bench-seeds N: each new run's distill benches with N noise seeds; with --reuse, a finished run benched with
+    another number is benched again (its student at the steps of its report, next to the world's teacher) and one
+    benched with N is left alone; the training is not run again."""
+    out = tmp_path / "out"
+    rng = random.Random(4)
+    assert cr.distill_command("lcm", out, False, [], "digits", 10)[-1] == "--bench-seeds=10"
+    assert not any("--bench-seeds" in a for a in cr.distill_command("lcm", out, False, []))
+    specs = {name: {"exit": 0, "report": report(rng, out / name, steps)} for name, steps in PLANS.items()}
+    specs["scm"]["report"]["config"]["seeds"] = 10  # already benched with 10
+    seen: list[Any] = []
+
+    def fake(recipe: str, folder: Path, resume: bool, sets: list[str], world: str = "digits", bench_seeds: Any = None):
+        seen.append((recipe, bench_seeds))
+        return [sys.executable, "-c", FAKE_DISTILL, str(folder), json.dumps(specs[recipe])]
+
+    monkeypatch.setattr(cr, "distill_command", fake)
+    assert cr.main(["--recipes", "lcm,scm", "--output", str(out), "--bench-seeds", "10"]) == 0
+    assert seen == [("lcm", 10), ("scm", 10)]
+
+    import fewstep.distill
+
+    benched: list[tuple[Any, ...]] = []
+    monkeypatch.setattr(fewstep.distill, "bench_student", lambda *a: benched.append(a))
+    seen.clear()
+    assert cr.main(["--recipes", "lcm,scm", "--output", str(out), "--reuse", "--bench-seeds", "10"]) == 0
+    assert seen == [] and benched == [(out / "lcm" / "student", "digits", [1, 2, 4], out / "lcm" / "bench", 10)]
+    assert cr.main(["--recipes", "lcm", "--output", str(out), "--bench-seeds", "0"]) == 2
+
+
 def test_video_world_runs_the_video_recipes_on_the_video_teacher(
     cr: ModuleType, tmp_path: Path, monkeypatch: Any
 ) -> None:
@@ -274,7 +310,9 @@ def test_video_world_runs_the_video_recipes_on_the_video_teacher(
     command = cr.distill_command("mcm", out, False, [], "video")
     assert command[4:8] == ["--recipe", "mcm", "--teacher", "video"]
 
-    def fake(recipe: str, folder: Path, resume: bool, sets: list[str], world: str = "digits") -> list[str]:
+    def fake(
+        recipe: str, folder: Path, resume: bool, sets: list[str], world: str = "digits", bench_seeds: Any = None
+    ) -> list[str]:
         calls.append((recipe, world))
         return [sys.executable, "-c", FAKE_DISTILL, str(folder), json.dumps(specs[recipe])]
 

@@ -23,7 +23,13 @@ def fake_bench(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[tuple[st
         path = report_dir / "report.json"
         rows = json.loads(path.read_text())["rows"] if path.is_file() else []
         rows += [
-            {"source": s, "steps": list(cfg.steps), "guidance": list(cfg.guidance), "measured": len(calls)}
+            {
+                "source": s,
+                "steps": list(cfg.steps),
+                "guidance": list(cfg.guidance),
+                "seeds": cfg.seeds,
+                "measured": len(calls),
+            }
             for s in sources
         ]
         path.write_text(json.dumps({"rows": rows}))
@@ -102,3 +108,19 @@ def test_a_teacher_is_benched_at_its_worlds_guidance_and_the_student_at_one(fake
     teacher, student = json.loads((tmp_path / "bench" / "report.json").read_text())["rows"]
     assert (teacher["source"], teacher["guidance"], teacher["steps"]) == ("video", [1.5], [1, 4, 50])
     assert (student["source"], student["guidance"]) == (str(tmp_path / "s"), [])  # its own: 1 (bench.run.guidance_of)
+
+
+def test_bench_seeds_reach_student_and_teacher_and_a_new_bench_replaces_the_report(
+    fake_bench: list, random_digits: Path, tmp_path: Path
+) -> None:
+    """``seeds``: both rows averaged over the same noise seeds, the teacher's cached per seed count; benching the same
+    student again with more seeds leaves only the new rows (compare_recipes --bench-seeds on finished runs)."""
+    teacher, report = str(random_digits), tmp_path / "bench" / "report.json"
+    distill.bench_student(tmp_path / "s", teacher, [1, 2], tmp_path / "bench")
+    assert [r["seeds"] for r in json.loads(report.read_text())["rows"]] == [3, 3]  # the bench's default
+    distill.bench_student(tmp_path / "s", teacher, [1, 2], tmp_path / "bench", seeds=10)
+    rows = json.loads(report.read_text())["rows"]
+    assert [(r["source"], r["seeds"]) for r in rows] == [(teacher, 10), (str(tmp_path / "s"), 10)]
+    assert fake_bench.count((teacher,)) == 2  # 3 and 10 seeds: two cache entries
+    distill.bench_student(tmp_path / "s", teacher, [1, 2], tmp_path / "bench", seeds=10)
+    assert fake_bench.count((teacher,)) == 2 and len(json.loads(report.read_text())["rows"]) == 2
