@@ -1,15 +1,15 @@
 """How close can a one-step student of the digits teacher's own network get to the teacher's ODE map at all?
 
     python benchmarks/one_step_bound.py [--pairs 16384] [--steps 3000] [--eval-every 1000] [--output DIR]
-                                        [--plan-recipe scm --plan-steps 2]
+                                        [--plan-recipe scm --plan-steps 2] [--noise-seeds 3]
 
 Consistency recipes (LCM, sCM) train the student towards the teacher's probability-flow map noise -> x0, so a
 one-step consistency student is at best that map. This script gives the map to a student directly: it draws
 ``--pairs`` noises with balanced class labels, solves the teacher's ODE from each (Euler, ``--teacher-steps``), and
 regresses a copy of the teacher (the students' initialization) onto the pairs, x0_theta(eps, t_max) ~ ODE(eps), by
 MSE (Luhman & Luhman 2021's knowledge distillation). Every ``--eval-every`` steps the bias-corrected EMA (as the
-Trainer exports) is scored at one step like `fewstep bench`: 3 seeds x 1,000 samples, FID against the held-out and the
-train split, class accuracy. The table is printed and written to OUT/one_step_bound.json (OUT: runs/one-step-bound by
+Trainer exports) is scored at one step like `fewstep bench`: 3 seeds x 1,000 samples (``--noise-seeds``), FID
+against the held-out and the train split, class accuracy. The table is printed and written to OUT/one_step_bound.json (OUT: runs/one-step-bound by
 default); the pairs are cached in OUT.
 
 With ``--plan-steps N`` (N > 1) the student is instead regressed onto every time of ``--plan-recipe``'s N-step digits
@@ -105,16 +105,18 @@ def plan_pairs(
 
 
 @torch.no_grad()
-def score_plan(denoiser: Any, metrics: DigitsMetrics, plan: SamplingPlan, num: int = 1000) -> dict[str, float]:
-    """``plan`` run with ``denoiser(labels)`` -> (x_t, t) -> x0, scored like `fewstep bench` (3 seeds x ``num``)."""
+def score_plan(
+    denoiser: Any, metrics: DigitsMetrics, plan: SamplingPlan, num: int = 1000, seeds: int = 3
+) -> dict[str, float]:
+    """``plan`` run with ``denoiser(labels)`` -> (x_t, t) -> x0, scored like `fewstep bench` (``seeds`` x ``num``)."""
     rows = []
-    for seed in range(3):
+    for seed in range(seeds):
         labels = balanced_labels(num)
         gen = torch.Generator().manual_seed(seed)
         eps = torch.randn((num, *SHAPE), generator=gen)
         images = to_unit(sample_plan(denoiser(labels), plan, eps, gen).clamp(-1, 1))
         rows.append((metrics.fid_held_out(images), metrics.fid_train(images), 100 * metrics.accuracy(images, labels)))
-    return {key: sum(r[i] for r in rows) / 3 for i, key in enumerate(("fid", "fid_train", "accuracy"))}
+    return {key: sum(r[i] for r in rows) / seeds for i, key in enumerate(("fid", "fid_train", "accuracy"))}
 
 
 def conditioned(student: Denoiser) -> Any:
@@ -135,13 +137,13 @@ def suffix(n: int) -> str:
 
 @torch.no_grad()
 def score_ideal_plans(
-    teacher: Denoiser, metrics: DigitsMetrics, recipes: list[str], steps: int
+    teacher: Denoiser, metrics: DigitsMetrics, recipes: list[str], steps: int, seeds: int = 3
 ) -> list[dict[str, Any]]:
-    """Each recipe's digits-preset plans run with the teacher's exact ODE map as the student (3 seeds x 1,000)."""
+    """Each recipe's digits-preset plans run with the teacher's exact ODE map as the student (``seeds`` x 1,000)."""
     rows = []
     for name in recipes:
         for n, plan in digits_plans(teacher, name).items():
-            scores = score_plan(lambda labels: ode_map(teacher, labels, steps), metrics, plan)
+            scores = score_plan(lambda labels: ode_map(teacher, labels, steps), metrics, plan, seeds=seeds)
             fid, fid_train = scores["fid"], scores["fid_train"]
             rows.append({"recipe": name, "steps": n, "times": list(plan.times), "fid": fid, "fid_train": fid_train})
             print(f"ideal {name} {n}-step plan {tuple(round(t, 3) for t in plan.times)}: FID {fid:.2f} / train "
@@ -162,8 +164,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plan-recipe", default="scm", help="whose digits plan --plan-steps takes")
     parser.add_argument("--plan-steps", type=int, default=1, help="regress onto every time of this plan (1: t_max)")
     parser.add_argument("--ideal", default="lcm,scm", help="recipes whose plans run with the exact ODE map ('' none)")
+    parser.add_argument("--noise-seeds", type=int, default=3, help="noise seeds x 1,000 samples per score (default 3)")
     parser.add_argument("--output", type=Path, default=Path("runs/one-step-bound"))
     args = parser.parse_args(argv)
+    if args.noise_seeds < 1:
+        raise SystemExit(f"error: --noise-seeds must be >= 1, got {args.noise_seeds}")
 
     torch.manual_seed(args.seed)
     args.output.mkdir(parents=True, exist_ok=True)
@@ -187,7 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     pair_s = time.perf_counter() - start
 
     metrics = DigitsMetrics.load()
-    ideal = score_ideal_plans(teacher, metrics, [r for r in args.ideal.split(",") if r], args.teacher_steps)
+    ideal = score_ideal_plans(
+        teacher, metrics, [r for r in args.ideal.split(",") if r], args.teacher_steps, args.noise_seeds
+    )
 
     model = copy.deepcopy(teacher.model).requires_grad_(True).eval()
     ema = copy.deepcopy(model).requires_grad_(False)
@@ -197,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     def scores(denoiser: Denoiser) -> dict[str, float]:
         out = {}
         for n, plan in plans.items():
-            for key, value in score_plan(conditioned(denoiser), metrics, plan).items():
+            for key, value in score_plan(conditioned(denoiser), metrics, plan, seeds=args.noise_seeds).items():
                 out[key + suffix(n)] = value
         return out
 

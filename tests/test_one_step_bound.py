@@ -71,3 +71,30 @@ def test_plan_pairs_regress_each_plan_time_onto_the_ode_solution_from_there(tmp_
     again = script.plan_pairs(teacher, pairs, plan, 4, 0, tmp_path / "pairs.pt")
     torch.testing.assert_close(again[1][0], x_t)
     torch.testing.assert_close(again[1][1], target)
+
+
+def test_score_plan_averages_the_given_number_of_noise_seeds() -> None:
+    """--noise-seeds: each score is the mean over that many seeds of ``num`` samples (3 as `fewstep bench` by
+    default), one FID per seed."""
+    from fewstep.schedules import Flow
+
+    script = load_script()
+    fids: list[float] = []
+
+    class Metrics:
+        def fid_held_out(self, images: torch.Tensor) -> float:
+            fids.append(float(len(fids) + 1))  # 1, 2, 3, ...
+            return fids[-1]
+
+        def fid_train(self, images: torch.Tensor) -> float:
+            return 2.0 * len(fids)
+
+        def accuracy(self, images: torch.Tensor, labels: torch.Tensor) -> float:
+            return 0.5
+
+    plan = SamplingPlan(Flow(), (1.0,))
+    zeros = lambda labels: lambda x, t: torch.zeros_like(x)  # noqa: E731
+    got = script.score_plan(zeros, Metrics(), plan, num=4, seeds=2)
+    assert fids == [1.0, 2.0] and got == {"fid": 1.5, "fid_train": 3.0, "accuracy": 50.0}
+    fids.clear()
+    assert script.score_plan(zeros, Metrics(), plan, num=4)["fid"] == 2.0 and len(fids) == 3
