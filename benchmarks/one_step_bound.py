@@ -9,8 +9,9 @@ one-step consistency student is at best that map. This script gives the map to a
 regresses a copy of the teacher (the students' initialization) onto the pairs, x0_theta(eps, t_max) ~ ODE(eps), by
 MSE (Luhman & Luhman 2021's knowledge distillation). Every ``--eval-every`` steps the bias-corrected EMA (as the
 Trainer exports) is scored at one step like `fewstep bench`: 3 seeds x 1,000 samples (``--noise-seeds``), FID
-against the held-out and the train split, class accuracy. The table is printed and written to OUT/one_step_bound.json (OUT: runs/one-step-bound by
-default); the pairs are cached in OUT.
+against the held-out and the train split, class accuracy. The table is printed and written to
+OUT/one_step_bound.json (OUT: runs/one-step-bound by default); the pairs are cached in OUT. The exact map also runs
+each ``--ideal`` recipe's digits-preset plans (the pipeline's stock times, as the presets export them).
 
 With ``--plan-steps N`` (N > 1) the student is instead regressed onto every time of ``--plan-recipe``'s N-step digits
 plan: at the first, noise -> ODE(noise) as above; at each later time t, a pair's x0 re-noised there with fresh noise
@@ -123,8 +124,18 @@ def conditioned(student: Denoiser) -> Any:
     return lambda labels: lambda x, t: student(x, t, {"class_labels": labels})
 
 
+def digits_teacher() -> Denoiser:
+    """The digits teacher as `fewstep distill` hands it to a recipe: carrying its pipeline's stock samplers, which
+    set the presets' plans (a bare Denoiser would give the recipes' own plans instead)."""
+    from fewstep.distill import prepare_teacher
+
+    denoiser, pipe = load_denoiser("digits")
+    return prepare_teacher(pipe, denoiser, None)
+
+
 def digits_plans(teacher: Denoiser, recipe: str) -> dict[int, SamplingPlan]:
-    """``recipe``'s digits-preset sampling plans, in the teacher's native time."""
+    """``recipe``'s digits-preset sampling plans, in the teacher's native time (the presets' stock plans when
+    ``teacher`` comes from ``digits_teacher``)."""
     cls = resolve(recipe)
     plans = cls(teacher, resolve_config(cls.Config(), find_preset(recipe, "digits"))).plan()
     return {n: plan_in(plan, teacher.native) for n, plan in plans.items()}
@@ -172,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.manual_seed(args.seed)
     args.output.mkdir(parents=True, exist_ok=True)
-    teacher, _ = load_denoiser("digits")
+    teacher = digits_teacher()
     teacher.model.requires_grad_(False).eval()
     start = time.perf_counter()
     pairs = ode_pairs(teacher, args.pairs, args.teacher_steps, args.seed, args.output / f"pairs_{args.pairs}.pt")

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from types import ModuleType
 
+import pytest
 import torch
 from benchmark_scripts import load_benchmark
 
@@ -98,3 +99,12 @@ def test_score_plan_averages_the_given_number_of_noise_seeds() -> None:
     assert fids == [1.0, 2.0] and got == {"fid": 1.5, "fid_train": 3.0, "accuracy": 50.0}
     fids.clear()
     assert script.score_plan(zeros, Metrics(), plan, num=4)["fid"] == 2.0 and len(fids) == 3
+
+
+def test_the_bound_runs_the_plans_the_presets_export() -> None:
+    """The digits presets sample at the pipeline's stock times (uniform sigmas), and so must the exact-map bound:
+    LCM's 4-step plan is 1, 0.75, 0.5, 0.25 (its own grid's 0.76 and 0.26 only without the stock samplers)."""
+    script = load_script()
+    plans = script.digits_plans(script.digits_teacher(), "lcm")
+    assert plans[4].times == pytest.approx((1.0, 0.75, 0.5, 0.25))
+    assert script.digits_plans(script.digits_teacher(), "scm")[2].times == pytest.approx((1.0, 0.5))
