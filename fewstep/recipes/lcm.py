@@ -15,6 +15,7 @@ x0 (from pure noise for a share of the batch) against real x0, both re-noised (`
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -54,6 +55,10 @@ class LCMConfig:
     # samples in plain diffusers; "recipe": n points of the skipping grid picked as LCMScheduler picks them,
     # exported with FewStepScheduler where no stock scheduler runs them
     plan_times: Literal["stock", "recipe"] = "stock"
+    # train at every time the exported plans visit: LCMScheduler's timesteps are points of LCM's grid, but a stock
+    # flow plan's need not be (FluxPipeline's 4-step 0.75 and 0.25 fall between the 50-point grid's 0.76 / 0.74 and
+    # 0.26 / 0.24), so those times join the grid (a no-op where they are on it: VP, "recipe" plans)
+    plan_times_on_grid: bool = True
     gamma: float = 1.0  # re-noising of multistep sampling: 1 = fresh noise (LCM's multistep sampler)
     # PCM's adversarial consistency term (Wang et al., 2024, Sec. 4.3; its discriminator reads a frozen teacher, as
     # LADD): the student's x0 against real x0, both re-noised, scored by heads on teacher features; 0 = off (LCM)
@@ -82,6 +87,17 @@ def skipping_grid(schedule: NoiseSchedule, n: int) -> Tensor:
         times = [total - 1 - i * (total // n) for i in range(n)] + [schedule.t_min]
         return torch.tensor(times, dtype=torch.float64).float()
     return torch.tensor(euler_times(schedule, n))
+
+
+def with_times(grid: Tensor, times: Sequence[float], tol: float = 1e-6) -> Tensor:
+    """``grid`` (descending) with each of ``times`` inside its range that is not already a grid point, kept
+    descending."""
+    lo, hi = float(grid.min()), float(grid.max())
+    extra = [t for t in times if lo < t < hi and not bool(((grid - t).abs() <= tol).any())]
+    if not extra:
+        return grid
+    merged = torch.cat([grid, torch.tensor(sorted(set(extra)), dtype=grid.dtype)])
+    return merged.sort(descending=True).values
 
 
 class LCM(Recipe):
@@ -116,6 +132,9 @@ class LCM(Recipe):
         self.target_model = self.model if cfg.lora_rank > 0 else copy.deepcopy(self.model).requires_grad_(False)
         self.target = teacher.with_model(self.target_model)
         self.grid = skipping_grid(teacher.native, cfg.num_ddim_timesteps)  # t_max ... t_min, descending
+        # the times the consistency loss pairs: the skipping grid, with the exported plans' times where they are off it
+        plan_times = [t for p in self.plan().values() for t in p.times] if cfg.plan_times_on_grid else []
+        self.train_grid = with_times(self.grid, plan_times)
         self.disc = TeacherDiscriminator(teacher, cfg.adv_block_every) if cfg.adv_weight > 0 else None
 
     def trainable(self) -> dict[str, nn.Module]:
@@ -136,8 +155,9 @@ class LCM(Recipe):
             raise FewstepError("lcm needs x0 samples (real images, or teacher samples for image-free runs)")
         x0 = batch.x0
         b = x0.shape[0]
-        n = batch_random.randint(cfg.num_ddim_timesteps - cfg.skip + 1, (b,))
-        t, s = self.grid[n].to(x0), self.grid[n + cfg.skip].to(x0)  # t = t_{n+k} > s = t_n
+        grid = self.train_grid
+        n = batch_random.randint(len(grid) - cfg.skip, (b,))
+        t, s = grid[n].to(x0), grid[n + cfg.skip].to(x0)  # t = t_{n+k} > s = t_n
         w = cfg.w_min + (cfg.w_max - cfg.w_min) * batch_random.rand((b,))
         cond = dict(batch.cond)
         if self.embeds_w:

@@ -10,7 +10,8 @@ import torch
 
 from fewstep.errors import FewstepError
 from fewstep.loading import load_denoiser
-from fewstep.recipes.lcm import LCM, LCMConfig
+from fewstep.recipes import lcm as lcm_module
+from fewstep.recipes.lcm import LCM, LCMConfig, with_times
 from fewstep.training.data import DigitsBatches, null_class_of
 from fewstep.training.trainer import TrainConfig, Trainer
 
@@ -36,6 +37,52 @@ def test_plan_takes_every_kth_grid_time_as_lcm_scheduler(random_digits: Path) ->
     assert plans[2].times == pytest.approx((1.0, 0.5))
     assert plans[4].times == pytest.approx((1.0, 0.76, 0.5, 0.26))
     assert all(p.gamma == 1.0 for p in plans.values())
+
+
+def test_with_times_adds_off_grid_times_inside_the_range_and_keeps_the_grid_descending() -> None:
+    grid = torch.tensor([1.0, 0.5, 0.0])
+    got = with_times(grid, [0.75, 0.5, 1.0, 0.25, 0.75, 2.0, -1.0])
+    assert got.tolist() == [1.0, 0.75, 0.5, 0.25, 0.0]
+    assert with_times(grid, [0.5 + 1e-8]) is grid  # already a point: unchanged
+
+
+def test_the_consistency_loss_trains_at_every_time_the_stock_plans_visit(random_digits: Path) -> None:
+    """FluxPipeline-style uniform sigmas put the 4-step plan at 0.75 and 0.25, between the 50-point grid's points: the
+    training grid gains exactly those two (a pair of neighbours now ends or starts there); LCMScheduler's VP times
+    are grid points already, and ``plan_times_on_grid = false`` keeps LCM's grid as it is."""
+    from fewstep.distill import prepare_teacher
+
+    denoiser, pipe = load_denoiser(str(random_digits))
+    cfg = LCMConfig(**FIXED_W)
+    teacher = prepare_teacher(pipe, denoiser, cfg)
+    recipe = LCM(teacher, cfg)
+    assert recipe.plan()[4].times == pytest.approx((1.0, 0.75, 0.5, 0.25))
+    added = sorted(set(recipe.train_grid.tolist()) - set(recipe.grid.tolist()))
+    assert added == pytest.approx([0.25, 0.75]) and len(recipe.train_grid) == len(recipe.grid) + 2
+    assert torch.all(recipe.train_grid[:-1] > recipe.train_grid[1:])
+    visited = {round(t, 6) for p in recipe.plan().values() for t in p.times}
+    assert visited <= {round(t, 6) for t in recipe.train_grid.tolist()}
+    draws: list[torch.Tensor] = []
+    original = lcm_module.teacher_ode_step
+    try:
+        lcm_module.teacher_ode_step = lambda den, x, t, s, *a: (draws.append(torch.stack([t, s])), x)[1]
+        batch = DigitsBatches(null_class_of(teacher.model), batch_size=256)(0)
+        recipe.loss(batch, 0)
+    finally:
+        lcm_module.teacher_ode_step = original
+    t, s = draws[0]
+    assert bool(((t - 0.75).abs() < 1e-6).any()) and bool(((s - 0.25).abs() < 1e-6).any())
+    assert torch.equal(LCM(teacher, LCMConfig(**FIXED_W, plan_times_on_grid=False)).train_grid, recipe.grid)
+
+
+def test_lcm_schedulers_vp_times_are_grid_points_already(sd_folder: Path) -> None:
+    from fewstep.distill import prepare_teacher
+
+    denoiser, pipe = load_denoiser(str(sd_folder))
+    cfg = LCMConfig(**FIXED_W)
+    recipe = LCM(prepare_teacher(pipe, denoiser, cfg), cfg)
+    assert recipe.plan()[4].times == pytest.approx((999, 759, 499, 259))  # LCMScheduler's own
+    assert torch.equal(recipe.train_grid, recipe.grid)
 
 
 def test_training_moves_the_student_and_the_target_follows_by_ema(random_digits: Path, tmp_path: Path) -> None:
