@@ -1,7 +1,8 @@
 """LCM: latent consistency distillation (Luo et al., 2023) and its LoRA variant (LCM-LoRA, Luo et al., 2023b).
 
 Each step (LCM Alg. 1, in the teacher's own time t):
-  t_{n+k} -> t_n: two neighbours of an N-point skipping grid over the teacher's sampling range,
+  t_{n+k} -> t_n: two neighbours of an N-point skipping grid over the teacher's sampling range (plus the exported
+    plans' times where they fall between its points, ``plan_times_on_grid``),
   x_{t_{n+k}} = alpha x0 + sigma eps, w ~ U[w_min, w_max],
   x_{t_n} = one DDIM step of the teacher's probability-flow ODE with guidance w (Euler for flow teachers),
   f(x, t) = c_skip(t) x + c_out(t) x0_theta(x, t) (boundary scalings, LCMScheduler's form),
