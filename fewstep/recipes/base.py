@@ -96,6 +96,11 @@ class Recipe(ABC):
     def optimizer(self, name: str) -> OptimizerSpec:
         return OptimizerSpec()
 
+    def lr_scale(self, name: str, step: int) -> float:
+        """Multiplier of network ``name``'s learning rates at iteration ``step``, on top of the Trainer's schedule (a
+        stage's own rate). A function of the step, so a resumed run steps exactly as an uninterrupted one."""
+        return 1.0
+
     def ema(self) -> list[str]:
         """Trainable networks of which the Trainer keeps an evaluation EMA (kept apart from the trained weights)."""
         return ["student"] if "student" in self.trainable() else []

@@ -247,6 +247,7 @@ RULES: tuple[tuple[str, Rule], ...] = (
     ("dist_timeout_s", Rule(low=0, low_open=True)),  # seconds a process waits for the others
     # optimizers
     ("lr", POSITIVE),
+    ("dmd_lr", NON_NEGATIVE),  # Hyper-SD's score-distillation rate; 0: lr
     ("*_lr", POSITIVE),
     ("*betas", Rule(low=0, high=1, high_open=True, non_empty=True)),  # Adam: 0 <= beta < 1
     ("weight_decay", NON_NEGATIVE),

@@ -357,8 +357,9 @@ class Trainer:
                     return False
         factor = self.lr_factor(self.step)  # the schedule follows the trainer's step, whichever networks step
         for name in ordered:
+            scale = factor * self.recipe.lr_scale(name, self.step)
             for group, lr in zip(self.optimizers[name].param_groups, self.base_lr[name], strict=True):
-                group["lr"] = lr * factor
+                group["lr"] = lr * scale
             self.optimizers[name].step()
         for opt in self.optimizers.values():
             opt.zero_grad(set_to_none=True)

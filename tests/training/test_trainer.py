@@ -209,6 +209,29 @@ def test_data_stream_is_a_function_of_the_index() -> None:
     assert torch.equal(data(batch_size=5).batch(7)[0], stream.batch(7)[0])
 
 
+class StagedRate(Toy):
+    """The student's rate triples from step 4 on (a stage's own rate), the critic's stays as built."""
+
+    def lr_scale(self, name: str, step: int) -> float:
+        return 3.0 if name == "student" and step >= 4 else 1.0
+
+
+def test_a_recipes_rate_multiplier_sets_its_networks_rate_on_top_of_the_schedule(tmp_path: Path) -> None:
+    trainer = Trainer(StagedRate(), cfg(max_steps=8, lr_decay="cosine"), tmp_path, data().batch)
+    base = trainer.base_lr["student"][0]
+    seen = []
+    for _ in range(8):  # the student steps on even steps
+        trainer.train_step()
+        if trainer.step % 2 == 0:
+            seen.append(trainer.optimizers["student"].param_groups[0]["lr"] / base)
+        trainer.step += 1
+    cosine = [0.5 * (1 + math.cos(math.pi * k / 8)) for k in (0, 2, 4, 6)]
+    assert seen == pytest.approx([cosine[0], cosine[1], 3 * cosine[2], 3 * cosine[3]])
+    assert trainer.optimizers["critic"].param_groups[0]["lr"] / base == pytest.approx(
+        0.5 * (1 + math.cos(math.pi * 7 / 8))
+    )
+
+
 def test_learning_rate_warms_up_then_follows_a_cosine_to_zero(tmp_path: Path) -> None:
     trainer = Trainer(Toy(), cfg(max_steps=10, lr_warmup_steps=2, lr_decay="cosine"), tmp_path, data().batch)
     base = trainer.base_lr["critic"][0]
