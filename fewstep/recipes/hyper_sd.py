@@ -55,7 +55,7 @@ from ..objectives.reward import RewardModel, load_reward
 from ..sampling import SamplingPlan, euler_times, plan_state
 from ..teacher import Denoiser
 from ..training.data import DataConfig
-from ..training.lora import add_lora
+from ..training.lora import LORA_TARGETS, add_lora, lora_targets
 from ..training.trainer import TrainConfig, ema_update
 from .base import Batch, OptimizerSpec, Recipe
 from .lcm import skipping_grid
@@ -82,6 +82,9 @@ class HyperSDConfig:
     w_min: float = 3.0  # teacher guidance w ~ U[w_min, w_max] (rootonchair's TSCD: 3 to 15); no w-embedding
     w_max: float = 15.0
     lora_rank: int = 64  # > 0: the student is a LoRA on the teacher (Hyper-SD ships LoRAs); 0: full fine-tuning
+    # ours: layer-name suffixes adapted beside the LCM-LoRA set (``training.lora.LORA_TARGETS``), e.g. a DiT's
+    # time modulation ("norm1.linear", "proj_out_1"), the transformer's counterpart of the UNet's time_emb_proj
+    lora_extra_targets: tuple[str, ...] = ()
     lr: float = 1e-6  # PCM-LoRA's learning rate on SD1.5 is 5e-6; presets set their own
     betas: tuple[float, float] = (0.9, 0.999)
     target_ema: float = 0.95  # the EMA target's rate (LCM's mu)
@@ -117,6 +120,8 @@ class HyperSDConfig:
     # samples from pure noise against a fake score trained on them, the last TSCD stage's loss kept beside it
     dmd_steps: int = 0
     dmd_weight: float = 1.0
+    # ours: the student's learning rate in the score-distillation stage (0: ``lr``, one rate for every stage)
+    dmd_lr: float = 0.0
     fake_lr: float = 1e-5
     fake_lora_rank: int = 0  # 0: the fake score is a full copy of the teacher
     fake_weighting: Weighting = "v"  # the fake score's denoising weight (``dmd.fake_score_loss``)
@@ -181,7 +186,11 @@ class HyperSD(Recipe):
         self.teacher = teacher
         teacher.model.requires_grad_(False).eval()
         if cfg.lora_rank > 0:
-            self.model = add_lora(copy.deepcopy(teacher.model), cfg.lora_rank).eval()
+            unknown = [t for t in cfg.lora_extra_targets if not lora_targets(teacher.model, (t,))]
+            if unknown:
+                raise FewstepError(f"hyper_sd: lora_extra_targets {unknown} name no Linear or Conv2d layer")
+            targets = LORA_TARGETS + tuple(t for t in cfg.lora_extra_targets if t not in LORA_TARGETS)
+            self.model = add_lora(copy.deepcopy(teacher.model), cfg.lora_rank, suffixes=targets).eval()
             # the student itself, without gradient, or an EMA copy of it
             self.target_model = (
                 self.model if cfg.lora_target == "self" else copy.deepcopy(self.model).requires_grad_(False)
@@ -249,6 +258,12 @@ class HyperSD(Recipe):
         if name == "fake":
             return OptimizerSpec(lr=self.cfg.fake_lr, betas=(0.0, 0.999))
         return OptimizerSpec(lr=self.cfg.lr, betas=self.cfg.betas)
+
+    def lr_scale(self, name: str, step: int) -> float:
+        """The student's rate in the score-distillation stage is ``dmd_lr`` where set; every other rate is as built."""
+        if name == "student" and self.cfg.dmd_lr > 0 and self.stages[self.stage(step)][0] == "dmd":
+            return self.cfg.dmd_lr / self.cfg.lr
+        return 1.0
 
     def stage(self, step: int) -> int:
         """The stage of iteration ``step`` (an index of ``self.stages``): stage i runs from the sum of the earlier

@@ -89,6 +89,8 @@ def test_bad_stage_settings_are_one_line_errors(random_digits: Path) -> None:
         HyperSD(teacher, HyperSDConfig(segments=(8, 4), stage_steps=(10,)))
     with pytest.raises(FewstepError, match="non-increasing"):
         HyperSD(teacher, HyperSDConfig(segments=(2, 4), stage_steps=(1, 1)))
+    with pytest.raises(FewstepError, match=r"lora_extra_targets \['nope'\] name no Linear or Conv2d layer"):
+        HyperSD(teacher, HyperSDConfig(lora_rank=4, lora_extra_targets=("norm1.linear", "nope")))
 
 
 def test_plans_are_the_segment_edges_with_tcds_gamma(random_digits: Path) -> None:
@@ -100,9 +102,14 @@ def test_plans_are_the_segment_edges_with_tcds_gamma(random_digits: Path) -> Non
     assert {p.gamma for p in plans.values()} == {0.3}
 
 
-def test_lora_student_folder_loads_as_a_pipeline_with_its_adapter_merged(random_digits: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("extra", [(), ("norm1.linear", "proj_out_1", "proj_out_2")])
+def test_lora_student_folder_loads_as_a_pipeline_with_its_adapter_merged(
+    random_digits: Path, tmp_path: Path, extra: tuple[str, ...]
+) -> None:
     """The exported LoRA folder names its base; load_pipeline gives the base with the adapter merged (the trained
-    student's outputs) and the student's scheduler, so bench and sample take the folder as they take a pipeline."""
+    student's outputs) and the student's scheduler, so bench and sample take the folder as they take a pipeline.
+    With ``lora_extra_targets`` the DiT's time modulations and output layers carry adapters too and survive the
+    round trip."""
     from fewstep.distill import run_distill
     from fewstep.loading import LORA_BASE, resolve_source
     from fewstep.training.checkpoint import load_checkpoint
@@ -110,7 +117,7 @@ def test_lora_student_folder_loads_as_a_pipeline_with_its_adapter_merged(random_
 
     run = {"train": {"max_steps": 4, "batch_size": 4, "progress": False}}
     cfg = merge_into(HyperSDConfig(**FIXED_W, **TINY_STAGES, segments=(2, 1), lr=1e-2), run)
-    cfg = merge_into(cfg, {"stage_steps": [2, 2]})
+    cfg = merge_into(cfg, {"stage_steps": [2, 2], "lora_extra_targets": list(extra)})
     out = run_distill(HyperSD, cfg, teacher=str(random_digits), output=tmp_path / "run", bench=False)
     assert (out / LORA_BASE).is_file() and resolve_source(str(out)) == str(out)
     pipe = load_pipeline(str(out))
@@ -119,6 +126,11 @@ def test_lora_student_folder_loads_as_a_pipeline_with_its_adapter_merged(random_
     recipe = HyperSD(teacher, cfg)
     _, state = load_checkpoint(tmp_path / "run" / "checkpoints")
     recipe.model.load_state_dict(state["ema"]["student"])
+    adapted = {
+        n.removesuffix(".lora_A.default") for n, _ in recipe.model.named_modules() if n.endswith("lora_A.default")
+    }
+    assert all(any(n.endswith(e) for n in adapted) for e in extra) and any(n.endswith("to_q") for n in adapted)
+    assert any(n.endswith("norm1.linear") for n in adapted) == bool(extra)
     x, t, labels = torch.randn(2, 1, 8, 8), torch.tensor([500.0, 200.0]), torch.tensor([1, 2])
     expected = recipe.model(x, timestep=t, class_labels=labels).sample
     base = load_pipeline(str(random_digits)).transformer(x, timestep=t, class_labels=labels).sample
@@ -421,6 +433,16 @@ def test_with_fake_steps_the_student_steps_every_kth_iteration_of_score_distilla
     assert all(torch.equal(a, b) for a, b in zip(before, recipe.target_model.parameters(), strict=True))
     recipe.after_step(4)
     assert not all(torch.equal(a, b) for a, b in zip(before, recipe.target_model.parameters(), strict=True))
+
+
+def test_dmd_lr_is_the_students_rate_in_score_distillation_only(random_digits: Path) -> None:
+    """Stages: TSCD iterations 0 and 1, then score distillation. ``dmd_lr`` scales the student's rate there and
+    nowhere else; the fake score keeps ``fake_lr``; 0 leaves one rate for every stage."""
+    teacher, _ = load_denoiser(str(random_digits))
+    recipe = _dmd_recipe(teacher, lr=1e-4, dmd_lr=3e-4)
+    assert [recipe.lr_scale("student", step) for step in range(4)] == pytest.approx([1.0, 1.0, 3.0, 3.0])
+    assert [recipe.lr_scale("fake", step) for step in range(4)] == [1.0] * 4
+    assert [_dmd_recipe(teacher, lr=1e-4).lr_scale("student", step) for step in range(4)] == [1.0] * 4
 
 
 @pytest.mark.parametrize(("tscd_weight", "expected"), [(1.0, 2.0 + 3.0), (0.5, 1.0 + 3.0), (0.0, 3.0)])
