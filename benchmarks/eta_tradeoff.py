@@ -1,7 +1,7 @@
 """The eta (gamma) trade-off of a few-step digits student: FID at each step count as the sampler's stochasticity moves.
 
     python benchmarks/eta_tradeoff.py STUDENT [--gammas 0,0.1,0.2,0.3,0.5,0.7,1] [--steps 1,2,4,8]
-                                              [--num 1000] [--seeds 3] [--output DIR]
+                                              [--num 1000] [--seeds 3] [--first-seed 0] [--output DIR]
 
 TCD's gamma (its eta; ``sampling.renoise``) sets how much of each step's own noise survives into the next: 0 is DDIM,
 1 is fresh noise (LCM's multistep sampler). Hyper-SD's card runs its one LoRA with TCDScheduler and a lower eta for
@@ -9,8 +9,10 @@ more steps; this script measures that choice on the digits world. STUDENT is a s
 FewStepScheduler (a full pipeline or a LoRA folder, as `fewstep distill` writes them); each gamma replaces the
 scheduler's gamma at every step count (its per-step ``gammas`` too) and keeps its plans. Each point is scored as
 `fewstep bench` scores (the mean over --seeds noise seeds of --num class-balanced samples): FID against the held-out
-and the train split, and class accuracy. One step does not re-noise, so its row is flat by construction. The table is
-printed and written with the plot to OUT/eta_tradeoff.json and OUT/eta_tradeoff.png (OUT: STUDENT/../eta).
+and the train split, and class accuracy. `--first-seed` moves the noise seeds (default 0, the bench's own), so that a
+gamma can be picked on seeds the bench does not score (e.g. 100). One step does not re-noise, so its row is flat by
+construction. The table is printed and written with the plot to OUT/eta_tradeoff.json and OUT/eta_tradeoff.png (OUT:
+STUDENT/../eta).
 """
 
 from __future__ import annotations
@@ -34,9 +36,10 @@ def _floats(text: str) -> list[float]:
 
 
 def measure(
-    student: str, gammas: list[float], steps: list[int], num: int, seeds: int, batch: int = 500
+    student: str, gammas: list[float], steps: list[int], num: int, seeds: int, batch: int = 500, first_seed: int = 0
 ) -> list[dict[str, Any]]:
-    """One row per (steps, gamma): mean FID (held-out, train) and accuracy over ``seeds`` seeds."""
+    """One row per (steps, gamma): mean FID (held-out, train) and accuracy over noise seeds ``first_seed`` to
+    ``first_seed + seeds - 1``."""
     pipe = load_pipeline(student)
     if type(pipe.scheduler).__name__ != "FewStepScheduler":
         raise SystemExit(f"{student}: its scheduler is {type(pipe.scheduler).__name__}, not FewStepScheduler")
@@ -48,7 +51,7 @@ def measure(
             pipe.scheduler = FewStepScheduler.from_config({**config, "gamma": gamma, "gammas": None})
             for n in steps:
                 values: dict[str, list[float]] = {}
-                for seed in range(seeds):
+                for seed in range(first_seed, first_seed + seeds):
                     for key, value in world.score(pipe, num, n, 1.0, seed, batch).metrics.items():
                         values.setdefault(key, []).append(value)
                     bar.update(1)
@@ -97,15 +100,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=lambda s: [int(v) for v in s.split(",")], default=[1, 2, 4, 8])
     parser.add_argument("--num", type=int, default=1000)
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument("--output", type=Path)
     args = parser.parse_args(argv)
     out = args.output or Path(args.student).resolve().parent / "eta"
-    rows = measure(args.student, args.gammas, args.steps, args.num, args.seeds)
+    rows = measure(args.student, args.gammas, args.steps, args.num, args.seeds, first_seed=args.first_seed)
     out.mkdir(parents=True, exist_ok=True)
     text = table(rows)
     print(text)
     with atomic_file(out / "eta_tradeoff.json") as tmp:
-        tmp.write_text(json.dumps({"student": args.student, "num": args.num, "seeds": args.seeds, "rows": rows}))
+        tmp.write_text(
+            json.dumps(
+                {
+                    "student": args.student,
+                    "num": args.num,
+                    "seeds": args.seeds,
+                    "first_seed": args.first_seed,
+                    "rows": rows,
+                }
+            )
+        )
     plot(rows, out / "eta_tradeoff.png")
     print(f"wrote {out / 'eta_tradeoff.json'} and {out / 'eta_tradeoff.png'}")
     return 0
