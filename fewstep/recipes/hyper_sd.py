@@ -186,7 +186,8 @@ class HyperSD(Recipe):
         self.teacher = teacher
         teacher.model.requires_grad_(False).eval()
         if cfg.lora_rank > 0:
-            unknown = [t for t in cfg.lora_extra_targets if not lora_targets(teacher.model, (t,))]
+            found = lora_targets(teacher.model, cfg.lora_extra_targets)  # one walk of the model for all of them
+            unknown = [t for t in cfg.lora_extra_targets if t not in found]
             if unknown:
                 raise FewstepError(f"hyper_sd: lora_extra_targets {unknown} name no Linear or Conv2d layer")
             targets = LORA_TARGETS + tuple(t for t in cfg.lora_extra_targets if t not in LORA_TARGETS)
