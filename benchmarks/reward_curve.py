@@ -39,7 +39,11 @@ def student_at(run: Path, checkpoint: Path) -> Any:
     pipe = load_pipeline(str(run / "student"))  # the base, the final adapter merged, the student's scheduler
     base = json.loads((run / "student" / "fewstep_base.json").read_text())["base"]
     adapter = json.loads((run / "student" / "adapter_config.json").read_text())
-    model = add_lora(copy.deepcopy(load_pipeline(base).transformer), int(adapter["r"]), int(adapter["lora_alpha"]))
+    # the adapter's own layers (a recipe's extra targets, e.g. hyper_sd's lora_extra_targets, beside the default set)
+    targets = tuple(adapter["target_modules"])
+    model = add_lora(
+        copy.deepcopy(load_pipeline(base).transformer), int(adapter["r"]), int(adapter["lora_alpha"]), targets
+    )
     _, state = load_checkpoint(run / "checkpoints", checkpoint)
     model.load_state_dict(state["ema"]["student"])
     pipe.transformer = model.eval()

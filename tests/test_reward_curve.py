@@ -17,7 +17,9 @@ from fewstep.training.config import merge_into
 
 
 def test_reward_and_fid_over_a_feedback_runs_checkpoints(random_digits: Path, tmp_path: Path) -> None:
+    # adapters beside the default set too (the digits preset's time path): the checkpoints hold them
     cfg = HyperSDConfig(w_min=1.0, w_max=1.0, segments=(1,), stage_steps=(2,), lora_rank=4, lr=1e-2,
+                        lora_extra_targets=("norm1.linear", "proj_out_1"),
                         reward="digits", reward_steps=2, reward_weight=10.0)  # fmt: skip
     train = {"max_steps": 4, "batch_size": 4, "progress": False, "checkpoint_every": 2, "keep_checkpoints": 5}
     cfg = merge_into(cfg, {"train": train})
