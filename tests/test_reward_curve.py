@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from benchmark_scripts import load_benchmark
 
@@ -33,5 +34,6 @@ def test_reward_and_fid_over_a_feedback_runs_checkpoints(random_digits: Path, tm
     # the last checkpoint's EMA adapter is the exported student: the same samples, the same FID
     with torch.no_grad():
         images, _ = generate_digits(load_pipeline(str(tmp_path / "run" / "student")), 40, 2, 1.0, 0, 500)
-    assert abs(DigitsWorld().metrics.fid_held_out(images) - rows[1]["fid"]) < 1e-6
+    # equal up to float32 rounding: the export merges the adapter into the weights, the script keeps it apart
+    assert DigitsWorld().metrics.fid_held_out(images) == pytest.approx(rows[1]["fid"], rel=1e-6)
     assert (out / "reward_curve.png").stat().st_size > 0
