@@ -26,12 +26,15 @@ from typing import Any
 
 import torch
 
-RECIPES = ("finetune", "lcm", "scm", "scm-core", "rcm", "sid", "tdm", "phased_dmd")
+RECIPES = ("finetune", "lcm", "scm", "scm-core", "rcm", "sid", "tdm", "phased_dmd", "hyper_sd", "hyper_sd-tscd")
 # rows that are a recipe with settings of their own: sCM without the digits preset's LADD term (its teacher-feature
 # discriminator costs a student and a teacher pass more), the step issue 20's 3x goal is about
-VARIANTS = {"scm-core": ("scm", ["adv_weight=0.0"])}
-# rCM's DMD term and critic start after dmd_start steps of sCM: measured from the first step here, as it runs then
-SETS = {"rcm": ["dmd_start=0"]}
+VARIANTS = {"scm-core": ("scm", ["adv_weight=0.0"]), "hyper_sd-tscd": ("hyper_sd", ["dmd_steps=0"])}
+# rCM's DMD term and critic start after dmd_start steps of sCM: measured from the first step here, as it runs then;
+# Hyper-SD's row is its score-distillation stage (the four samplers' backward simulation, their fake scores and
+# classifiers, and the TSCD term beside them: most of its preset's time), from the first step without TSCD stages,
+# and "hyper_sd-tscd" its TSCD stages alone
+SETS = {"rcm": ["dmd_start=0"], "hyper_sd": ["segments=[1]", "stage_steps=[0]"]}
 
 
 def finetune_recipe(teacher: Any) -> Any:

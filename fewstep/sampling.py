@@ -159,17 +159,63 @@ def advance(
     """x carried from ``times[0]`` to ``times[-1]`` through each time in between: predict x0, then ``renoise`` to the
     next time (a plan's steps, or part of them from any state) under ``rule`` (``RULES``)."""
     for t, t_next in pairwise(times):
-        t_b = torch.full((x.shape[0],), t, dtype=x.dtype, device=x.device)
-        x0 = denoise(x, t_b)
-        c_t = schedule.coeffs(append_dims(t_b, x.ndim))
-        c_next = schedule.coeffs(append_dims(torch.full_like(t_b, t_next), x.ndim))
-        c_s = None
-        if rule == "tcd":
-            s = tcd_intermediate(schedule, t_next, gamma)
-            c_s = schedule.coeffs(append_dims(torch.full_like(t_b, s), x.ndim))
-        z = None if gamma == 0 else _noise(x, generator)
-        x = renoise(x0, x, c_t, c_next, gamma, z, c_s)
+        x0 = denoise(x, torch.full((x.shape[0],), t, dtype=x.dtype, device=x.device))
+        x = step_to(schedule, x0, x, t, t_next, gamma, generator, rule)
     return x
+
+
+def step_to(
+    schedule: NoiseSchedule,
+    x0: Tensor,
+    x: Tensor,
+    t: float,
+    t_next: float,
+    gamma: float,
+    generator: torch.Generator | None = None,
+    rule: str = "ratio",
+) -> Tensor:
+    """One step of ``advance``: x at ``t`` with its x0 estimate carried to ``t_next`` by ``renoise`` under ``rule``."""
+    t_b = torch.full((x.shape[0],), t, dtype=x.dtype, device=x.device)
+    c_t = schedule.coeffs(append_dims(t_b, x.ndim))
+    c_next = schedule.coeffs(append_dims(torch.full_like(t_b, t_next), x.ndim))
+    c_s = None
+    if rule == "tcd":
+        s = tcd_intermediate(schedule, t_next, gamma)
+        c_s = schedule.coeffs(append_dims(torch.full_like(t_b, s), x.ndim))
+    z = None if gamma == 0 else _noise(x, generator)
+    return renoise(x0, x, c_t, c_next, gamma, z, c_s)
+
+
+# (states, their times, the indices of their plans) -> x0 estimates: one network call for the states of several plans
+DenoiseParts = Callable[[Sequence[Tensor], Sequence[float], Sequence[int]], list[Tensor]]
+
+
+def plan_states(
+    denoise: DenoiseParts,
+    plans: Sequence[SamplingPlan],
+    noises: Sequence[Tensor],
+    ks: Sequence[int],
+    generators: Sequence[torch.Generator | None] | None = None,
+) -> list[Tensor]:
+    """``plan_state`` of several plans at once, each on its own rows (``noises[j]``, to its step ``ks[j]``): at step i
+    one ``denoise`` call holds the states of every plan still running, so m plans of up to K steps take K network
+    calls rather than the sum of their steps (backward simulation of several samplers, as Hyper-SD's score
+    distillation stage draws them). Each plan's re-noising draws its own rows' noise (from ``generators[j]`` where
+    given), so plan j's state is ``plan_state(denoise_j, plans[j], noises[j], ks[j], generators[j])``."""
+    if not len(plans) == len(noises) == len(ks):
+        raise ValueError(f"one noise and one step index per plan, got {len(plans)} plans, {len(noises)}, {len(ks)}")
+    for plan, k in zip(plans, ks, strict=True):
+        if not 0 <= k < plan.steps:
+            raise ValueError(f"step index {k} outside the {plan.steps}-step plan")
+    gens = list(generators) if generators is not None else [None] * len(plans)
+    xs = [initial_noise(p.schedule, p.times[0], z) for p, z in zip(plans, noises, strict=True)]
+    for i in range(max(ks, default=0)):
+        running = [j for j, k in enumerate(ks) if i < k]
+        x0s = denoise([xs[j] for j in running], [plans[j].times[i] for j in running], running)
+        for j, x0 in zip(running, x0s, strict=True):
+            p = plans[j]
+            xs[j] = step_to(p.schedule, x0, xs[j], p.times[i], p.times[i + 1], p.gamma, gens[j], p.rule)
+    return xs
 
 
 def _noise(x: Tensor, generator: torch.Generator | None) -> Tensor:

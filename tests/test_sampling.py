@@ -5,7 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fewstep.sampling import SamplingPlan, euler_sample, euler_times, renoise, sample_plan
+from fewstep.sampling import (
+    SamplingPlan,
+    euler_sample,
+    euler_times,
+    initial_noise,
+    plan_state,
+    plan_states,
+    renoise,
+    sample_plan,
+)
 from fewstep.schedules import VP, Flow, TrigFlow, append_dims
 from fewstep.teacher import Denoiser
 from fewstep.worlds.digits.pipeline import DigitsPipeline
@@ -138,3 +147,37 @@ def test_tcd_rule_plan_samples_as_tcd_scheduler_does(gamma: float) -> None:
     assert (ratio - x).abs().max() > 1e-3 if 0 < gamma < 1 else True
     with pytest.raises(ValueError, match="VP"):
         SamplingPlan(Flow(), (1.0, 0.5), gamma, "tcd")
+
+
+def test_plan_states_of_several_plans_are_each_plans_own_state_with_one_call_per_step() -> None:
+    """``plan_states``: plans of 1, 2, 4 and 8 steps (gammas 1, 0.3, 0.5, 0, on rows of their own) run together give
+    each plan's ``plan_state`` with the same noise and generator, in 7 network calls (the longest plan's) instead of
+    11. The denoiser is a point mass's exact x0 blended with the state, so every step depends on the one before."""
+    schedule = VP()
+    point = torch.tensor([0.5, -1.0, 2.0])
+
+    def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        w = append_dims(t / schedule.t_max, x.ndim)
+        return (1 - w) * point + w * torch.tanh(x)
+
+    calls: list[list[int]] = []
+
+    def denoise_parts(xs: list[torch.Tensor], times: list[float], which: list[int]) -> list[torch.Tensor]:
+        calls.append(list(which))
+        t = torch.cat([torch.full((len(x),), tj) for x, tj in zip(xs, times, strict=True)])
+        return list(denoise(torch.cat(xs), t).split([len(x) for x in xs]))
+
+    plans = [
+        SamplingPlan(schedule, tuple(euler_times(schedule, n)[:-1]), gamma)
+        for n, gamma in zip((1, 2, 4, 8), (1.0, 0.3, 0.5, 0.0), strict=True)
+    ]
+    noises = [torch.randn(n, 3, generator=torch.Generator().manual_seed(n)) for n in (2, 3, 1, 2)]
+    ks = [p.steps - 1 for p in plans]
+    states = plan_states(denoise_parts, plans, noises, ks, [torch.Generator().manual_seed(10 + j) for j in range(4)])
+    assert calls == [[1, 2, 3], [2, 3], [2, 3], [3], [3], [3], [3]]
+    for j, (plan, noise, k) in enumerate(zip(plans, noises, ks, strict=True)):
+        expected = plan_state(denoise, plan, noise, k, torch.Generator().manual_seed(10 + j))
+        torch.testing.assert_close(states[j], expected, rtol=0, atol=0)
+    assert not torch.equal(states[3], initial_noise(schedule, schedule.t_max, noises[3]))
+    with pytest.raises(ValueError, match="outside the 2-step plan"):
+        plan_states(denoise_parts, plans[:2], noises[:2], [0, 2])

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from .. import batch_random
 from ..schedules import NoiseSchedule, append_dims, forward_transition
-from ..teacher import Denoiser, block_channels, block_tokens, feature_blocks
+from ..teacher import Denoiser, block_channels, block_tokens, concat_cond, feature_blocks
 
 
 class FeatureHeads(nn.Module):
@@ -125,5 +125,9 @@ def score_gan_losses(
     fake = schedule.add_noise(x0_fake, batch_random.randn_like(x0_fake), t_d)
     real = schedule.add_noise(x0_real, batch_random.randn_like(x0_real), t_d)
     generator = F.softplus(-disc(fake, t_d, cond)).mean()
-    critic = F.softplus(disc(fake.detach(), t_d, cond)).mean() + F.softplus(-disc(real, t_d, cond)).mean()
+    # the critic's fake and real rows in one forward (per-sample, so the same logits as two)
+    n = fake.shape[0]
+    both = concat_cond(cond, cond, n, disc.teacher.backbone.shared)
+    logits = disc(torch.cat([fake.detach(), real]), torch.cat([t_d, t_d]), both)
+    critic = F.softplus(logits[:n]).mean() + F.softplus(-logits[n:]).mean()
     return generator, critic

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import accumulate
 from typing import Any, ClassVar, Literal
@@ -52,7 +53,7 @@ from ..objectives.consistency import segment_edge, segment_edges, segment_output
 from ..objectives.dmd import Weighting, distribution_matching_loss, fake_score_loss, fake_score_networks, uniform_times
 from ..objectives.losses import mean_per_sample
 from ..objectives.reward import RewardModel, load_reward
-from ..sampling import SamplingPlan, euler_times, plan_state
+from ..sampling import SamplingPlan, euler_times, plan_state, plan_states
 from ..teacher import Denoiser
 from ..training.data import DataConfig
 from ..training.lora import LORA_TARGETS, add_lora, lora_targets
@@ -357,41 +358,64 @@ class HyperSD(Recipe):
         by its own fake score with ``dmd_fake_per_plan``; every loss is the row-weighted mean, i.e. a mean over the
         batch. ``student=False``: a fake-score-only step (x0_G without gradient, "dmd" not computed and 0)."""
         assert batch.x0 is not None and self.fakes
-        native, cfg, plans = self.teacher.native, self.cfg, self.dmd_samplers
+        native, cfg = self.teacher.native, self.cfg
         b = batch.x0.shape[0]
         parts = batch.interleaved(cfg.dmd_plan_rows or [1] * len(cfg.dmd_plans), "hyper_sd: dmd_plans")
-        gan = cfg.dmd_adv_weight > 0  # the GAN beside DMD: on frozen teacher features, or on the fake scores'
-        disc = self.disc if gan and not self.fake_discs else None
-        zero = batch.x0.new_zeros(())
-        totals = {"dmd": zero, "fake": zero} | ({"generator": zero} if gan else {})
-        totals |= {"critic": zero} if disc is not None else {}
-        for j, (n, (_, part)) in enumerate(zip(cfg.dmd_plans, parts, strict=True)):
+        plans = [self.dmd_samplers[n] for n in cfg.dmd_plans]
+        sizes = [len(rows) for rows, _ in parts]
+        joint = batch.rows(torch.cat([rows for rows, _ in parts]), b)  # the parts one after another
+        assert joint.x0 is not None
+
+        def student_on(xs: Sequence[Tensor], times: Sequence[float], which: Sequence[int]) -> list[Tensor]:
+            """The student on the states of the samplers ``which`` (each at its own time), in one forward."""
+            rows = batch.rows(torch.cat([parts[j][0] for j in which]), b)
+            t = torch.cat([x.new_full((len(x),), tj) for x, tj in zip(xs, times, strict=True)])
+            return list(self.student(torch.cat(list(xs)), t, rows.cond).split([len(x) for x in xs]))
+
+        def fake(x: Tensor, t: Tensor) -> Tensor:
+            """Each part's rows through its own fake score (one call when they share one)."""
+            if not cfg.dmd_fake_per_plan:
+                return self.fakes[0](x, t, joint.cond)
+            pieces = zip(x.split(sizes), t.split(sizes), parts, self.fakes, strict=True)
+            return torch.cat([f(xj, tj, part.cond) for xj, tj, (_, part), f in pieces])
+
+        # every draw is per part, so that a sample's noise does not depend on the number of processes
+        noises = [batch_random.randn_like(part.x0) for _, part in parts]  # type: ignore[arg-type]
+        last = [p.steps - 1 for p in plans]
+        with torch.no_grad():  # backward simulation of every sampler to its last time (none for one step)
+            states = plan_states(student_on, plans, noises, last)
+        with torch.set_grad_enabled(student):
+            ends = [p.times[k] for p, k in zip(plans, last, strict=True)]
+            x0_gen = torch.cat(student_on(states, ends, range(len(plans))))
+        real = lambda x, t: self.teacher.guided(x, t, joint.cond, joint.uncond, cfg.w_min)  # noqa: E731
+        out = {"dmd": x0_gen.new_zeros(())}
+        if student:
+            t = torch.cat([uniform_times(native, n, cfg.dmd_t_min, cfg.dmd_t_max) for n in sizes]).to(x0_gen)
+            eps = torch.cat([batch_random.randn((n, *x0_gen.shape[1:]), dtype=x0_gen.dtype) for n in sizes])
+            out["dmd"] = distribution_matching_loss(x0_gen, t, native, real, fake, eps=eps.to(x0_gen.device))[0]
+        t_f = torch.cat([uniform_times(native, n, cfg.dmd_t_min, cfg.dmd_t_max) for n in sizes]).to(x0_gen)
+        eps_f = torch.cat([batch_random.randn((n, *x0_gen.shape[1:]), dtype=x0_gen.dtype) for n in sizes])
+        eps_f = eps_f.to(x0_gen.device)
+        out["fake"] = fake_score_loss(x0_gen, t_f, native, fake, eps=eps_f, weighting=cfg.fake_weighting)
+        if cfg.dmd_adv_weight == 0:
+            return out
+        # the GAN, per part: against the part's own real x0 (and, with DMD2's classifier, its own fake score's heads)
+        disc = self.disc if not self.fake_discs else None
+        zero = x0_gen.new_zeros(())
+        gan = {"generator": zero} | ({"critic": zero} if disc is not None else {})
+        for j, (x0_j, (_, part)) in enumerate(zip(x0_gen.split(sizes), parts, strict=True)):
             assert part.x0 is not None
-            cond, plan, k = part.cond, plans[n], plans[n].steps - 1
-            denoise = lambda x, t, c=cond: self.student(x, t, c)  # noqa: E731
-            with torch.no_grad():  # backward simulation to the sampler's last time (none for one step)
-                x = plan_state(denoise, plan, batch_random.randn_like(part.x0), k)
-            with torch.set_grad_enabled(student):
-                x0_gen = denoise(x, torch.full((x.shape[0],), plan.times[k], dtype=x.dtype, device=x.device))
-            i = j if cfg.dmd_fake_per_plan else 0
-            fake_net = self.fakes[i]
-            fake = lambda x, t, f=fake_net, c=cond: f(x, t, c)  # noqa: E731
-            real = lambda x, t, c=part: self.teacher.guided(x, t, c.cond, c.uncond, cfg.w_min)  # noqa: E731
-            dmd = x0_gen.new_zeros(())
-            if student:
-                t = uniform_times(native, x0_gen.shape[0], cfg.dmd_t_min, cfg.dmd_t_max).to(x0_gen)
-                dmd = distribution_matching_loss(x0_gen, t, native, real, fake)[0]
-            t_f = uniform_times(native, x0_gen.shape[0], cfg.dmd_t_min, cfg.dmd_t_max).to(x0_gen)
-            terms = {"dmd": dmd, "fake": fake_score_loss(x0_gen, t_f, native, fake, weighting=cfg.fake_weighting)}
+            t_d = self.disc_times(x0_j)
             if disc is not None:
-                terms["generator"], terms["critic"] = ladd_losses(disc, x0_gen, part.x0, self.disc_times(x0_gen), cond)
-            elif gan:  # DMD2: the classifier's loss joins its fake score's
-                t_d = self.disc_times(x0_gen)
-                generator, critic = score_gan_losses(self.fake_discs[i], x0_gen, part.x0, t_d, cond)
-                terms["generator"], terms["fake"] = generator, terms["fake"] + cfg.dmd_adv_critic_weight * critic
-            share = x0_gen.shape[0] / b
-            totals = {name: total + share * terms[name] for name, total in totals.items()}
-        return totals
+                generator, critic = ladd_losses(disc, x0_j, part.x0, t_d, part.cond)
+                terms = {"generator": generator, "critic": critic}
+            else:  # DMD2: the classifier's loss joins its fake score's
+                i = j if cfg.dmd_fake_per_plan else 0
+                generator, critic = score_gan_losses(self.fake_discs[i], x0_j, part.x0, t_d, part.cond)
+                terms = {"generator": generator}
+                out["fake"] = out["fake"] + sizes[j] / b * cfg.dmd_adv_critic_weight * critic
+            gan = {name: total + sizes[j] / b * terms[name] for name, total in gan.items()}
+        return out | gan
 
     @torch.no_grad()
     def after_step(self, step: int) -> None:

@@ -16,6 +16,7 @@ from fewstep.loading import load_denoiser, load_pipeline
 from fewstep.objectives.consistency import segment_edge, segment_edges, segment_output
 from fewstep.recipes.base import Batch
 from fewstep.recipes.hyper_sd import HyperSD, HyperSDConfig
+from fewstep.sampling import initial_noise
 from fewstep.training.data import DigitsBatches, null_class_of
 
 FIXED_W = {"w_min": 1.0, "w_max": 1.0}
@@ -350,11 +351,10 @@ def test_score_distillation_over_several_samplers_reads_each_samplers_output_on_
     random_digits: Path, monkeypatch: pytest.MonkeyPatch, plan_rows: tuple[int, ...], rows_of: tuple[list[int], ...]
 ) -> None:
     """``dmd_plans = (1, 4)``: rows 0, 2, 4 hold the one-step sample and rows 1, 3, 5 the exported 4-step sampler's
-    output (its gamma and times, re-noising included), each with its rows' classes, and with ``dmd_fake_per_plan``
-    each sampler's samples train and are read by their own fake score. ``dmd_plan_rows = (2, 1)`` deals two rows of
-    every three to the one-step sampler."""
+    output (its gamma and times; the backward simulation is ``sampling.plan_states``, tested in test_sampling), each
+    with its rows' classes, and with ``dmd_fake_per_plan`` each sampler's samples train and are read by their own
+    fake score. ``dmd_plan_rows = (2, 1)`` deals two rows of every three to the one-step sampler."""
     import fewstep.recipes.hyper_sd as module
-    from fewstep.sampling import sample_plan
 
     teacher, _ = load_denoiser(str(random_digits))
     recipe = _dmd_recipe(
@@ -362,38 +362,74 @@ def test_score_distillation_over_several_samplers_reads_each_samplers_output_on_
     )
     assert isinstance(recipe.fake_nets, torch.nn.ModuleList) and len(recipe.fake_nets) == 2
     batch = DigitsBatches(null_class_of(teacher.model), batch_size=6)(0)
-    starts, outputs, fakes_read = [], [], []
-    real_plan_state, real_dml = module.plan_state, module.distribution_matching_loss
+    labels = batch.cond["class_labels"]
+    simulated: list[Any] = []
+    outputs: list[torch.Tensor] = []
+    fakes_read: list[tuple[int, torch.Tensor]] = []
+    real_plan_states, real_dml = module.plan_states, module.distribution_matching_loss
 
-    def recording_plan_state(denoise: Any, plan: Any, noise: torch.Tensor, k: int) -> torch.Tensor:
-        starts.append((torch.get_rng_state(), plan, noise.clone()))
-        return real_plan_state(denoise, plan, noise, k)
+    def recording_plan_states(denoise: Any, plans: Any, noises: Any, ks: Any) -> list[torch.Tensor]:
+        states = real_plan_states(denoise, plans, noises, ks)
+        simulated.append((list(plans), list(ks), [n.clone() for n in noises], [x.clone() for x in states]))
+        return states
 
-    def recording_dml(x0_gen: torch.Tensor, t: torch.Tensor, schedule: Any, real: Any, fake: Any) -> Any:
+    def recording_dml(x0_gen: torch.Tensor, t: torch.Tensor, schedule: Any, real: Any, fake: Any, **kw: Any) -> Any:
         outputs.append(x0_gen.detach().clone())
-        fakes_read.append(fake.__defaults__[0])  # the fake Denoiser bound into the lambda
-        return real_dml(x0_gen, t, schedule, real, fake)
+        return real_dml(x0_gen, t, schedule, real, fake, **kw)
 
-    monkeypatch.setattr(module, "plan_state", recording_plan_state)
+    def reading(j: int, f: Any) -> Any:
+        def read(x: torch.Tensor, t: torch.Tensor, cond: dict[str, Any]) -> torch.Tensor:
+            fakes_read.append((j, cond["class_labels"].clone()))
+            return f(x, t, cond)
+
+        return read
+
+    monkeypatch.setattr(module, "plan_states", recording_plan_states)
     monkeypatch.setattr(module, "distribution_matching_loss", recording_dml)
+    monkeypatch.setattr(recipe, "fakes", [reading(j, f) for j, f in enumerate(recipe.fakes)])
     torch.manual_seed(0)
     fake_loss = recipe.dmd_losses(batch)["fake"]
-    monkeypatch.setattr(module, "plan_state", real_plan_state)
-    assert [plan.steps for _, plan, _ in starts] == [1, 4]
-    assert starts[1][1].gamma == 0.5 and starts[1][1] == recipe.plan()[4]
-    assert fakes_read == recipe.fakes
-    labels = batch.cond["class_labels"]
-    for j, ((state, plan, noise), x0_gen) in enumerate(zip(starts, outputs, strict=True)):
-        torch.set_rng_state(state)
-        rows = labels[rows_of[j]]
+    ((plans, ks, noises, states),) = simulated
+    assert plans == [recipe.plan()[1], recipe.plan()[4]] and plans[1].gamma == 0.5 and ks == [0, 3]
+    assert [len(z) for z in noises] == [len(rows) for rows in rows_of]
+    assert torch.equal(states[0], initial_noise(teacher.native, plans[0].times[0], noises[0]))
+    (x0_gen,) = outputs
+    parts = x0_gen.split([len(rows) for rows in rows_of])
+    for j, (plan, k, state, gen) in enumerate(zip(plans, ks, states, parts, strict=True)):
+        t = torch.full((len(state),), plan.times[k])
         with torch.no_grad():
-            expected = sample_plan(lambda x, t, c=rows: recipe.student(x, t, {"class_labels": c}), plan, noise)
-        torch.testing.assert_close(x0_gen, expected, rtol=0, atol=0)
-    assert [len(x) for x in outputs] == [len(rows) for rows in rows_of]
-    assert not torch.allclose(outputs[0][: len(outputs[1])], outputs[1])
+            expected = recipe.student(state, t, {"class_labels": labels[rows_of[j]]})
+        torch.testing.assert_close(gen, expected, rtol=1e-5, atol=1e-5)  # one batched forward against one per part
+    # each fake read (for DMD, then for its own loss) on its sampler's rows only
+    per_part = [(j, labels[rows].tolist()) for j, rows in enumerate(rows_of)]
+    assert [(j, c.tolist()) for j, c in fakes_read] == 2 * per_part
     fake_loss.backward()
     for net in recipe.fake_nets:
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters())
+
+
+def test_score_distillation_over_several_samplers_draws_per_sample_noise_whatever_the_process_count(
+    random_digits: Path,
+) -> None:
+    """Every draw of the stage is per part, so two processes' slices (``batch_random.batch_slice``) reproduce the
+    whole batch's losses: their mean equals the one process's (the samplers' rows dealt as on one process)."""
+    from fewstep import batch_random
+    from fewstep.training.parallel import slice_batch
+
+    teacher, _ = load_denoiser(str(random_digits))
+    plans = {"dmd_plans": (1, 2, 4), "dmd_fake_per_plan": True, "plan_gammas": (1.0, 0.3, 0.5, 0.7)}
+    recipe = _dmd_recipe(teacher, w_min=2.0, w_max=2.0, **plans)  # guided, so that the real score is not the fake
+    batch = DigitsBatches(null_class_of(teacher.model), batch_size=12)(0)
+    torch.manual_seed(5)
+    whole = recipe.dmd_losses(batch)
+    halves = []
+    for i in range(2):
+        torch.manual_seed(5)
+        with batch_random.batch_slice(i, 2):
+            halves.append(recipe.dmd_losses(slice_batch(batch, i, 2)))
+    assert whole["dmd"] > 0
+    for name in ("dmd", "fake"):
+        torch.testing.assert_close((halves[0][name] + halves[1][name]) / 2, whole[name], rtol=1e-4, atol=1e-7)
 
 
 def test_bad_score_distillation_samplers_are_one_line_errors(random_digits: Path) -> None:
