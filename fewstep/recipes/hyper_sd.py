@@ -356,7 +356,12 @@ class HyperSD(Recipe):
         t_min), the one-step sample; with m entries, the batch is dealt to the m samplers (``Batch.interleaved``: rows
         j, j + m, ... to the j-th, or by ``dmd_plan_rows``), and each part holds the last x0 of its sampler, matched
         by its own fake score with ``dmd_fake_per_plan``; every loss is the row-weighted mean, i.e. a mean over the
-        batch. ``student=False``: a fake-score-only step (x0_G without gradient, "dmd" not computed and 0)."""
+        batch. ``student=False``: a fake-score-only step (x0_G without gradient, "dmd" not computed and 0).
+
+        The parts run as one batch wherever one network serves them all: the samplers' backward simulation
+        (``sampling.plan_states``), the student's last outputs and the real score; the fake scores (one per sampler)
+        and their classifiers run per part. Every draw is per part, so a sample's noise is the same on any number of
+        processes."""
         assert batch.x0 is not None and self.fakes
         native, cfg = self.teacher.native, self.cfg
         b = batch.x0.shape[0]
