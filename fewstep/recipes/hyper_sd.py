@@ -393,15 +393,18 @@ class HyperSD(Recipe):
             ends = [p.times[k] for p, k in zip(plans, last, strict=True)]
             x0_gen = torch.cat(student_on(states, ends, range(len(plans))))
         real = lambda x, t: self.teacher.guided(x, t, joint.cond, joint.uncond, cfg.w_min)  # noqa: E731
+
+        def times() -> Tensor:  # DMD2's t for each part's rows, in the parts' order
+            return torch.cat([uniform_times(native, n, cfg.dmd_t_min, cfg.dmd_t_max) for n in sizes]).to(x0_gen)
+
+        def noise() -> Tensor:  # eps for each part's rows, in the parts' order
+            eps = [batch_random.randn((n, *x0_gen.shape[1:]), dtype=x0_gen.dtype) for n in sizes]
+            return torch.cat(eps).to(x0_gen.device)
+
         out = {"dmd": x0_gen.new_zeros(())}
         if student:
-            t = torch.cat([uniform_times(native, n, cfg.dmd_t_min, cfg.dmd_t_max) for n in sizes]).to(x0_gen)
-            eps = torch.cat([batch_random.randn((n, *x0_gen.shape[1:]), dtype=x0_gen.dtype) for n in sizes])
-            out["dmd"] = distribution_matching_loss(x0_gen, t, native, real, fake, eps=eps.to(x0_gen.device))[0]
-        t_f = torch.cat([uniform_times(native, n, cfg.dmd_t_min, cfg.dmd_t_max) for n in sizes]).to(x0_gen)
-        eps_f = torch.cat([batch_random.randn((n, *x0_gen.shape[1:]), dtype=x0_gen.dtype) for n in sizes])
-        eps_f = eps_f.to(x0_gen.device)
-        out["fake"] = fake_score_loss(x0_gen, t_f, native, fake, eps=eps_f, weighting=cfg.fake_weighting)
+            out["dmd"] = distribution_matching_loss(x0_gen, times(), native, real, fake, eps=noise())[0]
+        out["fake"] = fake_score_loss(x0_gen, times(), native, fake, eps=noise(), weighting=cfg.fake_weighting)
         if cfg.dmd_adv_weight == 0:
             return out
         # the GAN, per part: against the part's own real x0 (and, with DMD2's classifier, its own fake score's heads)

@@ -393,6 +393,7 @@ def test_score_distillation_over_several_samplers_reads_each_samplers_output_on_
     assert plans == [recipe.plan()[1], recipe.plan()[4]] and plans[1].gamma == 0.5 and ks == [0, 3]
     assert [len(z) for z in noises] == [len(rows) for rows in rows_of]
     assert torch.equal(states[0], initial_noise(teacher.native, plans[0].times[0], noises[0]))
+    assert not torch.allclose(states[1], initial_noise(teacher.native, plans[1].times[0], noises[1]))  # simulated
     (x0_gen,) = outputs
     parts = x0_gen.split([len(rows) for rows in rows_of])
     for j, (plan, k, state, gen) in enumerate(zip(plans, ks, states, parts, strict=True)):
@@ -400,6 +401,7 @@ def test_score_distillation_over_several_samplers_reads_each_samplers_output_on_
         with torch.no_grad():
             expected = recipe.student(state, t, {"class_labels": labels[rows_of[j]]})
         torch.testing.assert_close(gen, expected, rtol=1e-5, atol=1e-5)  # one batched forward against one per part
+    assert not torch.allclose(parts[0][: len(parts[1])], parts[1])  # the two samplers' outputs differ
     # each fake read (for DMD, then for its own loss) on its sampler's rows only
     per_part = [(j, labels[rows].tolist()) for j, rows in enumerate(rows_of)]
     assert [(j, c.tolist()) for j, c in fakes_read] == 2 * per_part
