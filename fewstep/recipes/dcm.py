@@ -68,7 +68,9 @@ class DCMConfig:
     guidance_interval: tuple[float, float] | None = None
     huber_c: float = 0.001
     temporal_weight: float = 1.0  # the semantic stage's loss_tc, weight 1
-    temporal_stride: int = 3  # frame differences x[f + 3] - x[f]
+    # frame differences x[f + 3] - x[f] of latent frames (Wan's VAE packs 4 video frames in each); on the video world's
+    # pixel frames, stride 1 at weight 100 moved the temporal figure no more than stride 3 (README, the video world)
+    temporal_stride: int = 3
     # "semantic": the temporal-coherence term in the semantic stage only, as DCM; "both": in the detail stage too (not
     # in the reference; on the video world, where class agreement drops with the detail expert, it did not raise it:
     # README, the video world's ablations)
