@@ -242,25 +242,28 @@ def bench_cache_dir() -> Path:
 
 
 def teacher_bench_key(teacher: str, cfg: Any) -> str:
-    """A digest of everything a teacher's bench rows depend on: its files, the bench settings, and the software and
-    thread count that fix the float rounding (and, for latency, this machine)."""
+    """A digest of everything a teacher's bench rows depend on: what they measure (``bench.shipped.rows_key``: the
+    teacher's files, the shipped evaluators, the bench settings, the row's columns), and the software and thread count
+    that fix the float rounding (and, for latency, this machine)."""
     import hashlib
     import platform
-    from dataclasses import asdict
 
     from . import __version__
-    from .bench.run import Row
-    from .loading import resolve_source
+    from .bench.shipped import rows_key
 
-    digest = hashlib.sha256()
-    folder = Path(str(resolve_source(teacher)))
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        digest.update(str(path.relative_to(folder)).encode())
-        digest.update(path.read_bytes())
     env = [__version__, torch.__version__, str(torch.get_num_threads()), platform.machine(), platform.node()]
-    env.append(",".join(Row.__dataclass_fields__))  # a row gaining a column invalidates cached rows
-    digest.update(json.dumps([asdict(cfg), env], sort_keys=True, default=str).encode())
-    return digest.hexdigest()[:16]
+    return hashlib.sha256(json.dumps([rows_key(teacher, cfg), env]).encode()).hexdigest()[:16]
+
+
+def teacher_bench_config(teacher: str, steps: list[int], seeds: int | None = None) -> Any:
+    """The settings a student's report benches its teacher under: the student's step counts and 50, at the teacher's
+    world's guidance (``worlds.TEACHER_GUIDANCE``, which the presets distil in; named, so that the cache key holds
+    it), over ``seeds`` noise seeds (None: the bench's default)."""
+    from .bench.run import BenchConfig
+    from .worlds import teacher_guidance
+
+    seeds = BenchConfig().seeds if seeds is None else seeds
+    return BenchConfig(steps=tuple(sorted({*steps, 50})), guidance=(teacher_guidance(teacher),), seeds=seeds)
 
 
 def bench_student(student: Path, teacher: str, steps: list[int], report: Path, seeds: int | None = None) -> None:
@@ -272,29 +275,37 @@ def bench_student(student: Path, teacher: str, steps: list[int], report: Path, s
     The teacher's rows are deterministic for a given teacher, bench settings and machine, so they are measured once
     and then copied from the cache (about 1.5 of the 2 minutes a digits bench takes on 2 cores). The cache entry is
     read and written under its inter-process lock: of several runs that need it at once, one measures and the others
-    wait and copy."""
+    wait and copy. Where this machine has no entry, an embedded world's teacher rows shipped with the package stand in
+    if they measured the same thing (``bench.shipped``; the video teacher's take about 40 minutes of 2 cores), marked
+    as measured elsewhere in the report."""
     import shutil
     from contextlib import ExitStack
 
     from .bench.run import BenchConfig, run_bench
+    from .bench.shipped import shipped_rows
     from .io import atomic_dir, check_writable_parent, locked
-    from .worlds import teacher_guidance
 
-    # the teacher's guidance named, not left to bench.run.guidance_of, so that the cache key holds it
-    seeds = BenchConfig().seeds if seeds is None else seeds
-    teacher_cfg = BenchConfig(steps=tuple(sorted({*steps, 50})), guidance=(teacher_guidance(teacher),), seeds=seeds)
+    teacher_cfg = teacher_bench_config(teacher, steps, seeds)
     cached = bench_cache_dir() / "teacher-bench" / teacher_bench_key(teacher, teacher_cfg)
     with ExitStack() as stack:
         try:
             check_writable_parent(cached, "report.json")
             stack.enter_context(locked(cached))
         except (OSError, FewstepError):  # an unwritable cache only costs time
-            run_bench([teacher], report, teacher_cfg)
+            cached = report
+        if (cached / "report.json").is_file() and cached != report:
+            print(f"teacher rows from {cached}")
+            source = cached
+        elif (shipped := shipped_rows(teacher, teacher_cfg)) is not None:
+            where = json.loads((shipped / "report.json").read_text())["shipped"]["measured"]
+            counts = ",".join(str(n) for n in teacher_cfg.steps)
+            print(f"teacher rows shipped with fewstep (measured {where}; `fewstep bench {teacher} --steps {counts}`")
+            print("measures them on this machine)")
+            source = shipped
         else:
-            if (cached / "report.json").is_file():
-                print(f"teacher rows from {cached}")
-            else:
-                run_bench([teacher], cached, teacher_cfg)
+            run_bench([teacher], cached, teacher_cfg)
+            source = cached
+        if source != report:
             with locked(report), atomic_dir(report, "report.json") as tmp:
-                shutil.copytree(cached, tmp, dirs_exist_ok=True)
-    run_bench([str(student)], report, BenchConfig(steps=tuple(steps), seeds=seeds))
+                shutil.copytree(source, tmp, dirs_exist_ok=True)
+    run_bench([str(student)], report, BenchConfig(steps=tuple(steps), seeds=teacher_cfg.seeds))

@@ -124,3 +124,104 @@ def test_bench_seeds_reach_student_and_teacher_and_a_new_bench_replaces_the_repo
     assert fake_bench.count((teacher,)) == 2  # 3 and 10 seeds: two cache entries
     distill.bench_student(tmp_path / "s", teacher, [1, 2], tmp_path / "bench", seeds=10)
     assert fake_bench.count((teacher,)) == 2 and len(json.loads(report.read_text())["rows"]) == 2
+
+
+def _measured_report(folder: Path, cfg: Any, sources: tuple[str, ...] = ("video",)) -> Path:
+    """A report as run_bench writes it for ``sources`` under ``cfg``: one row per step count, a grid each."""
+    from dataclasses import asdict
+
+    folder.mkdir(parents=True)
+    rows = []
+    for source in sources:
+        for n in cfg.steps:
+            (folder / f"grid_{n}.png").write_bytes(b"png")
+            rows.append({"source": source, "model": "video-teacher", "steps": n, "grid": f"grid_{n}.png",
+                         "animation": f"grid_{n}.gif", "fid": 20.0 + n})  # fmt: skip
+    config = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()}
+    env = {"date": "2026-12-07T04:00:00", "platform": "Linux-test", "torch_threads": 2}
+    (folder / "report.json").write_text(json.dumps({"rows": rows, "reference": {}, "config": config, "env": env}))
+    return folder
+
+
+@pytest.fixture
+def shipped_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """The shipped teacher rows' folder moved to tmp_path, empty."""
+    import fewstep.bench.shipped
+
+    folder = tmp_path / "assets" / "video" / "teacher_bench"
+    monkeypatch.setattr(fewstep.bench.shipped, "shipped_folder", lambda world: folder)
+    return folder
+
+
+def test_shipped_teacher_rows_stand_in_where_this_machine_has_none(
+    fake_bench: list, shipped_dir: Path, tmp_path: Path
+) -> None:
+    """The video teacher's rows shipped for (1, 2, 4, 50): a run of those counts copies them, marked, with their grids
+    (no GIFs) and measures only its student; a run of other counts, or against other shipped settings, measures."""
+    from fewstep.bench.shipped import ship
+
+    cfg = distill.teacher_bench_config("video", [1, 2, 4])
+    ship(_measured_report(tmp_path / "measured", cfg), "video", cfg, shipped_dir, "python ship")
+    distill.bench_student(tmp_path / "s", "video", [1, 2, 4], tmp_path / "a")
+    assert fake_bench == [(str(tmp_path / "s"),)]  # the teacher was not benched
+    report = json.loads((tmp_path / "a" / "report.json").read_text())
+    teacher = [r for r in report["rows"] if r["source"] == "video"]
+    assert [r["steps"] for r in teacher] == [1, 2, 4, 50]
+    assert all(r["shipped"] == "2026-12-07, Linux-test, 2 threads" and r["animation"] is None for r in teacher)
+    assert (tmp_path / "a" / "grid_50.png").read_bytes() == b"png"
+
+    distill.bench_student(tmp_path / "s", "video", [1, 2], tmp_path / "b")  # settings nobody shipped
+    assert fake_bench[-2:] == [("video",), (str(tmp_path / "s"),)]
+    cache = distill.bench_cache_dir() / "teacher-bench"
+    assert len(list(cache.iterdir())) == 1  # the shipped rows were not written into this machine's cache
+
+
+def test_this_machines_teacher_rows_come_before_the_shipped_ones(
+    fake_bench: list, shipped_dir: Path, tmp_path: Path
+) -> None:
+    from fewstep.bench.shipped import ship
+
+    distill.bench_student(tmp_path / "s", "video", [1, 2, 4], tmp_path / "a")  # nothing shipped: measured here
+    cfg = distill.teacher_bench_config("video", [1, 2, 4])
+    ship(_measured_report(tmp_path / "measured", cfg), "video", cfg, shipped_dir, "python ship")
+    distill.bench_student(tmp_path / "s", "video", [1, 2, 4], tmp_path / "b")
+    assert fake_bench.count(("video",)) == 1
+    rows = json.loads((tmp_path / "b" / "report.json").read_text())["rows"]
+    assert not any(r.get("shipped") for r in rows)
+
+
+def test_shipped_rows_stand_for_one_key_only(
+    shipped_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Other bench settings, another world, or another evaluator: the shipped rows are not what a bench would measure
+    now."""
+    import dataclasses
+
+    import fewstep.bench.shipped as shipped
+
+    cfg = distill.teacher_bench_config("video", [1, 2, 4])
+    ship = shipped.ship
+    ship(_measured_report(tmp_path / "measured", cfg), "video", cfg, shipped_dir, "python ship")
+    assert shipped.shipped_rows("video", cfg) == shipped_dir
+    assert shipped.shipped_rows("video", dataclasses.replace(cfg, seeds=1)) is None
+    assert shipped.shipped_rows("digits", distill.teacher_bench_config("digits", [1, 2, 4])) is None
+    evaluator = tmp_path / "evaluator"
+    evaluator.mkdir()
+    (evaluator / "weights").write_bytes(b"1")
+    monkeypatch.setattr(shipped, "evaluator_folders", lambda: [evaluator])
+    key = shipped.rows_key("video", cfg)
+    assert shipped.shipped_rows("video", cfg) is None  # the evaluators are part of the key
+    (evaluator / "weights").write_bytes(b"2")
+    assert shipped.rows_key("video", cfg) != key
+
+
+def test_ship_refuses_a_report_of_other_settings_or_models(shipped_dir: Path, tmp_path: Path) -> None:
+    from fewstep.bench.shipped import ship
+
+    cfg = distill.teacher_bench_config("video", [1, 2, 4])
+    other = distill.teacher_bench_config("video", [1, 2])
+    with pytest.raises(ValueError, match="other settings"):
+        ship(_measured_report(tmp_path / "a", other), "video", cfg, shipped_dir, "python ship")
+    with pytest.raises(ValueError, match="alone"):
+        ship(_measured_report(tmp_path / "b", cfg, ("video", "student")), "video", cfg, shipped_dir, "python ship")
+    assert not shipped_dir.exists()

@@ -13,9 +13,23 @@ from .runtime import runtime_tag
 
 
 def _name(row: dict[str, Any]) -> str:
-    """The model's label, with the row's runtime settings where they are not the defaults."""
+    """The model's label, with the row's runtime settings where they are not the defaults, and a dagger on rows
+    measured on another machine (``bench.shipped``)."""
     tag = runtime_tag(row)
-    return f"{row['model']} [{tag}]" if tag else row["model"]
+    name = f"{row['model']} [{tag}]" if tag else row["model"]
+    return f"{name} \N{DAGGER}" if row.get("shipped") else name
+
+
+def _shipped_note(rows: list[dict[str, Any]]) -> list[str]:
+    """Where the rows marked with a dagger were measured, and how to measure them here."""
+    notes = []
+    for model, source, where in sorted({(r["model"], r["source"], r["shipped"]) for r in rows if r.get("shipped")}):
+        steps = ",".join(str(n) for n in sorted({r["steps"] for r in rows if r["source"] == source}))
+        notes.append(
+            f"\N{DAGGER} {model}: not measured on this machine but shipped with fewstep (measured {where}); "
+            f"`fewstep bench {source} --steps {steps}` measures them here."
+        )
+    return notes
 
 
 def _series(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
@@ -265,6 +279,7 @@ def markdown(report: dict[str, Any], plots: list[str]) -> str:
         "",
         *_table(rows, ref),
         "",
+        *[line + "\n" for line in _shipped_note(rows)],
         *[f"![{p}]({p})" for p in plots],
         "",
         "Environment: " + ", ".join(f"{k} {v}" for k, v in report.get("env", {}).items()),

@@ -179,3 +179,20 @@ def test_each_model_is_benched_at_its_own_guidance_unless_told() -> None:
     own = BenchConfig()
     assert [guidance_of(own, s) for s in ("video", "digits", "/runs/x/student")] == [(1.5,), (1.0,), (1.0,)]
     assert guidance_of(BenchConfig(guidance=(1.0, 2.0)), "video") == (1.0, 2.0)
+
+
+def test_rows_measured_elsewhere_are_marked_with_where(random_digits: Path, tmp_path: Path) -> None:
+    """A report holding rows shipped with fewstep (``bench.shipped``) keeps them through a merge and marks them, in the
+    table and in a note that says where they were measured and how to measure them here."""
+    report_dir = tmp_path / "report"
+    run_bench([str(random_digits)], report_dir, small(steps=(1,)))
+    report = json.loads((report_dir / "report.json").read_text())
+    report["rows"][0] |= {"source": "digits", "model": "digits-teacher", "shipped": "2026-12-07, Linux-x, 2 threads"}
+    (report_dir / "report.json").write_text(json.dumps(report))
+    run_bench([str(random_digits)], report_dir, small(steps=(2,)))
+    md = (report_dir / "report.md").read_text()
+    assert "| digits-teacher \N{DAGGER} | 1 |" in md and "| random-digits | 2 |" in md
+    assert (
+        "\N{DAGGER} digits-teacher: not measured on this machine but shipped with fewstep (measured 2026-12-07, "
+        "Linux-x, 2 threads); `fewstep bench digits --steps 1` measures them here."
+    ) in md
