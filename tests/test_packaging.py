@@ -33,6 +33,7 @@ def test_wheel_contents(wheel: Path) -> None:
     assert "fewstep/assets/digits/evaluator/config.json" in names
     assert "fewstep/assets/video/teacher/transformer/diffusion_pytorch_model.safetensors" in names
     assert "fewstep/assets/video/evaluator/config.json" in names
+    assert "fewstep/assets/video/teacher_bench/report.json" in names
     assert not any(n.startswith(("recipes/", "kernels/", "tests/")) for n in names)
 
 

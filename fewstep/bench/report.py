@@ -27,7 +27,7 @@ def _shipped_note(rows: list[dict[str, Any]]) -> list[str]:
         steps = ",".join(str(n) for n in sorted({r["steps"] for r in rows if r["source"] == source}))
         notes.append(
             f"\N{DAGGER} {model}: not measured on this machine but shipped with fewstep (measured {where}); "
-            f"`fewstep bench {source} --steps {steps}` measures them here."
+            f"`fewstep bench {source} --steps {steps} --report` into this folder measures them here in their place."
         )
     return notes
 

@@ -194,5 +194,6 @@ def test_rows_measured_elsewhere_are_marked_with_where(random_digits: Path, tmp_
     assert "| digits-teacher \N{DAGGER} | 1 |" in md and "| random-digits | 2 |" in md
     assert (
         "\N{DAGGER} digits-teacher: not measured on this machine but shipped with fewstep (measured 2026-12-07, "
-        "Linux-x, 2 threads); `fewstep bench digits --steps 1` measures them here."
+        "Linux-x, 2 threads); `fewstep bench digits --steps 1 --report` into this folder measures them here in their "
+        "place."
     ) in md

@@ -295,3 +295,23 @@ def test_teacher_train_refuses_to_restart_over_checkpoints(tmp_path: Path, capsy
     assert main(["teacher", "train", "--what", "teacher", "--resume", "--output", str(tmp_path / "d")]) == 2
     assert "video teacher" in capsys.readouterr().err
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["teacher-run"] and not (tmp_path / "d").exists()
+
+
+def test_shipped_teacher_rows_are_what_a_bench_measures_now() -> None:
+    """The video teacher's rows shipped with the package (fewstep/assets/video/teacher_bench, what distill reports a
+    first video student against) stand for today's teacher, evaluators, bench settings and columns, and today's code
+    measures them again: seed 0 of the 2-step row (Euler at sigma 1 and 0.5, guided at 0.5, inside the teacher's
+    interval), to float rounding (they were measured with another thread count; 1 and 2 threads agreed to the bit)."""
+    from fewstep.bench.shipped import shipped_rows
+    from fewstep.bench.worlds import VideoWorld
+    from fewstep.distill import teacher_bench_config
+    from fewstep.loading import load_pipeline
+
+    cfg = teacher_bench_config("video", [1, 2, 4])
+    folder = shipped_rows("video", cfg)
+    assert folder is not None, "stale: python benchmarks/ship_teacher_bench.py --world video measures them again"
+    rows = {r["steps"]: r for r in json.loads((folder / "report.json").read_text())["rows"]}
+    assert sorted(rows) == [1, 2, 4, 50] and all((folder / r["grid"]).is_file() for r in rows.values())
+    metrics = VideoWorld().score(load_pipeline("video"), cfg.num, 2, cfg.guidance[0], 0, cfg.batch_size).metrics
+    assert metrics["fid"] == pytest.approx(rows[2]["fid_seeds"][0], rel=1e-4)
+    assert metrics["fid_train"] == pytest.approx(rows[2]["fid_train_seeds"][0], rel=1e-4)
