@@ -286,16 +286,17 @@ def bench_student(student: Path, teacher: str, steps: list[int], report: Path, s
     from .io import atomic_dir, check_writable_parent, locked
 
     teacher_cfg = teacher_bench_config(teacher, steps, seeds)
-    cached = bench_cache_dir() / "teacher-bench" / teacher_bench_key(teacher, teacher_cfg)
+    entry = bench_cache_dir() / "teacher-bench" / teacher_bench_key(teacher, teacher_cfg)
     with ExitStack() as stack:
+        cache: Path | None = entry
         try:
-            check_writable_parent(cached, "report.json")
-            stack.enter_context(locked(cached))
-        except (OSError, FewstepError):  # an unwritable cache only costs time
-            cached = report
-        if (cached / "report.json").is_file() and cached != report:
-            print(f"teacher rows from {cached}")
-            source = cached
+            check_writable_parent(entry, "report.json")
+            stack.enter_context(locked(entry))
+        except (OSError, FewstepError):  # an unwritable cache only costs time: the teacher is measured into the report
+            cache = None
+        source: Path | None = cache
+        if cache is not None and (cache / "report.json").is_file():
+            print(f"teacher rows from {cache}")
         elif (shipped := shipped_rows(teacher, teacher_cfg)) is not None:
             where = json.loads((shipped / "report.json").read_text())["shipped"]["measured"]
             counts = ",".join(str(n) for n in teacher_cfg.steps)
@@ -303,9 +304,8 @@ def bench_student(student: Path, teacher: str, steps: list[int], report: Path, s
             print("measures them on this machine)")
             source = shipped
         else:
-            run_bench([teacher], cached, teacher_cfg)
-            source = cached
-        if source != report:
+            run_bench([teacher], cache or report, teacher_cfg)
+        if source is not None:
             with locked(report), atomic_dir(report, "report.json") as tmp:
                 shutil.copytree(source, tmp, dirs_exist_ok=True)
     run_bench([str(student)], report, BenchConfig(steps=tuple(steps), seeds=teacher_cfg.seeds))

@@ -225,3 +225,22 @@ def test_ship_refuses_a_report_of_other_settings_or_models(shipped_dir: Path, tm
     with pytest.raises(ValueError, match="alone"):
         ship(_measured_report(tmp_path / "b", cfg, ("video", "student")), "video", cfg, shipped_dir, "python ship")
     assert not shipped_dir.exists()
+
+
+def test_an_unwritable_cache_measures_the_teacher_into_the_report(
+    fake_bench: list, random_digits: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "not-a-folder").write_text("")
+    monkeypatch.setenv("FEWSTEP_CACHE", str(tmp_path / "not-a-folder"))
+    record, into = fewstep.bench.run.run_bench, []
+
+    def bench(sources: Any, report_dir: Path, cfg: Any, text: Any = None) -> Any:
+        into.append(report_dir)
+        return record(sources, report_dir, cfg, text)
+
+    monkeypatch.setattr(fewstep.bench.run, "run_bench", bench)
+    teacher = str(random_digits)
+    distill.bench_student(tmp_path / "s", teacher, [1, 2], tmp_path / "bench")
+    assert fake_bench == [(teacher,), (str(tmp_path / "s"),)] and into == [tmp_path / "bench"] * 2
+    rows = json.loads((tmp_path / "bench" / "report.json").read_text())["rows"]
+    assert [r["source"] for r in rows] == [teacher, str(tmp_path / "s")]
